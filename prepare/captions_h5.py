@@ -1,0 +1,126 @@
+"""Write and read the one HDF5 file that holds the prepared captions.
+
+Layout (N captions, M images, L = max_len):
+    /<split>/captions     int32 [N, L]  padded ids, <start> first, <end> last real token
+    /<split>/lengths      int32 [N]     tokens including <start> and <end>
+    /<split>/image_index  int32 [N]     row of the caption's image in /<split>/image_ids
+    /<split>/image_ids    int64 [M]
+    /<split>/file_names   utf-8 [M]     relative to the directory of this file, or absolute
+    /<split>/objects      utf-8 [M]     ground truth JSON per image ("" when unknown)
+    /vocab/words          utf-8 [V]     id order; /vocab/counts int64 [V]
+    attrs: config (JSON), checksums (JSON: input file -> sha256), format_version
+
+Example: L=6, caption "a red star" -> [<start>, a, red, star, <end>, <pad>], length 5.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from prepare.util import UserError, atomic_path
+from prepare.vocabulary import Vocabulary
+
+FORMAT_VERSION = 1
+_STR = h5py.string_dtype("utf-8")
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def write(path: str | os.PathLike, splits: dict, vocab: Vocabulary, max_len: int,
+          config: dict, checksums: dict, overwrite: bool = False) -> dict:
+    """Encode and write atomically. Returns per split stats (unk and truncation counts)."""
+    path = Path(path)
+    stats = {}
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["config"] = json.dumps(config)
+            f.attrs["checksums"] = json.dumps(checksums)
+            g = f.create_group("vocab")
+            g.create_dataset("words", data=np.array(vocab.words, dtype=object), dtype=_STR)
+            g.create_dataset("counts", data=np.asarray(vocab.counts, dtype=np.int64))
+            for name, sd in splits.items():
+                n = len(sd.captions)
+                ids = np.zeros((n, max_len), np.int32)
+                lengths = np.zeros(n, np.int32)
+                unk = total = trunc = 0
+                for i, toks in enumerate(sd.captions):
+                    row = vocab.encode(toks, max_len)
+                    ids[i] = row
+                    lengths[i] = int(np.count_nonzero(row))
+                    trunc += len(toks) + 2 > max_len
+                    real = row[1:lengths[i] - 1]
+                    unk += int(np.sum(real == 3))
+                    total += len(real)
+                s = f.create_group(name)
+                s.create_dataset("captions", data=ids, compression="gzip", compression_opts=4)
+                s.create_dataset("lengths", data=lengths)
+                s.create_dataset("image_index", data=np.asarray(sd.image_index, np.int32))
+                s.create_dataset("image_ids", data=np.asarray(sd.image_ids, np.int64))
+                s.create_dataset("file_names", dtype=_STR,
+                                 data=np.array([_rel(p, path.parent) for p in sd.file_paths], dtype=object))
+                s.create_dataset("objects", dtype=_STR, data=np.array(sd.objects, dtype=object))
+                stats[name] = {"images": len(sd.image_ids), "captions": n,
+                               "unk_rate": unk / max(total, 1), "truncated": trunc / max(n, 1),
+                               "lengths": lengths}
+    return stats
+
+
+@dataclass
+class Split:
+    captions: np.ndarray      # int32 [N, L]
+    lengths: np.ndarray       # int32 [N]
+    image_index: np.ndarray   # int32 [N]
+    image_ids: np.ndarray     # int64 [M]
+    file_names: list[str]     # [M]
+    objects: list[str]        # [M] JSON or ""
+
+    def image_paths(self, root: str | os.PathLike) -> list[Path]:
+        return [Path(root) / f for f in self.file_names]
+
+
+def read_vocab(path: str | os.PathLike) -> Vocabulary:
+    with _open(path) as f:
+        return Vocabulary([w.decode() if isinstance(w, bytes) else w for w in f["vocab/words"][()]],
+                          [int(c) for c in f["vocab/counts"][()]])
+
+
+def split_names(path: str | os.PathLike) -> list[str]:
+    with _open(path) as f:
+        return [k for k in f.keys() if k != "vocab"]
+
+
+def read_split(path: str | os.PathLike, split: str) -> Split:
+    with _open(path) as f:
+        if split not in f:
+            raise UserError(f"{path}: no split '{split}' (has: {', '.join(k for k in f if k != 'vocab')})")
+        g = f[split]
+        dec = lambda a: [x.decode() if isinstance(x, bytes) else x for x in a]  # noqa: E731
+        return Split(g["captions"][()], g["lengths"][()], g["image_index"][()], g["image_ids"][()],
+                     dec(g["file_names"][()]), dec(g["objects"][()]))
+
+
+def read_attrs(path: str | os.PathLike) -> dict:
+    with _open(path) as f:
+        return {"config": json.loads(f.attrs["config"]), "checksums": json.loads(f.attrs["checksums"]),
+                "format_version": int(f.attrs["format_version"])}
+
+
+def _open(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: captions file not found; run `python -m prepare captions` first")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise UserError(f"{path}: not a readable HDF5 file ({e}); re-run `python -m prepare captions`")

@@ -1,0 +1,82 @@
+"""prepare_captions: COCO-format caption JSON -> one captions.h5 (see captions_h5.py)."""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from prepare import captions_h5, coco
+from prepare.util import UserError, sha256_file
+from prepare.vocabulary import Vocabulary
+
+
+def prepare_captions(out: str | os.PathLike, *, pairs: list[tuple[str, str, str]] | None = None,
+                     karpathy: str | None = None, images_root: str | None = None,
+                     vocab_size: int | None = 12000, min_count: int = 1, max_len: int = 20,
+                     val_fraction: float = 0.05, test_fraction: float = 0.05, seed: int = 0,
+                     overwrite: bool = False, log=print) -> dict:
+    """`pairs`: [(split, annotation json, image folder)]. Missing val/test are carved from train.
+
+    Returns the summary it prints: per split counts, skips by reason, vocabulary stats.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    if max_len < 3:
+        raise UserError("--max-len must be at least 3 (<start>, a word, <end>)")
+    skipped: Counter = Counter()
+    checksums: dict[str, str] = {}
+    records: dict[str, list] = {}
+    if karpathy:
+        if not images_root:
+            raise UserError("--karpathy needs --images-root (the folder that holds train2014/ and val2014/)")
+        records = coco.load_karpathy(karpathy, images_root, skipped)
+        checksums[str(Path(karpathy).resolve())] = sha256_file(karpathy)
+    for split, ann, img_dir in pairs or []:
+        if split in records:
+            raise UserError(f"split '{split}' given twice; pass one --annotations/--images pair per split")
+        if not Path(img_dir).is_dir():
+            raise UserError(f"{img_dir}: image folder not found; check --images")
+        records[split] = coco.load_coco(ann, img_dir, skipped)
+        checksums[str(Path(ann).resolve())] = sha256_file(ann)
+    if "train" not in records or not records["train"]:
+        raise UserError("no usable training images: give a train split (the first --annotations/--images "
+                        "pair, or a Karpathy file with split 'train')")
+    seen: dict[int, str] = {}
+    for split, recs in records.items():
+        for r in recs:
+            if r[0] in seen:
+                raise UserError(f"image id {r[0]} is in both the '{seen[r[0]]}' and '{split}' splits; "
+                                "splits must not share images")
+            seen[r[0]] = split
+    carve = {k: f for k, f in (("val", val_fraction), ("test", test_fraction)) if k not in records and f > 0}
+    if carve:
+        records.update(coco.carve_splits(records.pop("train"), carve, seed))
+    info: Counter = Counter()
+    splits = {name: coco.to_split_data(recs, info) for name, recs in records.items()}
+    vocab = Vocabulary.build(splits["train"].captions, max_size=vocab_size, min_count=min_count)
+    config = {"vocab_size": vocab_size, "min_count": min_count, "max_len": max_len, "seed": seed,
+              "val_fraction": val_fraction, "test_fraction": test_fraction,
+              "carved": sorted(carve), "sources": [list(p) for p in pairs or []], "karpathy": karpathy}
+    stats = captions_h5.write(out, splits, vocab, max_len, config, checksums, overwrite=overwrite)
+    summary = {"output": str(out), "vocabulary": len(vocab), "splits": {}, "skipped": dict(skipped),
+               "notes": dict(info)}
+    log(f"wrote {out}")
+    log(f"  vocabulary: {len(vocab)} words (incl. 4 special tokens) from "
+        f"{len(splits['train'].captions)} training captions")
+    for name, s in stats.items():
+        lens = s.pop("lengths")
+        hist = np.bincount(lens, minlength=max_len + 1)
+        s["length_mean"] = float(lens.mean()) if len(lens) else 0.0
+        s["length_hist"] = {int(k): int(v) for k, v in enumerate(hist) if v}
+        summary["splits"][name] = s
+        log(f"  {name:5s}: {s['images']} images, {s['captions']} captions, <unk> rate "
+            f"{100 * s['unk_rate']:.2f}%, truncated {100 * s['truncated']:.2f}%, "
+            f"mean length {s['length_mean']:.1f} tokens (with <start>/<end>)")
+    for reason, n in sorted(skipped.items()):
+        log(f"  skipped: {n} x {reason}")
+    for reason, n in sorted(info.items()):
+        log(f"  note: {n} x {reason}")
+    return summary

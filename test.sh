@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Run the test suite (slow end-to-end tests included). Extra arguments go to pytest,
+# e.g. ./test.sh -m "not slow" for the quick part only.
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+exec python -m pytest -q "$@"

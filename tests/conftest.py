@@ -1,0 +1,22 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A small synthetic dataset (75 px) and its captions.h5, shared read-only by tests."""
+    from prepare import synth
+    from prepare.prepare_captions import prepare_captions
+    d = tmp_path_factory.mktemp("tiny")
+    synth.generate(d, {"train": 48, "val": 12, "test": 12}, size=75, seed=3, progress=False)
+    pairs = [(s, str(d / "annotations" / f"captions_{s}.json"), str(d / "images" / s))
+             for s in ("train", "val", "test")]
+    prepare_captions(d / "captions.h5", pairs=pairs, max_len=28, log=lambda *a: None)
+    return d

@@ -1,0 +1,283 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from prepare import captions_h5, coco, synth
+from prepare.prepare_captions import prepare_captions
+from prepare.util import UserError
+from prepare.vocabulary import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary, tokenize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- vocabulary -------------------------------------------------------------------------
+def test_tokenize_lowercases_splits_punctuation_and_folds_accents():
+    assert tokenize("A man,  riding a WAVE!") == ["a", "man", ",", "riding", "a", "wave", "!"]
+    assert tokenize("Café\tcrème.") == ["cafe", "creme", "."]
+    assert tokenize("   ") == []
+
+
+def test_vocabulary_top_n_with_ties_and_fixed_special_ids():
+    caps = [["b", "a", "c"], ["a", "b", "d"], ["a", "e"]]  # a:3, b:2, c:1, d:1, e:1
+    v = Vocabulary.build(caps, max_size=7)
+    assert v.words == ["<pad>", "<start>", "<end>", "<unk>", "a", "b", "c"]  # c wins the tie alphabetically
+    assert v.counts[4:] == [3, 2, 1]
+    assert (v.id("<pad>"), v.id("<start>"), v.id("<end>"), v.id("<unk>")) == (PAD_ID, START_ID, END_ID, UNK_ID) == (0, 1, 2, 3)
+    assert v.id("e") == UNK_ID
+    assert Vocabulary.build(caps, min_count=2).words[4:] == ["a", "b"]
+
+
+def test_encode_decode_round_trip_padding_and_truncation(tmp_path):
+    v = Vocabulary.build([["a", "red", "star"]])
+    ids = v.encode(["a", "red", "star"], max_len=7)
+    assert ids.tolist() == [1, v.id("a"), v.id("red"), v.id("star"), 2, 0, 0]
+    assert v.decode(ids) == "a red star"
+    assert v.decode(v.encode(["a", "blue", "star"])) == "a <unk> star"
+    short = v.encode(["a", "red", "star", "a", "red"], max_len=4)
+    assert short.tolist() == [1, v.id("a"), v.id("red"), 2]  # truncated, keeps <end>
+    v.save(tmp_path / "vocab.json")
+    assert Vocabulary.load(tmp_path / "vocab.json").words == v.words
+
+
+# ---- captions.h5 ------------------------------------------------------------------------
+def test_h5_layout_read_back_with_h5py(tiny_dataset):
+    path = tiny_dataset / "captions.h5"
+    with h5py.File(path, "r") as f:
+        assert set(f.keys()) == {"train", "val", "test", "vocab"}
+        caps, lens = f["train/captions"][()], f["train/lengths"][()]
+        assert caps.dtype == np.int32 and caps.shape[1] == 28
+        assert f["train/image_ids"].dtype == np.int64
+        assert len(f["train/image_ids"]) == 48 and caps.shape[0] == 48 * 5
+        assert (caps[:, 0] == START_ID).all()
+        for row, n in zip(caps, lens):
+            assert row[n - 1] == END_ID and (row[n:] == PAD_ID).all() and (row[1:n - 1] > 3).all()
+        idx = f["train/image_index"][()]
+        assert idx.min() == 0 and idx.max() == 47
+        assert json.loads(f.attrs["config"])["max_len"] == 28
+        assert len(json.loads(f.attrs["checksums"])) == 3
+    sp = captions_h5.read_split(path, "val")
+    assert all((tiny_dataset / f).is_file() for f in sp.file_names)  # relative to the h5's folder
+    vocab = captions_h5.read_vocab(path)
+    # decode every caption of image 0 and compare with the raw JSON captions
+    doc = json.loads((tiny_dataset / "annotations" / "captions_val.json").read_text())
+    want = sorted(" ".join(tokenize(a["caption"])) for a in doc["annotations"] if a["image_id"] == sp.image_ids[0])
+    got = sorted(vocab.decode(c) for c, i in zip(sp.captions, sp.image_index) if i == 0)
+    assert got == want
+
+
+def test_existing_output_is_not_overwritten(tiny_dataset, tmp_path):
+    out = tmp_path / "c.h5"
+    out.write_bytes(b"precious")
+    pairs = [("train", str(tiny_dataset / "annotations/captions_train.json"), str(tiny_dataset / "images/train"))]
+    with pytest.raises(UserError, match="--overwrite"):
+        prepare_captions(out, pairs=pairs, log=lambda *a: None)
+    assert out.read_bytes() == b"precious"
+    prepare_captions(out, pairs=pairs, overwrite=True, log=lambda *a: None)
+    assert h5py.is_hdf5(out)
+
+
+def test_carved_splits_are_reproducible_and_disjoint(tiny_dataset, tmp_path):
+    pairs = [("train", str(tiny_dataset / "annotations/captions_train.json"), str(tiny_dataset / "images/train"))]
+    ids = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        prepare_captions(tmp_path / f"{name}.h5", pairs=pairs, seed=seed, val_fraction=0.25,
+                         test_fraction=0.25, log=lambda *a: None)
+        ids[name] = {s: captions_h5.read_split(tmp_path / f"{name}.h5", s).image_ids.tolist()
+                     for s in ("train", "val", "test")}
+    assert ids["a"] == ids["b"] and ids["a"] != ids["c"]
+    a = ids["a"]
+    assert len(a["val"]) == len(a["test"]) == 12 and len(a["train"]) == 24
+    assert not (set(a["train"]) & set(a["val"])) and not (set(a["val"]) & set(a["test"]))
+
+
+# ---- bad input --------------------------------------------------------------------------
+def _write_coco(tmp_path, images, annotations, files=None, name="ann.json"):
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir(exist_ok=True)
+    for f in files if files is not None else [im["file_name"] for im in images]:
+        Image.new("RGB", (8, 8)).save(img_dir / f)
+    p = tmp_path / name
+    p.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return p, img_dir
+
+
+def _prep(tmp_path, ann, img_dir):
+    return prepare_captions(tmp_path / "out.h5", pairs=[("train", str(ann), str(img_dir))],
+                            val_fraction=0, test_fraction=0, log=lambda *a: None)
+
+
+def test_missing_and_malformed_files_name_the_file(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    with pytest.raises(UserError, match=r"nope\.json: file not found"):
+        _prep(tmp_path, tmp_path / "nope.json", tmp_path / "imgs")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [1, 2,]}')
+    with pytest.raises(UserError, match=r"bad\.json: malformed JSON at line 1"):
+        _prep(tmp_path, bad, tmp_path / "imgs")
+    bad.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(UserError, match=r"bad\.json: not UTF-8"):
+        _prep(tmp_path, bad, tmp_path / "imgs")
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_missing_keys_and_wrong_types_name_the_key(tmp_path):
+    p, d = _write_coco(tmp_path, [{"id": 1, "file_name": "a.jpg"}], [{"id": 1, "image_id": 1}])
+    with pytest.raises(UserError, match=r"annotations\[0\]: missing key 'caption'"):
+        _prep(tmp_path, p, d)
+    p, d = _write_coco(tmp_path, [{"id": "1", "file_name": "a.jpg"}], [])
+    with pytest.raises(UserError, match=r"images\[0\]: key 'id' should be int"):
+        _prep(tmp_path, p, d)
+    p.write_text(json.dumps({"images": []}))
+    with pytest.raises(UserError, match="missing top-level key 'annotations'"):
+        _prep(tmp_path, p, d)
+
+
+def test_duplicate_image_ids_with_different_files_are_an_error(tmp_path):
+    p, d = _write_coco(tmp_path, [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}],
+                       [{"id": 1, "image_id": 1, "caption": "x"}])
+    with pytest.raises(UserError, match="image id 1 appears twice"):
+        _prep(tmp_path, p, d)
+
+
+def test_skips_are_counted_in_the_summary(tmp_path):
+    images = [{"id": i, "file_name": f"{i}.jpg"} for i in range(1, 6)]
+    anns = [
+        {"id": 1, "image_id": 1, "caption": "A red star."},
+        {"id": 1, "image_id": 1, "caption": "duplicate annotation id"},
+        {"id": 2, "image_id": 99, "caption": "unknown image"},
+        {"id": 3, "image_id": 2, "caption": "   "},
+        {"id": 4, "image_id": 2, "caption": "Un café crème."},
+        {"id": 5, "image_id": 4, "caption": "its file is missing"},
+        {"id": 6, "image_id": 5, "caption": "?!"},
+        {"id": 7, "image_id": 5, "caption": "a blue dot"},
+    ]  # image 3 has no captions
+    p, d = _write_coco(tmp_path, images, anns, files=["1.jpg", "2.jpg", "3.jpg", "5.jpg"])
+    s = _prep(tmp_path, p, d)
+    assert s["skipped"] == {"duplicate annotation id": 1, "caption of unknown image id": 1, "empty caption": 1,
+                            "image without captions": 1, "image file missing": 1, "captions of missing images": 1}
+    assert s["notes"] == {"non-ASCII captions (kept, accents folded)": 1}
+    assert s["splits"]["train"]["images"] == 3 and s["splits"]["train"]["captions"] == 4
+    sp = captions_h5.read_split(tmp_path / "out.h5", "train")
+    assert sp.image_ids.tolist() == [1, 2, 5]
+    vocab = captions_h5.read_vocab(tmp_path / "out.h5")
+    assert "cafe" in vocab.words and "?" in vocab.words
+
+
+def test_image_in_two_splits_is_an_error(tmp_path):
+    p, d = _write_coco(tmp_path, [{"id": 1, "file_name": "a.jpg"}], [{"id": 1, "image_id": 1, "caption": "x"}])
+    with pytest.raises(UserError, match="image id 1 is in both"):
+        prepare_captions(tmp_path / "o.h5", pairs=[("train", str(p), str(d)), ("val", str(p), str(d))],
+                         log=lambda *a: None)
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "prepare", "captions", "--annotations", str(tmp_path / "x.json"),
+                        "--images", str(tmp_path), "--out", str(tmp_path / "o.h5")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: {tmp_path / 'x.json'}: file not found; check --annotations"
+
+
+def test_killed_prepare_leaves_no_valid_looking_output(tiny_dataset, tmp_path):
+    out = tmp_path / "c.h5"
+    code = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from prepare import vocabulary
+from prepare.prepare_captions import prepare_captions
+calls = [0]
+orig = vocabulary.Vocabulary.encode
+def encode(self, *a, **k):
+    calls[0] += 1
+    if calls[0] == 100:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return orig(self, *a, **k)
+vocabulary.Vocabulary.encode = encode
+d = {str(tiny_dataset)!r}
+prepare_captions({str(out)!r}, pairs=[("train", d + "/annotations/captions_train.json", d + "/images/train")])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert r.returncode == -signal.SIGKILL
+    assert not out.exists()
+    leftovers = [p.name for p in tmp_path.iterdir()]
+    assert all(n.startswith(".tmp-c.h5") for n in leftovers) and leftovers  # the temp file it was writing
+
+
+# ---- the synthetic dataset --------------------------------------------------------------
+def test_synth_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        synth.generate(tmp_path / name, {"train": 10, "val": 3}, size=80, seed=5, progress=False, workers=1)
+    for rel in ("annotations/captions_train.json", "annotations/captions_val.json",
+                "images/train/train_000004.jpg", "images/val/val_000012.jpg"):
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    synth.generate(tmp_path / "c", {"train": 10}, size=80, seed=6, progress=False)
+    assert (tmp_path / "a/annotations/captions_train.json").read_text() != \
+        (tmp_path / "c/annotations/captions_train.json").read_text()
+
+
+def test_synth_coco_format_and_five_different_captions(tiny_dataset):
+    doc = json.loads((tiny_dataset / "annotations/captions_train.json").read_text())
+    assert {"info", "licenses", "images", "annotations"} <= set(doc)
+    per = Counter(a["image_id"] for a in doc["annotations"])
+    for im in doc["images"]:
+        assert {"id", "file_name", "width", "height", "objects"} <= set(im)
+        assert 1 <= len(im["objects"]) <= 3 and per[im["id"]] == 5
+        caps = [a["caption"] for a in doc["annotations"] if a["image_id"] == im["id"]]
+        assert len(set(caps)) == 5
+    assert len({" ".join(tokenize(a["caption"])[:2]) for a in doc["annotations"]}) >= 5  # varied openings
+
+
+def _nearest_colour(rgb) -> str:
+    names = list(synth.COLOURS)
+    return names[int(np.argmin([np.sum((np.asarray(rgb, float) - synth.COLOURS[n]) ** 2) for n in names]))]
+
+
+def test_synth_captions_are_true_to_the_pixels(tmp_path):
+    synth.generate(tmp_path, {"train": 40}, size=128, seed=11, progress=False)
+    doc = json.loads((tmp_path / "annotations/captions_train.json").read_text())
+    checked_rel = 0
+    yy, xx = np.mgrid[0:128, 0:128]
+    for im in doc["images"]:
+        pix = np.asarray(Image.open(tmp_path / "images/train" / im["file_name"]).convert("RGB")).astype(float)
+        # Each recorded object is really there: the pixels around its centre have its colour,
+        # and the pixels far from every object are background (low saturation).
+        for o in im["objects"]:
+            inner = (xx - o["cx"]) ** 2 + (yy - o["cy"]) ** 2 <= (0.3 * o["r"]) ** 2
+            assert _nearest_colour(pix[inner].mean(0)) == o["colour"], (im["file_name"], o)
+        far = np.ones((128, 128), bool)
+        for o in im["objects"]:
+            far &= (xx - o["cx"]) ** 2 + (yy - o["cy"]) ** 2 > (1.25 * o["r"]) ** 2
+        sat = pix.max(-1) - pix.min(-1)
+        assert np.percentile(sat[far], 99) < 60
+        by_key = {(o["colour"], o["shape"]): o for o in im["objects"]}
+        for c in (a["caption"] for a in doc["annotations"] if a["image_id"] == im["id"]):
+            p = synth.parse_caption(c)
+            assert p.objects and all((col, sh) in by_key for _, col, sh in p.objects), c
+            for a, rel, b in p.relations:
+                oa, ob = by_key[p.objects[a][1:]], by_key[p.objects[b][1:]]
+                dx, dy = oa["cx"] - ob["cx"], oa["cy"] - ob["cy"]
+                along = {"to the left of": -dx, "to the right of": dx, "above": -dy, "below": dy}[rel]
+                other = abs(dy) if rel in ("to the left of", "to the right of") else abs(dx)
+                assert along > 0 and along >= synth.CLEAR_RATIO * other, (c, oa, ob)
+                checked_rel += 1
+    assert checked_rel > 20
+
+
+def test_content_scoring_reads_claims():
+    truth = [{"shape": "circle", "colour": "red", "size": "large", "cx": 10, "cy": 50, "r": 5},
+             {"shape": "star", "colour": "blue", "size": "small", "cx": 90, "cy": 50, "r": 5}]
+    ok = synth.score_content("a large red circle to the left of a blue star .", truth)
+    assert ok == {"colour": True, "shape": True, "count": True, "size": True, "relation": True, "exact": True}
+    assert synth.score_content("a red circle to the right of a blue star", truth)["relation"] is False
+    assert synth.score_content("a small red circle and a blue star", truth)["size"] is False
+    assert synth.score_content("a red circle", truth)["exact"] is False
+    assert synth.score_content("two shapes : a red square and a blue star", truth)["shape"] is False
