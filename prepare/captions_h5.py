@@ -97,7 +97,9 @@ def read_vocab(path: str | os.PathLike) -> Vocabulary:
 
 def split_names(path: str | os.PathLike) -> list[str]:
     with _open(path) as f:
-        return [k for k in f.keys() if k != "vocab"]
+        names = [k for k in f.keys() if k != "vocab"]
+    order = {"train": 0, "val": 1, "test": 2}
+    return sorted(names, key=lambda k: (order.get(k, 3), k))
 
 
 def read_split(path: str | os.PathLike, split: str) -> Split:

@@ -20,3 +20,12 @@ def tiny_dataset(tmp_path_factory):
              for s in ("train", "val", "test")]
     prepare_captions(d / "captions.h5", pairs=pairs, max_len=28, log=lambda *a: None)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tiny_dataset):
+    """Features of the tiny dataset: random-init Inception at 75 px."""
+    from extract.cache import extract_features
+    extract_features(tiny_dataset / "captions.h5", tiny_dataset / "features", weights="none",
+                     image_size=75, batch_size=16, progress=False, log=lambda *a: None)
+    return tiny_dataset / "features"

@@ -1,0 +1,187 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from extract import encoder as enc
+from extract.cache import extract_features, read_manifest
+from prepare import captions_h5
+from prepare.prepare_captions import prepare_captions
+from prepare.util import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+quiet = dict(progress=False, log=lambda *a: None)
+
+
+def test_shapes_dtype_and_rows_aligned_with_captions_h5(tiny_dataset, tiny_features):
+    m = read_manifest(tiny_features)
+    for split in ("train", "val", "test"):
+        sp = captions_h5.read_split(tiny_dataset / "captions.h5", split)
+        f = np.load(tiny_features / f"{split}.npy")
+        assert f.dtype == np.float32 and f.shape == (len(sp.image_ids), 2048)
+        assert m["counts"][split] == len(sp.image_ids) and m["failed"][split] == []
+    # row i really is image i: recompute two rows with the saved encoder weights
+    model, _ = enc.build_encoder("none", 75)
+    enc.load_encoder_weights(model, tiny_features / "encoder.weights.h5")
+    sp = captions_h5.read_split(tiny_dataset / "captions.h5", "val")
+    feats = np.load(tiny_features / "val.npy")
+    for row in (0, 7):
+        x = enc.load_image(tiny_dataset / sp.file_names[row], 75)[None].astype(np.float32)
+        np.testing.assert_allclose(model(x, training=False).numpy()[0], feats[row], rtol=1e-4, atol=1e-7)
+    assert len(m["train_stats"]["mean"]) == 2048 and m["train_stats"]["rows"] == 48
+    std = np.asarray(m["train_stats"]["std"])
+    assert 0 < np.median(std) < 1e-2   # random-init Inception features are tiny
+
+
+def test_weights_file_gives_the_same_features_and_second_run_rewrites_nothing(tiny_dataset, tiny_features, tmp_path):
+    wfile = tmp_path / "w.weights.h5"
+    wfile.write_bytes((tiny_features / "encoder.weights.h5").read_bytes())
+    out = tmp_path / "f"
+    m = extract_features(tiny_dataset / "captions.h5", out, weights=str(wfile), image_size=75, batch_size=16, **quiet)
+    assert m["weights"]["source"]["kind"] == "file"
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(np.load(out / f"{split}.npy"), np.load(tiny_features / f"{split}.npy"))
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.iterdir()}
+    lines = []
+    extract_features(tiny_dataset / "captions.h5", out, weights=str(wfile), image_size=75, batch_size=16,
+                     progress=False, log=lines.append)
+    assert "reused" in lines[0]
+    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.iterdir()} == before
+
+
+def test_cache_with_other_settings_is_refused(tiny_dataset, tiny_features):
+    with pytest.raises(UserError, match=r"other settings \(image_size: cache has 75, now 80.*--force"):
+        extract_features(tiny_dataset / "captions.h5", tiny_features, weights="none", image_size=80, **quiet)
+    with pytest.raises(UserError, match="weights"):
+        extract_features(tiny_dataset / "captions.h5", tiny_features, weights="imagenet", image_size=75, **quiet)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_bit_identical(tiny_dataset, tiny_features, tmp_path):
+    wfile = tmp_path / "w.weights.h5"
+    wfile.write_bytes((tiny_features / "encoder.weights.h5").read_bytes())
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    extract_features(tiny_dataset / "captions.h5", ref, weights=str(wfile), image_size=75, batch_size=8, **quiet)
+    code = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from extract import encoder as enc
+from extract.cache import extract_features
+orig = enc.compiled_forward
+def compiled_forward(model):
+    f = orig(model); n = [0]
+    def g(x):
+        n[0] += 1
+        if n[0] == 4:   # die (kill -9) in the middle of the 4th batch of train
+            os.kill(os.getpid(), signal.SIGKILL)
+        return f(x)
+    return g
+enc.compiled_forward = compiled_forward
+extract_features({str(tiny_dataset / 'captions.h5')!r}, {str(out)!r}, weights={str(wfile)!r}, image_size=75,
+                 batch_size=8, chunk_batches=1, progress=False)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
+    assert not (out / "manifest.json").exists()
+    prog = json.loads((out / ".work" / "train.progress.json").read_text())
+    assert prog["done"] == 24   # three batches of 8 were recorded before the kill
+    lines = []
+    m = extract_features(tiny_dataset / "captions.h5", out, weights=str(wfile), image_size=75, batch_size=8,
+                         progress=False, log=lines.append)
+    assert any("resuming" in line for line in lines)
+    for split in ("train", "val", "test"):
+        assert np.load(out / f"{split}.npy").tobytes() == np.load(ref / f"{split}.npy").tobytes()
+    assert m["train_stats"] == read_manifest(ref)["train_stats"]
+    assert not (out / ".work").exists()
+
+
+def _bad_images(d: Path) -> dict[str, str | None]:
+    """file name -> expected failure reason fragment (None: must succeed)."""
+    rng = np.random.default_rng(0)
+    good = Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8))
+    good.save(d / "good.jpg")
+    data = (d / "good.jpg").read_bytes()
+    (d / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (d / "corrupt.jpg").write_bytes(data[:200] + bytes(rng.integers(0, 255, 3000, dtype=np.uint8)))
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "text.jpg").write_text("this is not a picture\n")
+    Image.new("1", (11000, 11000)).save(d / "bomb.png")          # 121 Mpx, a few kB on disk
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(d / "tiny.png")
+    Image.fromarray(np.full((80, 80), 49151, np.uint16)).save(d / "deep16.png")
+    Image.new("CMYK", (80, 80), (0, 255, 255, 0)).save(d / "cmyk.jpg")
+    Image.new("RGBA", (80, 80), (0, 0, 255, 0)).save(d / "clear.png")
+    Image.new("L", (80, 80), 100).save(d / "grey.png")
+    half = np.zeros((80, 160, 3), np.uint8)
+    half[:, :80] = (255, 0, 0)       # stored: red left half, 160 wide, 80 high
+    exif = Image.Exif()
+    exif[0x0112] = 6                 # "rotate 90 CW to display"
+    Image.fromarray(half).save(d / "exif.jpg", exif=exif, quality=95)
+    (d / "missing.jpg").write_bytes(data)  # deleted after prepare
+    return {"good.jpg": None, "truncated.jpg": "corrupt", "corrupt.jpg": "", "empty.jpg": "empty file",
+            "text.jpg": "not an image", "bomb.png": "decompression bomb", "tiny.png": "too small",
+            "deep16.png": None, "cmyk.jpg": None, "clear.png": None, "grey.png": None, "exif.jpg": None,
+            "missing.jpg": "missing file"}
+
+
+def test_bad_images_are_counted_recorded_and_never_crash(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    expect = _bad_images(d)
+    names = sorted(expect)
+    doc = {"images": [{"id": i + 1, "file_name": n} for i, n in enumerate(names)],
+           "annotations": [{"id": i + 1, "image_id": i + 1, "caption": "a thing"} for i in range(len(names))]}
+    (tmp_path / "ann.json").write_text(json.dumps(doc))
+    prepare_captions(tmp_path / "c.h5", pairs=[("train", str(tmp_path / "ann.json"), str(d))],
+                     val_fraction=0, test_fraction=0, log=lambda *a: None)
+    (d / "missing.jpg").unlink()
+    m = extract_features(tmp_path / "c.h5", tmp_path / "f", weights="none", image_size=75, batch_size=4, **quiet)
+    failed = {Path(f["file"]).name: f["reason"] for f in m["failed"]["train"]}
+    assert set(failed) == {n for n, why in expect.items() if why is not None}
+    for n, why in expect.items():
+        if why:
+            assert why in failed[n], (n, failed[n])
+    feats = np.load(tmp_path / "f" / "train.npy")
+    for f in m["failed"]["train"]:
+        assert not feats[f["row"]].any()
+    assert m["train_stats"]["rows"] == len(names) - len(failed)
+    # the ones that load are converted correctly
+    assert enc.load_image(d / "deep16.png", 75)[0, 0].tolist() == [191, 191, 191]  # 49151/65535*255
+    c = enc.load_image(d / "cmyk.jpg", 75)[30, 30]
+    assert c[0] > 200 and c[1] < 60 and c[2] < 60                      # CMYK (0,255,255,0) is red
+    assert enc.load_image(d / "clear.png", 75)[5, 5].tolist() == [255, 255, 255]  # transparent over white
+    assert enc.load_image(d / "grey.png", 75).shape == (75, 75, 3)
+    rot = enc.load_image(d / "exif.jpg", 75)   # displayed 80 wide, 160 high: red on top
+    assert rot[10, 37, 0] > 200 and rot[65, 37, 0] < 50
+
+
+def test_offline_imagenet_gives_one_clear_message(monkeypatch, tmp_path):
+    import socket
+
+    import keras.src.backend.config as kconfig
+    import keras.src.utils.file_utils as fu
+    monkeypatch.setattr(kconfig, "_KERAS_DIR", str(tmp_path / "keras_home"))
+
+    def no_network(*a, **k):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+    monkeypatch.setattr(fu, "urlretrieve", no_network)
+    with pytest.raises(UserError) as e:
+        enc.build_encoder("imagenet", 75)
+    msg = str(e.value)
+    assert str(tmp_path / "keras_home" / "models" / enc.IMAGENET_FILE) in msg
+    assert "--weights FILE" in msg and "name resolution" in msg and "\n" not in msg
+
+
+def test_wrong_weights_file_and_small_size_are_refused(tmp_path):
+    bad = tmp_path / "x.weights.h5"
+    bad.write_bytes(b"nope")
+    with pytest.raises(UserError, match=r"x\.weights\.h5: does not hold Inception v3"):
+        enc.build_encoder(str(bad), 75)
+    with pytest.raises(UserError, match="minimum of 75"):
+        enc.build_encoder("none", 64)
