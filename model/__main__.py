@@ -1,0 +1,54 @@
+"""python -m model train ...   (finetune: see `python -m model finetune --help` once available)"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from prepare.util import run_cli  # noqa: E402
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m model", description="train the Show and Tell decoder")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="stage 1: train the decoder on cached features")
+    t.add_argument("--data", required=True, help="dataset folder holding captions.h5 (and features/)")
+    t.add_argument("--captions", help="captions.h5 (default DATA/captions.h5)")
+    t.add_argument("--features", help="feature cache folder (default DATA/features)")
+    t.add_argument("--out", required=True, help="run directory (created; an existing run is resumed)")
+    for name, typ, hlp in [
+        ("epochs", int, "passes over the training captions (default 20)"),
+        ("batch-size", int, "captions per step (default 32)"),
+        ("optimizer", str, "adam (default) or sgd (im2txt: --optimizer sgd --lr 2.0)"),
+        ("lr", float, "initial learning rate (default 1e-3 for adam)"),
+        ("lr-decay-factor", float, "multiply the learning rate by this ... (default 0.5)"),
+        ("lr-decay-epochs", float, "... every this many epochs (default 8)"),
+        ("clip-norm", float, "gradient clipping by global norm (default 5.0)"),
+        ("seed", int, "initialisation and data order"),
+        ("checkpoint-every", int, "steps between checkpoints (default 200; also every epoch)"),
+        ("max-steps", int, "stop after this many steps in all (resume later with more)"),
+        ("strategy", str, "default | mirrored (all GPUs of this machine) | multiworker (TF_CONFIG)"),
+        ("embedding-size", int, "image and word embedding size (default 512)"),
+        ("lstm-units", int, "LSTM size (default 512)"),
+        ("dropout", float, "dropout on LSTM input and output (default 0.3)"),
+    ]:
+        t.add_argument(f"--{name}", type=typ, help=hlp)
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    if a.cmd == "train":
+        from model.train import train
+        v = vars(a)
+        model_keys = ("embedding_size", "lstm_units", "dropout")
+        train_keys = ("epochs", "batch_size", "optimizer", "lr", "lr_decay_factor", "lr_decay_epochs", "clip_norm",
+                      "seed", "checkpoint_every", "max_steps", "strategy")
+        train(a.data, a.out, features=a.features, captions=a.captions,
+              model_overrides={k: v[k] for k in model_keys}, train_overrides={k: v[k] for k in train_keys},
+              progress=not a.quiet)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,85 @@
+"""Training data: captions.h5 + the feature cache, checked to belong together, batched with
+dynamic padding (each batch padded only to its own longest caption)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from extract.cache import read_manifest
+from prepare import captions_h5
+from prepare.util import UserError, sha256_file
+
+IN_MEMORY_LIMIT = 4 << 30   # feature arrays up to 4 GiB are loaded; larger ones are memory-mapped
+
+
+class CaptionSet:
+    """One split: features [M, F] (memory or mmap), caption ids [N, L], image row per caption."""
+
+    def __init__(self, captions_path, features_dir, split: str, manifest: dict):
+        sp = captions_h5.read_split(captions_path, split)
+        fpath = Path(features_dir) / f"{split}.npy"
+        if not fpath.is_file():
+            raise UserError(f"{fpath}: missing; the feature cache has no '{split}' split (extract it with "
+                            f"--splits including {split})")
+        mmap = "r" if fpath.stat().st_size > IN_MEMORY_LIMIT else None
+        self.features = np.load(fpath, mmap_mode=mmap)
+        if self.features.shape[0] != len(sp.image_ids):
+            raise UserError(f"{fpath}: {self.features.shape[0]} rows but {captions_path} has "
+                            f"{len(sp.image_ids)} '{split}' images; re-run extract for this captions.h5")
+        bad_rows = {f["row"] for f in manifest["failed"].get(split, [])}
+        keep = ~np.isin(sp.image_index, list(bad_rows)) if bad_rows else np.ones(len(sp.image_index), bool)
+        self.skipped = int((~keep).sum())
+        self.ids = sp.captions[keep]                   # [N, L] int32
+        self.image_index = sp.image_index[keep]        # [N]
+        self.lengths = sp.lengths[keep]                # [N]
+        self.image_ids = sp.image_ids
+        self.file_names = sp.file_names
+        self.objects = sp.objects
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """-> features [B, F] float32, ids [B, T+1] int32 trimmed to the batch's longest caption."""
+        t = int(self.lengths[rows].max())
+        return np.asarray(self.features[self.image_index[rows]], np.float32), self.ids[rows, :t]
+
+    def epoch_batches(self, epoch: int, batch_size: int, seed: int, start: int = 0, shuffle: bool = True):
+        """Batches of epoch `epoch` from batch number `start` on; the order depends on (seed, epoch) only."""
+        order = (np.random.default_rng([seed, epoch]).permutation(len(self)) if shuffle
+                 else np.arange(len(self)))
+        for b in range(start, self.num_batches(batch_size)):
+            yield self.batch(order[b * batch_size:(b + 1) * batch_size])
+
+    def num_batches(self, batch_size: int) -> int:
+        return (len(self) + batch_size - 1) // batch_size
+
+
+def open_data(data_dir, features_dir=None, captions=None):
+    """-> (captions path, features dir, manifest), after checking they belong together."""
+    data_dir = Path(data_dir)
+    captions = Path(captions) if captions else data_dir / "captions.h5"
+    features_dir = Path(features_dir) if features_dir else data_dir / "features"
+    if not captions.is_file():
+        raise UserError(f"{captions}: not found; run `python -m prepare captions` (or pass --captions)")
+    manifest = read_manifest(features_dir)
+    if manifest["captions"]["sha256"] != sha256_file(captions):
+        raise UserError(f"{features_dir} was extracted for a different captions.h5 "
+                        f"({manifest['captions']['path']}); re-run `python -m extract --captions {captions} "
+                        f"--out {features_dir} --force`")
+    if not manifest.get("train_stats"):
+        raise UserError(f"{features_dir}/manifest.json has no train feature statistics; extract the train split")
+    return captions, features_dir, manifest
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    import shutil
+    dst = Path(dst)
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

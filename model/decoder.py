@@ -1,0 +1,122 @@
+"""The Show and Tell decoder (im2txt's model without the CNN).
+
+Two faces that share every weight:
+  call(features, input_ids)   teacher forcing: log-probs [B, T, V] (or `hidden` + `project` for real tokens)
+  initial_state(features)     the image fed as the LSTM's first input from a zero state -> (h, c)
+  step(word_ids, state)       one word per row -> (log_probs [N, V], new state)
+
+Input/target shift and mask (im2txt's dynamic padding; `0` is <pad>):
+    caption    : <start>  a   red  star  <end>  <pad>
+    input_ids  : <start>  a   red  star  <end>            ids[:, :-1]   [B, T]
+    targets    :    a    red  star <end> <pad>            ids[:, 1:]    [B, T]
+    mask       :    1     1    1    1     0               targets != 0
+The LSTM sees [image, <start>, a, red, star, <end>]; its output after the image is dropped.
+"""
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+from model.config import ModelConfig
+
+
+class ShowAndTell(keras.Model):
+    def __init__(self, config: ModelConfig, **kwargs):
+        super().__init__(name="show_and_tell", **kwargs)
+        self.config = config
+        c = config
+        init = keras.initializers.RandomUniform(-c.init_scale, c.init_scale, seed=None)
+        # Feature normalisation (train mean / inverse std from the feature manifest); not trained.
+        self.feat_mean = self.add_weight(shape=(c.feature_dim,), initializer="zeros", trainable=False,
+                                         name="feature_mean")
+        self.feat_inv_std = self.add_weight(shape=(c.feature_dim,), initializer="ones", trainable=False,
+                                            name="feature_inv_std")
+        self.image_embedding = layers.Dense(c.embedding_size, kernel_initializer=init, name="image_embedding")
+        self.word_embedding = layers.Embedding(c.vocab_size, c.embedding_size, embeddings_initializer=init,
+                                               name="word_embedding")
+        self.lstm = layers.LSTM(c.lstm_units, return_sequences=True, kernel_initializer=init,
+                                recurrent_initializer=init, name="lstm")
+        self.drop_in = layers.Dropout(c.dropout)
+        self.drop_out = layers.Dropout(c.dropout)
+        self.logits = layers.Dense(c.vocab_size, kernel_initializer=init, name="logits")
+
+    def set_feature_stats(self, mean, std) -> None:
+        std = np.asarray(std, np.float32)
+        inv = np.where(std > 0, 1.0 / np.maximum(std, 1e-30), 0.0).astype(np.float32)  # dead dims -> 0
+        self.feat_mean.assign(np.asarray(mean, np.float32))
+        self.feat_inv_std.assign(inv)
+
+    def embed_image(self, features):                                   # [B, F] -> [B, E]
+        return self.image_embedding((features - self.feat_mean) * self.feat_inv_std)
+
+    # ---- teacher forcing ----------------------------------------------------------------
+    def hidden(self, features, input_ids, training=False):
+        """LSTM outputs for each input word: [B, T, H] (after output dropout)."""
+        img = self.embed_image(features)[:, None, :]                   # [B, 1, E]
+        words = self.word_embedding(input_ids)                         # [B, T, E]
+        seq = self.drop_in(ops.concatenate([img, words], axis=1), training=training)  # [B, T+1, E]
+        out = self.lstm(seq, training=training)                        # [B, T+1, H]
+        return self.drop_out(out[:, 1:], training=training)            # [B, T, H]
+
+    def project(self, h):
+        """[..., H] -> logits [..., V]. Training calls it on real (non-pad) positions only."""
+        return self.logits(h)
+
+    def call(self, features, input_ids, training=False):
+        return ops.log_softmax(self.project(self.hidden(features, input_ids, training)), axis=-1)  # [B, T, V]
+
+    # ---- decoding -----------------------------------------------------------------------
+    def initial_state(self, features):
+        """[N, F] -> (h [N, H], c [N, H]): the LSTM state after seeing the image."""
+        img = self.embed_image(features)
+        zeros = ops.zeros((ops.shape(features)[0], self.config.lstm_units), dtype=img.dtype)
+        _, (h, c) = self.lstm.cell(img, [zeros, zeros], training=False)
+        return h, c
+
+    def step(self, word_ids, state):
+        """word_ids [N] int, state (h, c) -> (log_probs [N, V], (h, c))."""
+        x = self.word_embedding(word_ids)                              # [N, E]
+        out, (h, c) = self.lstm.cell(x, list(state), training=False)   # [N, H]
+        return ops.log_softmax(self.project(out), axis=-1), (h, c)
+
+    def build_all(self) -> None:
+        """Create every weight (call once before loading weights)."""
+        f = np.zeros((1, self.config.feature_dim), np.float32)
+        self(f, np.ones((1, 2), np.int32))
+
+
+def compiled_decoding(model: ShowAndTell):
+    """tf.function versions of initial_state and step (never Model.predict per step)."""
+    import tensorflow as tf
+    F, H = model.config.feature_dim, model.config.lstm_units
+
+    @tf.function(input_signature=[tf.TensorSpec([None, F], tf.float32)])
+    def init(features):
+        return model.initial_state(features)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32),
+                                  (tf.TensorSpec([None, H], tf.float32), tf.TensorSpec([None, H], tf.float32))])
+    def step(word_ids, state):
+        return model.step(word_ids, state)
+    return init, step
+
+
+def greedy_decode(init, step, features: np.ndarray, start_id: int, end_id: int, max_len: int) -> list[list[int]]:
+    """Batched greedy captions (monitoring during training). Returns ids without <start>/<end>."""
+    state = init(np.asarray(features, np.float32))
+    words = np.full(len(features), start_id, np.int32)
+    out = [[] for _ in features]
+    done = np.zeros(len(features), bool)
+    for _ in range(max_len - 1):
+        logp, state = step(words, state)
+        words = np.argmax(logp.numpy(), axis=-1).astype(np.int32)
+        for i, w in enumerate(words):
+            if not done[i]:
+                if w == end_id:
+                    done[i] = True
+                else:
+                    out[i].append(int(w))
+        if done.all():
+            break
+    return out
