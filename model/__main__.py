@@ -12,6 +12,18 @@ from prepare.util import run_cli  # noqa: E402
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        b = argparse.ArgumentParser(prog="python -m model bench", description="decoder training throughput")
+        b.add_argument("--vocab", type=int, default=12000)
+        b.add_argument("--size", type=int, default=512, help="embedding and LSTM size")
+        b.add_argument("--batch-size", type=int, default=32)
+        b.add_argument("--max-len", type=int, default=20)
+        b.add_argument("--mean-len", type=float, default=12.5)
+        b.add_argument("--steps", type=int, default=12)
+        a = b.parse_args(argv[1:])
+        from model import bench
+        bench.run(a.vocab, a.size, a.batch_size, a.max_len, a.mean_len, a.steps)
+        return 0
     p = argparse.ArgumentParser(prog="python -m model", description="train the Show and Tell decoder")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="stage 1: train the decoder on cached features")

@@ -104,6 +104,37 @@ def masked_token_loss(model, features, ids, training=False):
     return tf.reduce_sum(ce), tf.cast(tf.shape(ce)[0], tf.float32)
 
 
+def make_steps(model, optimizer, strategy, clip_norm: float):
+    """Compiled (train_step, eval_step) over (possibly distributed) batches (features, ids).
+
+    Each replica's loss is its token-loss sum divided by the token count of the *global* batch,
+    so the gradients the optimizer sums across replicas are those of the global per-token mean.
+    Gradient clipping applies to each replica's gradient before that sum.
+    """
+    import tensorflow as tf
+
+    def replica_train(features, ids):
+        ctx = tf.distribute.get_replica_context()
+        with tf.GradientTape() as tape:
+            loss_sum, n = masked_token_loss(model, features, ids, True)
+            loss = loss_sum / ctx.all_reduce(tf.distribute.ReduceOp.SUM, n)
+        grads = tape.gradient(loss, model.trainable_variables)
+        grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    @tf.function(reduce_retracing=True)      # batches differ in length: dynamic padding
+    def train_step(batch):
+        per = strategy.run(replica_train, args=batch)
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per, axis=None)
+
+    @tf.function(reduce_retracing=True)
+    def eval_step(batch):
+        s, n = strategy.run(lambda f, i: masked_token_loss(model, f, i, False), args=batch)
+        return strategy.reduce("SUM", s, axis=None), strategy.reduce("SUM", n, axis=None)
+    return train_step, eval_step
+
+
 def plot_history(history: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -169,29 +200,7 @@ def train(data, out, *, features=None, captions=None, model_overrides: dict | No
 
     spec = (tf.TensorSpec([None, mcfg.feature_dim], tf.float32), tf.TensorSpec([None, None], tf.int32))
 
-    def token_loss(features, ids, training):
-        return masked_token_loss(model, features, ids, training)
-
-    def replica_train(features, ids):
-        ctx = tf.distribute.get_replica_context()
-        with tf.GradientTape() as tape:
-            loss_sum, n = token_loss(features, ids, True)
-            total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, n)
-            loss = loss_sum / total                     # this replica's share of the global per-token mean
-        grads = tape.gradient(loss, model.trainable_variables)
-        grads, _ = tf.clip_by_global_norm(grads, tcfg.clip_norm)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
-
-    @tf.function(reduce_retracing=True)      # batches differ in length: dynamic padding
-    def train_step(batch):
-        per = strategy.run(replica_train, args=batch)
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, per, axis=None)
-
-    @tf.function(reduce_retracing=True)
-    def eval_step(batch):
-        s, n = strategy.run(lambda f, i: token_loss(f, i, False), args=batch)
-        return strategy.reduce("SUM", s, axis=None), strategy.reduce("SUM", n, axis=None)
+    train_step, eval_step = make_steps(model, optimizer, strategy, tcfg.clip_norm)
 
     def distributed(gen):
         ds = tf.data.Dataset.from_generator(lambda: gen, output_signature=spec).prefetch(4)

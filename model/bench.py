@@ -1,0 +1,115 @@
+"""Training-throughput benchmark of the decoder on random data, im2txt-sized by default.
+
+Prints, from one run (medians over timed steps):
+  matmul FLOP/s of this machine (a [B*T, H] x [H, V] product, the step's biggest),
+  our step (dynamic padding, logits for real tokens only) and a plain baseline (fixed padding
+  to max_len, logits for every position): ms/step, examples/s, real tokens/s,
+  the FLOPs the step needs for its real tokens / step time / matmul FLOP/s  (the "limit ratio"),
+  peak memory.
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+import numpy as np
+
+
+def _lengths(rng, n, max_len, mean):
+    """COCO-like caption lengths (tokens incl. <start>/<end>), clipped to [5, max_len]."""
+    return np.clip(np.round(rng.normal(mean, 2.5, n)), 5, max_len).astype(int)
+
+
+def needed_flops(n_real: int, batch: int, E: int, H: int, V: int) -> float:
+    """Training FLOPs (forward + backward = 3x forward) for the real tokens of one step."""
+    lstm = 2 * 4 * H * (E + H)            # gates of one LSTM step
+    proj = 2 * H * V                      # logits of one token
+    return 3.0 * ((n_real + batch) * lstm + n_real * proj)
+
+
+def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20, mean_len: float = 12.5,
+        steps: int = 12, log=print) -> dict:
+    import keras
+    import tensorflow as tf
+
+    from model.config import ModelConfig
+    from model.decoder import ShowAndTell
+    from model.train import make_steps
+    rng = np.random.default_rng(0)
+    strategy = tf.distribute.get_strategy()
+
+    # matmul roofline on the step's largest product
+    a = tf.constant(rng.normal(size=(batch * 13, size)).astype(np.float32))
+    w = tf.constant(rng.normal(size=(size, vocab)).astype(np.float32))
+    mm = tf.function(lambda a, w: tf.matmul(a, w))
+    mm(a, w).numpy()
+    ts = []
+    for _ in range(15):
+        t = time.perf_counter()
+        mm(a, w).numpy()
+        ts.append(time.perf_counter() - t)
+    peak = 2 * a.shape[0] * size * vocab / statistics.median(ts)
+
+    def batches(fixed: bool):
+        out = []
+        for _ in range(steps + 2):
+            lens = _lengths(rng, batch, max_len, mean_len)
+            t = max_len if fixed else int(lens.max())
+            ids = np.zeros((batch, t), np.int32)
+            for i, n in enumerate(lens):
+                ids[i, 0], ids[i, n - 1] = 1, 2
+                ids[i, 1:n - 1] = rng.integers(4, vocab, n - 2)
+            out.append((rng.normal(size=(batch, 2048)).astype(np.float32), ids, int((lens - 1).sum())))
+        return out
+
+    results = {}
+    for name, fixed in (("ours: dynamic padding, real-token logits", False),
+                        ("baseline: fixed padding, logits at every position", True)):
+        keras.utils.set_random_seed(0)
+        model = ShowAndTell(ModelConfig(vocab_size=vocab, embedding_size=size, lstm_units=size))
+        model.build_all()
+        opt = keras.optimizers.Adam(1e-3)
+        opt.build(model.trainable_variables)
+        if fixed:
+            @tf.function
+            def step(batch_):
+                f, ids = batch_
+                with tf.GradientTape() as tape:
+                    logits = model.project(model.hidden(f, ids[:, :-1], training=True))   # [B, T, V] incl. pads
+                    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(ids[:, 1:], logits)
+                    mask = tf.cast(ids[:, 1:] > 0, tf.float32)
+                    loss = tf.reduce_sum(ce * mask) / tf.reduce_sum(mask)
+                g = tape.gradient(loss, model.trainable_variables)
+                opt.apply_gradients(zip(g, model.trainable_variables))
+                return loss
+        else:
+            step, _ = make_steps(model, opt, strategy, 5.0)
+        data = batches(fixed)
+        for f, ids, _ in data[:2]:
+            float(step((tf.constant(f), tf.constant(ids))))       # trace / warm up
+        times, toks = [], []
+        for f, ids, n in data[2:]:
+            bt = (tf.constant(f), tf.constant(ids))
+            t = time.perf_counter()
+            float(step(bt))
+            times.append(time.perf_counter() - t)
+            toks.append(n)
+        sec = statistics.median(times)
+        n_real = statistics.median(toks)
+        r = {"ms_per_step": 1000 * sec, "examples_s": batch / sec, "real_tokens_s": n_real / sec,
+             "limit_ratio": needed_flops(n_real, batch, size, size, vocab) / sec / peak}
+        results[name] = r
+    results["matmul_gflops"] = peak / 1e9
+    results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    log(f"model train bench (TensorFlow {tf.__version__}, CPU; vocab {vocab}, embedding/LSTM {size}, batch {batch}, "
+        f"lengths <= {max_len} with mean ~{mean_len}; medians of {steps} steps)")
+    log(f"  matmul: {peak / 1e9:.1f} GFLOP/s")
+    for name, r in results.items():
+        if isinstance(r, dict):
+            log(f"  {name}:\n      {r['ms_per_step']:7.1f} ms/step  {r['examples_s']:7.1f} examples/s  "
+                f"{r['real_tokens_s']:7.0f} real tokens/s  {100 * r['limit_ratio']:5.1f}% of the matmul limit")
+    ours, base = (results[k] for k in list(results)[:2])
+    log(f"  speed-up over the baseline: {ours['real_tokens_s'] / base['real_tokens_s']:.2f}x real tokens/s")
+    log(f"  peak memory (RSS): {results['peak_rss_mib']:.0f} MiB")
+    return results
