@@ -7,6 +7,7 @@ Layout (N captions, M images, L = max_len):
     /<split>/image_ids    int64 [M]
     /<split>/file_names   utf-8 [M]     relative to the directory of this file, or absolute
     /<split>/objects      utf-8 [M]     ground truth JSON per image ("" when unknown)
+    /<split>/texts        utf-8 [N]     the original caption text (references for evaluation)
     /vocab/words          utf-8 [V]     id order; /vocab/counts int64 [V]
     attrs: config (JSON), checksums (JSON: input file -> sha256), format_version
 
@@ -70,6 +71,7 @@ def write(path: str | os.PathLike, splits: dict, vocab: Vocabulary, max_len: int
                 s.create_dataset("file_names", dtype=_STR,
                                  data=np.array([_rel(p, path.parent) for p in sd.file_paths], dtype=object))
                 s.create_dataset("objects", dtype=_STR, data=np.array(sd.objects, dtype=object))
+                s.create_dataset("texts", dtype=_STR, data=np.array(sd.raw, dtype=object))
                 stats[name] = {"images": len(sd.image_ids), "captions": n,
                                "unk_rate": unk / max(total, 1), "truncated": trunc / max(n, 1),
                                "lengths": lengths}
@@ -84,6 +86,7 @@ class Split:
     image_ids: np.ndarray     # int64 [M]
     file_names: list[str]     # [M]
     objects: list[str]        # [M] JSON or ""
+    texts: list[str]          # [N] original caption text
 
     def image_paths(self, root: str | os.PathLike) -> list[Path]:
         return [Path(root) / f for f in self.file_names]
@@ -109,7 +112,7 @@ def read_split(path: str | os.PathLike, split: str) -> Split:
         g = f[split]
         dec = lambda a: [x.decode() if isinstance(x, bytes) else x for x in a]  # noqa: E731
         return Split(g["captions"][()], g["lengths"][()], g["image_index"][()], g["image_ids"][()],
-                     dec(g["file_names"][()]), dec(g["objects"][()]))
+                     dec(g["file_names"][()]), dec(g["objects"][()]), dec(g["texts"][()]))
 
 
 def read_attrs(path: str | os.PathLike) -> dict:

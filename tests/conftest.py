@@ -29,3 +29,14 @@ def tiny_features(tiny_dataset):
     extract_features(tiny_dataset / "captions.h5", tiny_dataset / "features", weights="none",
                      image_size=75, batch_size=16, progress=False, log=lambda *a: None)
     return tiny_dataset / "features"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_dataset, tiny_features, tmp_path_factory):
+    """A small decoder trained a few epochs on the tiny dataset."""
+    from model.train import train
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    train(tiny_dataset, run, model_overrides={"embedding_size": 32, "lstm_units": 64, "dropout": 0.0},
+          train_overrides={"epochs": 4, "batch_size": 16, "lr": 5e-3, "samples": 0}, progress=False,
+          log=lambda *a: None)
+    return run

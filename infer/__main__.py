@@ -1,0 +1,61 @@
+"""python -m infer {caption,evaluate,bench} ..."""
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from prepare.util import run_cli  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m infer", description="caption images with a trained run")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("caption", help="caption images; write annotated copies, captions.jsonl, results.json")
+    c.add_argument("--run", required=True, help="run directory made by `python -m model train`")
+    c.add_argument("images", nargs="+", help="image files, folders or globs")
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--beam-size", type=int, default=3)
+    c.add_argument("--max-len", type=int, default=20, help="tokens incl. <start> (default 20)")
+    c.add_argument("--length-norm", type=float, default=0.0, help="rank by logprob / length ** this")
+    c.add_argument("--top", type=int, default=3, help="captions printed and kept per image")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
+    c.add_argument("--quiet", action="store_true")
+    e = sub.add_parser("evaluate", help="COCO metrics, human ceiling and content accuracy on a split")
+    e.add_argument("--run", required=True)
+    e.add_argument("--data", required=True, help="dataset folder with captions.h5 (and features/)")
+    e.add_argument("--features", help="feature cache (default DATA/features; used when it matches the run)")
+    e.add_argument("--split", default="test")
+    e.add_argument("--beam-size", type=int, default=3)
+    e.add_argument("--max-len", type=int, default=20)
+    e.add_argument("--limit", type=int, default=0, help="only the first N images")
+    e.add_argument("--out", help="output folder (default RUN/eval-SPLIT)")
+    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--quiet", action="store_true")
+    b = sub.add_parser("bench", help="captions/s: batched beam search vs one image at a time")
+    b.add_argument("--vocab", type=int, default=12000)
+    b.add_argument("--size", type=int, default=512)
+    b.add_argument("--images", type=int, default=64)
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--beam-size", type=int, default=3)
+    b.add_argument("--max-len", type=int, default=20)
+    b.add_argument("--run", help="also time end-to-end captioning from JPEG files with this run")
+    a = p.parse_args(argv)
+    if a.cmd == "caption":
+        from infer.caption import caption_images
+        caption_images(a.run, a.images, a.out, beam_size=a.beam_size, max_len=a.max_len, top=a.top,
+                       batch_size=a.batch_size, length_norm=a.length_norm, overwrite=a.overwrite, progress=not a.quiet)
+    elif a.cmd == "evaluate":
+        from infer.evaluate import evaluate
+        evaluate(a.run, a.data, split=a.split, beam_size=a.beam_size, max_len=a.max_len, features=a.features,
+                 out=a.out, limit=a.limit, overwrite=a.overwrite, progress=not a.quiet)
+    else:
+        from infer import bench
+        bench.run(a.vocab, a.size, a.images, a.batch_size, a.beam_size, a.max_len, a.run)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

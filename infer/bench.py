@@ -1,0 +1,97 @@
+"""Decoding benchmark: captions/s with the batched beam search vs one image at a time (same
+model, same features, one run), and the share of the machine's matmul limit the batched form
+reaches (decoding FLOPs actually executed / time / matmul FLOP/s)."""
+from __future__ import annotations
+
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def run(vocab: int = 12000, size: int = 512, images: int = 64, batch_size: int = 32, beam_size: int = 3,
+        max_len: int = 20, run_dir: str | None = None, log=print) -> dict:
+    import keras
+    import tensorflow as tf
+
+    from infer.beam_search import beam_search, beam_search_batch
+    from model.config import ModelConfig
+    from model.decoder import ShowAndTell, compiled_decoding
+    keras.utils.set_random_seed(0)
+    m = ShowAndTell(ModelConfig(vocab_size=vocab, embedding_size=size, lstm_units=size))
+    m.build_all()
+    init, step = compiled_decoding(m)
+    rows = [0]
+
+    def step_np(w, s):
+        rows[0] += len(w)
+        lp, st = step(np.asarray(w, np.int32), tuple(np.asarray(x, np.float32) for x in s))
+        return lp.numpy(), tuple(x.numpy() for x in st)
+
+    def init_np(f):
+        return tuple(x.numpy() for x in init(np.asarray(f, np.float32)))
+    feats = np.random.default_rng(0).normal(size=(images, 2048)).astype(np.float32)
+    kw = dict(start_id=1, end_id=2, beam_size=beam_size, max_len=max_len)
+    # warm up every shape used
+    beam_search_batch(step_np, init_np(feats[:batch_size]), **kw)
+    beam_search(step_np, init_np(feats[:1]), **kw)
+
+    # matmul roofline at the decode step's biggest product
+    a = tf.constant(np.random.default_rng(1).normal(size=(batch_size * beam_size, size)).astype(np.float32))
+    w = tf.constant(np.random.default_rng(2).normal(size=(size, vocab)).astype(np.float32))
+    mmf = tf.function(lambda a, w: tf.matmul(a, w))
+    mmf(a, w).numpy()
+    ts = []
+    for _ in range(20):
+        t = time.perf_counter()
+        mmf(a, w).numpy()
+        ts.append(time.perf_counter() - t)
+    peak = 2 * a.shape[0] * size * vocab / statistics.median(ts)
+
+    def timed(fn, reps=3):
+        out = []
+        for _ in range(reps):
+            rows[0] = 0
+            t = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t, rows[0]))
+        sec = statistics.median(o[0] for o in out)
+        return sec, out[0][1]
+
+    def batched():
+        for i in range(0, images, batch_size):
+            beam_search_batch(step_np, init_np(feats[i:i + batch_size]), **kw)
+
+    def one_by_one():
+        for i in range(images):
+            beam_search(step_np, init_np(feats[i:i + 1]), **kw)
+
+    sb, rows_b = timed(batched)
+    so, _ = timed(one_by_one)
+    flops_per_row = 2 * 4 * size * (2 * size) + 2 * size * vocab
+    res = {"batched_captions_s": images / sb, "one_by_one_captions_s": images / so,
+           "speedup": so / sb, "limit_ratio": rows_b * flops_per_row / sb / peak, "matmul_gflops": peak / 1e9}
+    log(f"infer bench (TensorFlow {tf.__version__}, CPU; vocab {vocab}, size {size}, {images} images, beam "
+        f"{beam_size}, max_len {max_len}, batch {batch_size}; medians of 3)")
+    log(f"  matmul ([{batch_size * beam_size}x{size}] x [{size}x{vocab}]): {peak / 1e9:.1f} GFLOP/s")
+    log(f"  one image at a time: {res['one_by_one_captions_s']:7.1f} captions/s")
+    log(f"  batched beam search: {res['batched_captions_s']:7.1f} captions/s   ({res['speedup']:.1f}x; "
+        f"{100 * res['limit_ratio']:.0f}% of the matmul limit)")
+    if run_dir:
+        from infer.captioner import Captioner
+        from prepare import synth
+        cap = Captioner(run_dir, beam_size=beam_size, max_len=max_len)
+        with tempfile.TemporaryDirectory() as tmp:
+            synth.generate(tmp, {"train": images}, size=max(cap.image_size, 128), seed=0, progress=False)
+            paths = sorted((Path(tmp) / "images" / "train").glob("*.jpg"))
+            cap.caption_files(paths[:batch_size], batch_size, progress=False)   # warm up
+            t = time.perf_counter()
+            cap.caption_files(paths, batch_size, progress=False)
+            res["end_to_end_captions_s"] = images / (time.perf_counter() - t)
+        log(f"  end to end from JPEG files ({run_dir}, {cap.image_size}px): {res['end_to_end_captions_s']:.1f} captions/s")
+    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    log(f"  peak memory (RSS): {res['peak_rss_mib']:.0f} MiB")
+    return res

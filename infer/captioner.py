@@ -1,0 +1,104 @@
+"""Load a run directory and caption features or image files with batched beam search."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from extract import encoder as enc
+from infer.beam_search import Caption, beam_search_batch
+from model.train import load_run
+from prepare.util import UserError, sha256_file
+from prepare.vocabulary import END_ID, START_ID
+
+
+@dataclass
+class ImageCaptions:
+    path: str
+    captions: list[Caption]     # best first
+    error: str | None = None    # set when the image could not be read
+
+
+class Captioner:
+    def __init__(self, run_dir, beam_size: int = 3, max_len: int = 20, length_norm: float = 0.0):
+        from model.decoder import compiled_decoding
+        self.run_dir = Path(run_dir)
+        self.model, self.vocab, self.config, self.manifest = load_run(self.run_dir)
+        self.beam_size, self.max_len, self.length_norm = beam_size, max_len, length_norm
+        init, step = compiled_decoding(self.model)
+        self._init = lambda f: tuple(x.numpy() for x in init(np.asarray(f, np.float32)))
+        self._step = lambda w, s: (lambda lp, st: (lp.numpy(), tuple(x.numpy() for x in st)))(
+            *step(np.asarray(w, np.int32), tuple(np.asarray(x, np.float32) for x in s)))
+        self._encoder = None
+
+    # ---- the encoder this run was trained with --------------------------------------------
+    @property
+    def encoder_file(self) -> Path:
+        return self.run_dir / "encoder.weights.h5"
+
+    def encoder_sha256(self) -> str:
+        return self.config.get("encoder", {}).get("sha256") or self.manifest["weights"]["sha256"]
+
+    def encoder(self):
+        if self._encoder is None:
+            f = self.encoder_file
+            if not f.is_file():
+                raise UserError(f"{f}: missing; the run directory is incomplete (copy it again from training)")
+            if sha256_file(f) != self.encoder_sha256():
+                raise UserError(f"{f}: checksum differs from the one recorded at training; the run directory "
+                                "was modified. Restore the file or retrain")
+            model, _ = enc.build_encoder("none", self.image_size)
+            enc.load_encoder_weights(model, f)
+            self._encoder = enc.compiled_forward(model)
+        return self._encoder
+
+    @property
+    def image_size(self) -> int:
+        return int(self.manifest["image_size"])
+
+    # ---- captioning ------------------------------------------------------------------------
+    def caption_features(self, features: np.ndarray, batch_size: int = 32) -> list[list[Caption]]:
+        out: list[list[Caption]] = []
+        for i in range(0, len(features), batch_size):
+            state = self._init(features[i:i + batch_size])
+            out += beam_search_batch(self._step, state, start_id=START_ID, end_id=END_ID, beam_size=self.beam_size,
+                                     max_len=self.max_len, length_norm=self.length_norm)
+        return out
+
+    def caption_files(self, paths: list[Path], batch_size: int = 32, progress: bool = True) -> list[ImageCaptions]:
+        from tqdm import tqdm
+        forward = self.encoder()
+        results: list[ImageCaptions] = []
+        bar = tqdm(total=len(paths), desc="caption", unit="img", disable=not progress)
+        t0 = time.time()
+        for b, (imgs, ok, why) in enumerate(enc.image_dataset(paths, self.image_size, batch_size)):
+            batch_paths = paths[b * batch_size:(b + 1) * batch_size]
+            okn = ok.numpy()
+            caps = self.caption_features(forward(imgs).numpy()[okn], batch_size) if okn.any() else []
+            it = iter(caps)
+            for p, good, reason in zip(batch_paths, okn, why.numpy()):
+                results.append(ImageCaptions(str(p), next(it)) if good else
+                               ImageCaptions(str(p), [], reason.decode()))
+            bar.update(len(batch_paths))
+            bar.set_postfix(img_s=f"{len(results) / max(time.time() - t0, 1e-9):.1f}")
+        bar.close()
+        return results
+
+    def text(self, cap: Caption) -> str:
+        return self.vocab.decode(cap.ids)
+
+
+def image_id_from_name(path: str | Path) -> int | None:
+    """COCO_val2014_000000123456.jpg -> 123456; val_000042.jpg -> 42; otherwise None."""
+    import re
+    m = re.search(r"(\d+)$", Path(path).stem)
+    return int(m.group(1)) if m else None
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    from prepare.util import atomic_path
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -1,0 +1,145 @@
+"""python -m infer evaluate: caption a split, score it with the official COCO caption metrics,
+the human-agreement ceiling, and (where the dataset records its objects) content accuracy."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from infer.captioner import Captioner
+from prepare import captions_h5
+from prepare.util import UserError, sha256_file, write_json_atomic
+
+METRICS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def coco_scores(gts: dict[int, list[str]], res: dict[int, list[str]]) -> dict[str, float]:
+    """Official COCO caption metrics (pycocoevalcap). METEOR and the PTB tokenizer need Java;
+    without it, captions are lower-cased and split on our tokenizer and METEOR is left out."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    if java_available():
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+        tok = PTBTokenizer()
+        gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in gts.items()})
+        res = tok.tokenize({k: [{"caption": c} for c in v] for k, v in res.items()})
+    else:
+        from prepare.vocabulary import tokenize
+        norm = lambda cs: [" ".join(t for t in tokenize(c) if t.isalnum()) for c in cs]  # noqa: E731
+        gts, res = {k: norm(v) for k, v in gts.items()}, {k: norm(v) for k, v in res.items()}
+    out = {}
+    b, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    out.update({f"Bleu_{i + 1}": float(x) for i, x in enumerate(b)})
+    if java_available():
+        from pycocoevalcap.meteor.meteor import Meteor
+        m = Meteor()
+        out["METEOR"] = float(m.compute_score(gts, res)[0])
+        del m
+    out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+    out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    return out
+
+
+def human_ceiling(refs: dict[int, list[str]]) -> dict[str, float]:
+    """Each reference scored against the other references (leave-one-out), averaged over the
+    reference positions: how well people agree with each other on this split."""
+    k = min(len(v) for v in refs.values())
+    if k < 2:
+        return {}
+    runs = []
+    for j in range(k):
+        res = {i: [v[j]] for i, v in refs.items()}
+        gts = {i: v[:j] + v[j + 1:] for i, v in refs.items()}
+        runs.append(coco_scores(gts, res))
+    return {m: float(np.mean([r[m] for r in runs])) for m in runs[0]}
+
+
+def content_accuracy(captions: dict[int, str], truth: dict[int, list[dict]]) -> dict[str, float]:
+    """Share of images whose caption names exactly the true objects (and only true relations),
+    and per-attribute accuracies over the images where the caption makes that claim."""
+    from prepare.synth import score_content
+    tallies = defaultdict(list)
+    for iid, text in captions.items():
+        for k, v in score_content(text, truth[iid]).items():
+            if v is not None:
+                tallies[k].append(bool(v))
+    return {k: float(np.mean(v)) for k, v in tallies.items()} | {"images": len(captions)}
+
+
+def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int = 20, features=None,
+             out=None, batch_size: int = 32, overwrite: bool = False, limit: int = 0, progress: bool = True,
+             log=print) -> dict:
+    data, run = Path(data), Path(run)
+    captions = data / "captions.h5"
+    out = Path(out) if out else run / f"eval-{split}"
+    if (out / "metrics.json").exists() and not overwrite:
+        raise UserError(f"{out / 'metrics.json'} already exists; pass --overwrite or choose another --out")
+    sp = captions_h5.read_split(captions, split)
+    cap = Captioner(run, beam_size=beam_size, max_len=max_len)
+    n = len(sp.image_ids) if not limit else min(limit, len(sp.image_ids))
+    feats_dir = Path(features) if features else data / "features"
+    source = "images"
+    mf = feats_dir / "manifest.json"
+    if mf.is_file():
+        m = json.loads(mf.read_text())
+        if (m["weights"]["sha256"] == cap.encoder_sha256() and m["image_size"] == cap.image_size
+                and m["captions"]["sha256"] == sha256_file(captions) and (feats_dir / f"{split}.npy").is_file()):
+            source = "cache"
+    t0 = time.time()
+    failed: set[int] = set()
+    if source == "cache":
+        feats = np.load(feats_dir / f"{split}.npy", mmap_mode="r")[:n]
+        failed = {f["row"] for f in m["failed"].get(split, []) if f["row"] < n}
+        good = [r for r in range(n) if r not in failed]
+        beams = dict(zip(good, cap.caption_features(np.asarray(feats[good], np.float32), batch_size)))
+    else:
+        log(f"the run's encoder differs from the one that made {feats_dir}: captioning from the images")
+        res = cap.caption_files(sp.image_paths(captions.parent)[:n], batch_size, progress)
+        beams = {r: x.captions for r, x in enumerate(res) if not x.error}
+        failed = {r for r, x in enumerate(res) if x.error}
+    seconds = time.time() - t0
+    hyp = {int(sp.image_ids[r]): cap.text(b[0]) for r, b in beams.items()}
+    refs: dict[int, list[str]] = defaultdict(list)
+    for text, row in zip(sp.texts, sp.image_index):
+        if row < n and row in beams:
+            refs[int(sp.image_ids[row])].append(text)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "results.json", [{"image_id": i, "caption": c} for i, c in hyp.items()])
+    log(f"captioned {len(hyp)} {split} images from the {source} in {seconds:.1f}s "
+        f"({len(hyp) / max(seconds, 1e-9):.1f} captions/s); scoring...")
+    model_scores = coco_scores(dict(refs), {i: [c] for i, c in hyp.items()})
+    ceiling = human_ceiling(dict(refs))
+    truth = {int(sp.image_ids[r]): json.loads(sp.objects[r])["objects"] for r in beams if sp.objects[r]}
+    content = content_accuracy({i: hyp[i] for i in truth}, truth) if truth else None
+    metrics = {"split": split, "images": len(hyp), "failed_images": len(failed), "beam_size": beam_size,
+               "source": source, "model": model_scores, "human_ceiling": ceiling, "content": content,
+               "java": java_available(),
+               "notes": ["SPICE is left out: it needs Stanford CoreNLP models downloaded at run time"] +
+                        ([] if java_available() else ["METEOR left out and a simple tokenizer used: no Java found"])}
+    write_json_atomic(out / "metrics.json", metrics)
+    log(format_table(metrics))
+    log(f"wrote {out / 'metrics.json'} and {out / 'results.json'}")
+    return metrics
+
+
+def format_table(m: dict) -> str:
+    names = [k for k in METRICS if k in m["model"]]
+    lines = [f"{'metric':10s} {'model':>8s} {'human':>8s}"]
+    for k in names:
+        h = m["human_ceiling"].get(k)
+        lines.append(f"{k:10s} {m['model'][k]:8.3f} {h if h is None else f'{h:8.3f}'}")
+    if m.get("content"):
+        c = m["content"]
+        lines.append(f"content accuracy (exact objects and relations): {100 * c['exact']:.1f}% of {c['images']} images")
+        lines.append("  per attribute: " + ", ".join(f"{k} {100 * c[k]:.1f}%" for k in
+                                                    ("colour", "shape", "count", "size", "relation") if k in c))
+    return "\n".join(lines)

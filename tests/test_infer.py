@@ -1,0 +1,115 @@
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from infer.caption import caption_images
+from infer.captioner import Captioner, image_id_from_name
+from infer.evaluate import content_accuracy, evaluate, human_ceiling
+from prepare import captions_h5
+from prepare.util import UserError
+
+
+def _skimage_photo(name: str) -> Path:
+    import skimage
+    return Path(skimage.__file__).parent / "data" / name
+
+
+def test_caption_folder_glob_bad_file_and_real_photo(tiny_dataset, tiny_run, tmp_path):
+    imgs = tmp_path / "in"
+    imgs.mkdir()
+    for p in sorted((tiny_dataset / "images" / "test").glob("*.jpg"))[:3]:
+        shutil.copy(p, imgs / p.name)
+    (imgs / "broken.jpg").write_text("not a picture")
+    photo = _skimage_photo("astronaut.png")
+    lines = []
+    s = caption_images(tiny_run, [str(imgs), str(tiny_dataset / "images/val/*.jpg"), str(photo), "nope/*.png"],
+                       tmp_path / "out", top=2, progress=False, log=lines.append)
+    n_val = len(list((tiny_dataset / "images/val").glob("*.jpg")))
+    assert s["captioned"] == 3 + n_val + 1
+    assert [Path(p).name for p, _ in s["unreadable"]] == ["broken.jpg"] and s["missing"] == ["nope/*.png"]
+    text = "\n".join(lines)
+    assert "Captions for image astronaut.png:" in text
+    assert re.search(r"^  0\) \S.* \(p=0\.\d{6}\)$", text, re.M) and re.search(r"^  1\) ", text, re.M)
+    rows = [json.loads(x) for x in (tmp_path / "out/captions.jsonl").read_text().splitlines()]
+    assert len(rows) == s["captioned"] and all(len(r["captions"]) == 2 for r in rows)
+    assert rows[0]["captions"][0]["logprob"] >= rows[0]["captions"][1]["logprob"]
+    # annotated copies: a title band above the image, aspect kept
+    ann = Image.open(tmp_path / "out/annotated/astronaut.jpg")
+    w, h = Image.open(photo).size
+    assert ann.width == 640 and ann.height > round(h * 640 / w)
+    band = np.asarray(ann.convert("L"))[: ann.height - round(h * 640 / w)]
+    assert (band < 100).any() and (band > 250).mean() > 0.5         # dark text on white
+    assert not (tmp_path / "out/results.json").exists()             # astronaut.png has no image id
+
+
+def test_results_json_and_no_silent_overwrite(tiny_dataset, tiny_run, tmp_path):
+    files = sorted((tiny_dataset / "images" / "test").glob("*.jpg"))[:4]
+    caption_images(tiny_run, [str(f) for f in files], tmp_path / "o", progress=False, log=lambda *a: None)
+    res = json.loads((tmp_path / "o/results.json").read_text())
+    assert [r["image_id"] for r in res] == [image_id_from_name(f) for f in files]
+    assert all(isinstance(r["caption"], str) and r["caption"] for r in res)
+    before = (tmp_path / "o/captions.jsonl").read_bytes()
+    with pytest.raises(UserError, match="already exists.*--overwrite"):
+        caption_images(tiny_run, [str(f) for f in files], tmp_path / "o", progress=False, log=lambda *a: None)
+    assert (tmp_path / "o/captions.jsonl").read_bytes() == before
+    caption_images(tiny_run, [str(f) for f in files], tmp_path / "o", overwrite=True, progress=False,
+                   log=lambda *a: None)
+
+
+def test_batched_captioning_equals_one_by_one_and_files_match_the_cache(tiny_dataset, tiny_features, tiny_run):
+    cap = Captioner(tiny_run, beam_size=3, max_len=12)
+    feats = np.load(tiny_features / "val.npy")
+    batched = cap.caption_features(feats, batch_size=32)
+    single = cap.caption_features(feats, batch_size=1)
+    assert [[c.ids for c in b] for b in batched] == [[c.ids for c in s] for s in single]
+    for b, s in zip(batched, single):
+        np.testing.assert_allclose([c.logprob for c in b], [c.logprob for c in s], rtol=1e-5)
+    sp = captions_h5.read_split(tiny_dataset / "captions.h5", "val")
+    from_files = cap.caption_files(sp.image_paths(tiny_dataset), progress=False)
+    assert [r.captions[0].ids for r in from_files] == [b[0].ids for b in batched]
+
+
+def test_tampered_encoder_in_run_dir_is_refused(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    with open(run / "encoder.weights.h5", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(UserError, match="checksum differs"):
+        Captioner(run).encoder()
+
+
+def test_human_ceiling_and_content_accuracy_on_hand_examples():
+    same = {1: ["a red star", "a red star", "a red star"], 2: ["two blue circles", "two blue circles", "two blue circles"]}
+    assert human_ceiling(same)["Bleu_1"] == pytest.approx(1.0, abs=1e-6)
+    mixed = {1: ["a red star on the left", "a red star", "a small red star"], 2: same[2]}
+    assert human_ceiling(mixed)["Bleu_1"] < 1.0
+    truth = {1: [{"shape": "star", "colour": "red", "size": "small", "cx": 1, "cy": 1, "r": 1}],
+             2: [{"shape": "circle", "colour": "blue", "size": "large", "cx": 1, "cy": 1, "r": 1}]}
+    acc = content_accuracy({1: "a small red star .", 2: "a blue square ."}, truth)
+    assert acc["exact"] == 0.5 and acc["colour"] == 1.0 and acc["shape"] == 0.5 and acc["size"] == 1.0
+
+
+@pytest.mark.slow
+def test_evaluate_writes_metrics_with_ceiling_and_content(tiny_dataset, tiny_run, tmp_path):
+    m = evaluate(tiny_run, tiny_dataset, split="test", out=tmp_path / "e", progress=False, log=lambda *a: None)
+    assert m["source"] == "cache" and m["images"] == 12
+    for k in ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr") + (("METEOR",) if m["java"] else ()):
+        assert 0 <= m["model"][k] and k in m["human_ceiling"]
+    assert m["human_ceiling"]["Bleu_1"] > 0.5
+    assert 0 <= m["content"]["exact"] <= 1 and m["content"]["images"] == 12
+    assert json.loads((tmp_path / "e/metrics.json").read_text())["model"] == m["model"]
+    res = json.loads((tmp_path / "e/results.json").read_text())
+    assert len(res) == 12
+    with pytest.raises(UserError, match="already exists"):
+        evaluate(tiny_run, tiny_dataset, split="test", out=tmp_path / "e", progress=False, log=lambda *a: None)
+    # a feature cache that is not the run's: captions come from the images, and agree with the cache
+    m2 = evaluate(tiny_run, tiny_dataset, split="test", out=tmp_path / "e2", features=tmp_path / "nowhere",
+                  progress=False, log=lambda *a: None)
+    assert m2["source"] == "images"
+    assert json.loads((tmp_path / "e2/results.json").read_text()) == res
