@@ -8,6 +8,13 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from prepare.util import atomic_path
 
 
+def pretty(text: str) -> str:
+    """Tokenized caption -> display text: 'a red star , and a dot .' -> 'A red star, and a dot.'"""
+    import re
+    t = re.sub(r" ([.,:;!?'])", r"\1", text.strip())
+    return t[:1].upper() + t[1:]
+
+
 def _font(size: int):
     try:
         return ImageFont.load_default(size=size)   # Pillow >= 10.1: scalable built-in font
@@ -36,8 +43,8 @@ def annotate(src: str | Path, captions: list[tuple[str, float]], dst: str | Path
     big, small = _font(max(14, width // 28)), _font(max(11, width // 40))
     probe = ImageDraw.Draw(im)
     margin = width // 40
-    title = _wrap(probe, captions[0][0] if captions else "(no caption)", big, width - 2 * margin)
-    extra = [f"{i}) {t} (p={p:.4f})" for i, (t, p) in enumerate(captions[1:], 1)]
+    title = _wrap(probe, pretty(captions[0][0]) if captions else "(no caption)", big, width - 2 * margin)
+    extra = [f"{i}) {pretty(t)} (p={p:.2g})" for i, (t, p) in enumerate(captions[1:], 1)]
     extra_lines = [ln for e in extra for ln in _wrap(probe, e, small, width - 2 * margin)]
     lh_big, lh_small = big.size + 6, small.size + 4
     band = margin + len(title) * lh_big + len(extra_lines) * lh_small + margin

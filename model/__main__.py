@@ -49,6 +49,30 @@ def main(argv=None) -> int:
     ]:
         t.add_argument(f"--{name}", type=typ, help=hlp)
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    f = sub.add_parser("finetune", help="stage 2: train Inception v3 and the decoder jointly, from images")
+    f.add_argument("--run", required=True, help="a trained stage-1 run directory (never modified)")
+    f.add_argument("--data", required=True, help="the dataset folder it was trained on (captions.h5, images)")
+    f.add_argument("--out", required=True, help="new run directory (an existing fine-tune is resumed)")
+    for name, typ, hlp in [
+        ("epochs", int, "passes over the training images (default 2)"),
+        ("max-steps", int, "stop after this many steps in all"),
+        ("batch-size", int, "images per step (default 32)"),
+        ("captions-per-image", int, "captions of each image per step (default 5)"),
+        ("lr", float, "decoder learning rate (Adam, default 2e-4)"),
+        ("cnn-lr", float, "Inception learning rate (Adam, default 2e-5)"),
+        ("bn", str, "frozen (default: BatchNorm in inference mode) or train"),
+        ("clip-norm", float, "gradient clipping by global norm (default 5.0)"),
+        ("seed", int, "data order and augmentation"),
+        ("checkpoint-every", int, "steps between checkpoints (default 100)"),
+    ]:
+        f.add_argument(f"--{name}", type=typ, help=hlp)
+    f.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="no random crops / brightness-contrast jitter")
+    f.add_argument("--flip", action="store_true", default=None, help="random horizontal flips (off by default: "
+                   "they make 'left of'/'right of' captions false)")
+    f.add_argument("--mixed-precision", action="store_true", default=None, help="Inception in bfloat16 (GPUs)")
+    f.add_argument("--force", action="store_true", help="fine-tune even an untrained decoder (not advised)")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     if a.cmd == "train":
         from model.train import train
@@ -59,6 +83,12 @@ def main(argv=None) -> int:
         train(a.data, a.out, features=a.features, captions=a.captions,
               model_overrides={k: v[k] for k in model_keys}, train_overrides={k: v[k] for k in train_keys},
               progress=not a.quiet)
+    elif a.cmd == "finetune":
+        from model.finetune import finetune
+        keys = ("epochs", "max_steps", "batch_size", "captions_per_image", "lr", "cnn_lr", "bn", "clip_norm", "seed",
+                "checkpoint_every", "augment", "flip", "mixed_precision")
+        finetune(a.run, a.data, a.out, overrides={k: getattr(a, k) for k in keys}, force=a.force,
+                 progress=not a.quiet)
     return 0
 
 

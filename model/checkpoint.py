@@ -11,16 +11,28 @@ import numpy as np
 from prepare.util import UserError, atomic_path
 
 
+def _weights(model) -> list:
+    """A model, or a list of models (e.g. decoder and encoder), -> their weights in order."""
+    models = model if isinstance(model, (list, tuple)) else [model]
+    return [w for m in models for w in m.weights]
+
+
+def _opt_vars(optimizer) -> list:
+    opts = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer] if optimizer is not None else []
+    return [v for o in opts for v in o.variables]
+
+
 def save(path, model, optimizer=None, state: dict | None = None) -> None:
+    """model / optimizer: one or a list of them."""
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             g = f.create_group("model")
-            for i, w in enumerate(model.weights):
+            for i, w in enumerate(_weights(model)):
                 g.create_dataset(str(i), data=np.asarray(w.numpy()))
                 g[str(i)].attrs["name"] = w.path
             if optimizer is not None:
                 o = f.create_group("optimizer")
-                for i, v in enumerate(optimizer.variables):
+                for i, v in enumerate(_opt_vars(optimizer)):
                     o.create_dataset(str(i), data=np.asarray(v.numpy()))
             f.attrs["state"] = json.dumps(state or {})
 
@@ -34,16 +46,17 @@ def load(path, model, optimizer=None) -> dict:
         raise UserError(f"{path}: unreadable checkpoint ({e})")
     with f:
         g = f["model"]
-        if len(g) != len(model.weights):
-            raise UserError(f"{path}: holds {len(g)} weights, the model has {len(model.weights)}; "
+        weights = _weights(model)
+        if len(g) != len(weights):
+            raise UserError(f"{path}: holds {len(g)} weights, the model has {len(weights)}; "
                             "was it made with another config?")
-        for i, w in enumerate(model.weights):
+        for i, w in enumerate(weights):
             a = g[str(i)][()]
             if tuple(a.shape) != tuple(w.shape):
                 raise UserError(f"{path}: weight {w.path} has shape {a.shape}, the model expects {tuple(w.shape)}")
             w.assign(a)
         if optimizer is not None and "optimizer" in f:
             o = f["optimizer"]
-            for i, v in enumerate(optimizer.variables):
+            for i, v in enumerate(_opt_vars(optimizer)):
                 v.assign(o[str(i)][()])
         return json.loads(f.attrs["state"])

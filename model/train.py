@@ -145,7 +145,7 @@ def plot_history(history: list[dict], path: Path) -> None:
     a.plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
     a.set_xlabel("epoch"), a.set_ylabel("loss per token (nats)"), a.legend(), a.grid(alpha=0.3)
     b.plot(ep, [h["val_perplexity"] for h in history], "o-", color="C1")
-    b.set_xlabel("epoch"), b.set_ylabel("validation perplexity"), b.set_yscale("log"), b.grid(alpha=0.3)
+    b.set_xlabel("epoch"), b.set_ylabel("validation perplexity"), b.grid(alpha=0.3)
     fig.suptitle("Show and Tell decoder training")
     fig.tight_layout()
     with atomic_path(path) as tmp:

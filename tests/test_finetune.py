@@ -1,0 +1,108 @@
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.finetune import finetune
+from prepare.util import UserError
+
+quiet = dict(progress=False, log=lambda *a: None)
+FAST = {"batch_size": 8, "captions_per_image": 2, "max_steps": 4, "epochs": 1, "samples": 0, "checkpoint_every": 2}
+
+
+def _tree_digest(d: Path) -> dict:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_finetune_changes_cnn_and_decoder_and_leaves_stage1_untouched(tiny_dataset, tiny_run, tmp_path):
+    from extract import encoder as enc
+    before = _tree_digest(tiny_run)
+    s = finetune(tiny_run, tiny_dataset, tmp_path / "ft", overrides={**FAST, "bn": "train"}, **quiet)
+    assert _tree_digest(tiny_run) == before                       # stage 1 byte-identical
+    ft = tmp_path / "ft"
+    cfg = json.loads((ft / "config.json").read_text())
+    assert cfg["encoder"]["fine_tuned"] and cfg["encoder"]["sha256"]
+    # CNN weights and BatchNorm moving statistics changed (bn=train); decoder weights changed
+    a, _ = enc.build_encoder("none", 75)
+    enc.load_encoder_weights(a, tiny_run / "encoder.weights.h5")
+    from model import checkpoint
+    from model.train import load_run
+    dec, *_ = load_run(tiny_run)
+    b_enc, _ = enc.build_encoder("none", 75, trainable=True)
+    checkpoint.load(ft / "checkpoints" / "latest.h5", [dec, b_enc])
+    wa = {w.path: w.numpy() for w in enc.inception_of(a).weights}
+    wb = {w.path: w.numpy() for w in enc.inception_of(b_enc).weights}
+    conv = [k for k in wa if "conv2d" in k and k.endswith("kernel")]
+    moving = [k for k in wa if "moving_mean" in k]
+    assert conv and moving
+    assert any(not np.array_equal(wa[k], wb[k]) for k in conv)
+    assert any(not np.array_equal(wa[k], wb[k]) for k in moving)
+    dec1, *_ = load_run(tiny_run)
+    assert any(not np.array_equal(x.numpy(), y.numpy()) for x, y in zip(dec1.trainable_weights, dec.trainable_weights))
+    assert s["steps"] == 4 and (ft / "history.json").is_file()
+
+
+@pytest.mark.slow
+def test_finetune_does_not_collapse_and_infer_uses_the_finetuned_encoder(tiny_dataset, tiny_run, tmp_path):
+    from infer.captioner import Captioner
+    from infer.evaluate import evaluate
+    s = finetune(tiny_run, tiny_dataset, tmp_path / "ft", overrides={**FAST, "max_steps": 12}, **quiet)
+    last = s["history"][-1]
+    # no collapse: validation loss stays near the stage-1 model's, captions stay varied
+    assert last["val_loss"] < 1.15 * s["start_val"]
+    assert last["distinct_captions"] >= max(2, s["start_distinct"] // 2)
+    ft = tmp_path / "ft"
+    cap = Captioner(ft)
+    assert cap.encoder_sha256() == json.loads((ft / "config.json").read_text())["encoder"]["sha256"]
+    assert cap.encoder_sha256() != Captioner(tiny_run).encoder_sha256()
+    m = evaluate(ft, tiny_dataset, split="val", out=tmp_path / "e", **quiet)
+    assert m["source"] == "images"                                  # the cache is stale for this encoder
+
+
+@pytest.mark.slow
+def test_finetune_resumes_after_a_kill(tiny_dataset, tiny_run, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    kw = {**FAST, "max_steps": 6, "augment": False}
+    ref = finetune(tiny_run, tiny_dataset, tmp_path / "ref", overrides=kw, **quiet)
+    code = f"""
+import os, signal, sys
+sys.path.insert(0, {str(root)!r})
+from model import checkpoint, finetune as F
+orig, n = checkpoint.save, [0]
+def save(*a, **k):
+    orig(*a, **k)
+    n[0] += 1
+    if n[0] == 3:        # saves: initial best, step 2, step 4 -> die after step 4
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save = save
+F.finetune({str(tiny_run)!r}, {str(tiny_dataset)!r}, {str(tmp_path / 'ft')!r}, overrides={kw!r}, progress=False)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
+    lines = []
+    res = finetune(tiny_run, tiny_dataset, tmp_path / "ft", overrides=kw, progress=False, log=lines.append)
+    assert any(x.startswith("resuming") and "step 4" in x for x in lines)
+    assert res["steps"] == ref["steps"] == 6
+    assert res["history"][-1]["val_loss"] == pytest.approx(ref["history"][-1]["val_loss"], rel=1e-3)
+
+
+def test_untrained_decoder_and_wrong_encoder_are_refused(tiny_dataset, tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "history.json").write_text("[]")
+    with pytest.raises(UserError, match="has not finished an epoch.*--force"):
+        finetune(run, tiny_dataset, tmp_path / "o1", overrides=FAST, **quiet)
+    shutil.copytree(tiny_run, tmp_path / "run2")
+    with open(tmp_path / "run2" / "encoder.weights.h5", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(UserError, match="is not the encoder that made the features"):
+        finetune(tmp_path / "run2", tiny_dataset, tmp_path / "o2", overrides=FAST, **quiet)
+    with pytest.raises(UserError, match="must differ from --run"):
+        finetune(tiny_run, tiny_dataset, tiny_run, overrides=FAST, **quiet)
