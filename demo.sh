@@ -32,6 +32,13 @@ python -m model train --data "$DATA" --out "$RUN" --epochs "$EPOCHS" --lstm-unit
 echo "== 5/6 evaluate on the test split"
 python -m infer evaluate --run "$RUN" --data "$DATA" --split test --max-len 30 --overwrite
 
+if [ -n "${FINETUNE:-}" ]; then
+  echo "== 5b fine-tune Inception v3 + decoder jointly -> $RUN-ft (FINETUNE=1)"
+  python -m model finetune --run "$RUN" --data "$DATA" --out "$RUN-ft" --epochs "${FT_EPOCHS:-2}"
+  python -m infer evaluate --run "$RUN-ft" --data "$DATA" --split test --max-len 30 --overwrite
+  RUN="$RUN-ft"
+fi
+
 echo "== 6/6 caption images: test images and real photos -> $OUT"
 PHOTOS="$(python -c 'import skimage, os; d = os.path.join(os.path.dirname(skimage.__file__), "data"); print(" ".join(os.path.join(d, f) for f in ("astronaut.png", "chelsea.png", "coffee.png")))')"
 python -m infer caption --run "$RUN" --out "$OUT" --max-len 30 --overwrite --quiet \

@@ -4,10 +4,13 @@ Starts from a trained stage-1 run directory (never modified) and writes a new on
 encoder.weights.h5 is the fine-tuned CNN; `infer` then runs that encoder on images.
 
 Choices (see the README for the measurements behind them):
-* BatchNorm: `--bn frozen` (default) keeps Inception's BatchNorm in inference mode, so the
-  features the decoder trains on are the features it is evaluated on; `--bn train` uses batch
-  statistics in training (moving statistics lag behind them: with random-init weights they start
-  at 0/1, far from the real ones).
+* BatchNorm: `--bn frozen` (default) keeps Inception's BatchNorm layers fixed (statistics, beta
+  and gamma), so the features the decoder trains on are the features it is evaluated on and only
+  the convolutions learn; `--bn train` trains them and uses batch statistics in training (moving
+  statistics lag behind them: with random-init weights they start at 0/1, far from the real ones).
+  Measured with random-init weights: in training mode the features come out ~1000x larger than the
+  inference-mode features the decoder's normalisation was fitted to, the LSTM saturates and the
+  convolutions get exactly zero gradient. Use `--bn train` only with pretrained (ImageNet) weights.
 * Feature normalisation: the decoder keeps the stage-1 mean/std as a fixed affine map, so the
   CNN learns to produce features in the space the decoder already reads. Adam's per-parameter
   step size makes the ~1/std gradient amplification harmless for the CNN's update size.
@@ -152,6 +155,13 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
     finally:
         keras.config.set_dtype_policy("float32")
     enc.load_encoder_weights(encoder, run / "encoder.weights.h5")
+    if cfg.bn == "frozen":
+        # Statistics *and* beta/gamma fixed. With random-init weights Inception's activations are
+        # tiny (features ~1e-4), and Adam moves every parameter by ~lr a step: trainable beta offsets
+        # of that size drown the image signal and every image gets the same caption (measured).
+        for layer in enc.inception_of(encoder).layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
     trainset = ImageCaptionSet(captions, "train", manifest)
     valset = ImageCaptionSet(captions, "val", manifest)
     steps_per_epoch = math.ceil(len(trainset.rows) / cfg.batch_size)
