@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 
-def run(image_size: int = 299, batch_size: int = 32, batches: int = 6, repeats: int = 3,
+def run(image_size: int = 299, batch_size: int = 32, batches: int = 24, repeats: int = 3,
         images: str | None = None, log=print) -> dict:
     import tensorflow as tf
 

@@ -106,10 +106,12 @@ def _offline_message(err: Exception) -> str:
             f"weights (captions of real photos will then be meaningless)")
 
 
-def build_encoder(weights: str = "imagenet", image_size: int | None = 299, trainable: bool = False):
+def build_encoder(weights: str = "imagenet", image_size: int | None = 299, trainable: bool = False,
+                  seed: int = 0):
     """-> (keras.Model float32 0..255 images -> [B, 2048], WeightsSource).
 
-    weights: "imagenet" (Keras' own loader and cache), "none" (random init) or a weights FILE.
+    weights: "imagenet" (Keras' own loader and cache), "none" (random init from `seed`, so the same
+    random encoder everywhere) or a weights FILE.
     """
     import keras
     from keras import layers
@@ -127,6 +129,8 @@ def build_encoder(weights: str = "imagenet", image_size: int | None = 299, train
         path = keras_models_dir() / IMAGENET_FILE
         source = WeightsSource("imagenet", str(path), sha256_file(path) if path.exists() else None)
     else:
+        if weights in ("none", None):
+            keras.utils.set_random_seed(seed)
         base = keras.applications.InceptionV3(include_top=False, pooling="avg", weights=None,
                                               input_shape=shape)
         if weights in ("none", None):

@@ -19,6 +19,7 @@ def run(vocab: int = 12000, size: int = 512, images: int = 64, batch_size: int =
 
     from infer.beam_search import beam_search, beam_search_batch
     from model.config import ModelConfig
+    from model.bench import measure_matmul_flops
     from model.decoder import ShowAndTell, compiled_decoding
     keras.utils.set_random_seed(0)
     m = ShowAndTell(ModelConfig(vocab_size=vocab, embedding_size=size, lstm_units=size))
@@ -39,17 +40,7 @@ def run(vocab: int = 12000, size: int = 512, images: int = 64, batch_size: int =
     beam_search_batch(step_np, init_np(feats[:batch_size]), **kw)
     beam_search(step_np, init_np(feats[:1]), **kw)
 
-    # matmul roofline at the decode step's biggest product
-    a = tf.constant(np.random.default_rng(1).normal(size=(batch_size * beam_size, size)).astype(np.float32))
-    w = tf.constant(np.random.default_rng(2).normal(size=(size, vocab)).astype(np.float32))
-    mmf = tf.function(lambda a, w: tf.matmul(a, w))
-    mmf(a, w).numpy()
-    ts = []
-    for _ in range(20):
-        t = time.perf_counter()
-        mmf(a, w).numpy()
-        ts.append(time.perf_counter() - t)
-    peak = 2 * a.shape[0] * size * vocab / statistics.median(ts)
+    peak = measure_matmul_flops(batch_size * beam_size, size, vocab, reps=20)   # the decode step's biggest product
 
     def timed(fn, reps=3):
         out = []

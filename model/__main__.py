@@ -59,7 +59,8 @@ def main(argv=None) -> int:
         ("batch-size", int, "images per step (default 32)"),
         ("captions-per-image", int, "captions of each image per step (default 5)"),
         ("lr", float, "decoder learning rate (Adam, default 2e-4)"),
-        ("cnn-lr", float, "Inception learning rate (Adam, default 2e-5)"),
+        ("cnn-lr", float, "Inception learning rate (default 5e-4, im2txt's, with SGD)"),
+        ("cnn-optimizer", str, "sgd (default) or adam for Inception"),
         ("bn", str, "frozen (default: BatchNorm in inference mode) or train"),
         ("clip-norm", float, "gradient clipping by global norm (default 5.0)"),
         ("seed", int, "data order and augmentation"),
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
               progress=not a.quiet)
     elif a.cmd == "finetune":
         from model.finetune import finetune
-        keys = ("epochs", "max_steps", "batch_size", "captions_per_image", "lr", "cnn_lr", "bn", "clip_norm", "seed",
+        keys = ("epochs", "max_steps", "batch_size", "captions_per_image", "lr", "cnn_lr", "cnn_optimizer", "bn", "clip_norm", "seed",
                 "checkpoint_every", "augment", "flip", "mixed_precision")
         finetune(a.run, a.data, a.out, overrides={k: getattr(a, k) for k in keys}, force=a.force,
                  progress=not a.quiet)

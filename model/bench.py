@@ -21,6 +21,22 @@ def _lengths(rng, n, max_len, mean):
     return np.clip(np.round(rng.normal(mean, 2.5, n)), 5, max_len).astype(int)
 
 
+def measure_matmul_flops(m: int, k: int, n: int, reps: int = 15) -> float:
+    """FLOP/s of a compiled float32 [m, k] x [k, n] matmul on this machine (median of reps)."""
+    import tensorflow as tf
+    rng = np.random.default_rng(0)
+    a = tf.constant(rng.normal(size=(m, k)).astype(np.float32))
+    w = tf.constant(rng.normal(size=(k, n)).astype(np.float32))
+    mm = tf.function(lambda a, w: tf.matmul(a, w))
+    mm(a, w).numpy()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        mm(a, w).numpy()
+        ts.append(time.perf_counter() - t)
+    return 2.0 * m * k * n / statistics.median(ts)
+
+
 def needed_flops(n_real: int, batch: int, E: int, H: int, V: int) -> float:
     """Training FLOPs (forward + backward = 3x forward) for the real tokens of one step."""
     lstm = 2 * 4 * H * (E + H)            # gates of one LSTM step
@@ -39,17 +55,7 @@ def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20,
     rng = np.random.default_rng(0)
     strategy = tf.distribute.get_strategy()
 
-    # matmul roofline on the step's largest product
-    a = tf.constant(rng.normal(size=(batch * 13, size)).astype(np.float32))
-    w = tf.constant(rng.normal(size=(size, vocab)).astype(np.float32))
-    mm = tf.function(lambda a, w: tf.matmul(a, w))
-    mm(a, w).numpy()
-    ts = []
-    for _ in range(15):
-        t = time.perf_counter()
-        mm(a, w).numpy()
-        ts.append(time.perf_counter() - t)
-    peak = 2 * a.shape[0] * size * vocab / statistics.median(ts)
+    peak = measure_matmul_flops(batch * 13, size, vocab)     # the step's largest product
 
     def batches(fixed: bool):
         out = []

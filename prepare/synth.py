@@ -13,7 +13,6 @@ Coordinates: x grows to the right, y grows downwards; (cx, cy, r) in pixels.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re

@@ -1,5 +1,4 @@
 import json
-import math
 import re
 import shutil
 from pathlib import Path

@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prepare import captions_h5, coco, synth
+from prepare import captions_h5, synth
 from prepare.prepare_captions import prepare_captions
 from prepare.util import UserError
 from prepare.vocabulary import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary, tokenize
