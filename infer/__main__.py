@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     c.add_argument("--beam-size", type=int, default=3)
     c.add_argument("--max-len", type=int, default=20, help="tokens incl. <start> (default 20)")
     c.add_argument("--length-norm", type=float, default=0.0, help="rank by logprob / length ** this")
-    c.add_argument("--top", type=int, default=3, help="captions printed and kept per image")
+    c.add_argument("--top", type=int, default=3, help="at most this many captions printed and kept per image (fewer when fewer complete)")
     c.add_argument("--batch-size", type=int, default=32)
     c.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     c.add_argument("--quiet", action="store_true")

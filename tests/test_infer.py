@@ -36,8 +36,13 @@ def test_caption_folder_glob_bad_file_and_real_photo(tiny_dataset, tiny_run, tmp
     assert "Captions for image astronaut.png:" in text
     assert re.search(r"^  0\) \S.* \(p=0\.\d{6}\)$", text, re.M) and re.search(r"^  1\) ", text, re.M)
     rows = [json.loads(x) for x in (tmp_path / "out/captions.jsonl").read_text().splitlines()]
-    assert len(rows) == s["captioned"] and all(len(r["captions"]) == 2 for r in rows)
-    assert rows[0]["captions"][0]["logprob"] >= rows[0]["captions"][1]["logprob"]
+    # up to --top captions each: beam search returns only complete captions once some complete,
+    # and those can be fewer than the beam size
+    assert len(rows) == s["captioned"] and all(1 <= len(r["captions"]) <= 2 for r in rows)
+    assert any(len(r["captions"]) == 2 for r in rows)
+    for r in rows:
+        lp = [c["logprob"] for c in r["captions"]]
+        assert lp == sorted(lp, reverse=True)
     # annotated copies: a title band above the image, aspect kept
     ann = Image.open(tmp_path / "out/annotated/astronaut.jpg")
     w, h = Image.open(photo).size
