@@ -20,20 +20,17 @@ def run(vocab: int = 12000, size: int = 512, images: int = 64, batch_size: int =
     from infer.beam_search import beam_search, beam_search_batch
     from model.config import ModelConfig
     from model.bench import measure_matmul_flops
-    from model.decoder import ShowAndTell, compiled_decoding
+    from infer.captioner import numpy_decoding
+    from model.decoder import ShowAndTell
     keras.utils.set_random_seed(0)
     m = ShowAndTell(ModelConfig(vocab_size=vocab, embedding_size=size, lstm_units=size))
     m.build_all()
-    init, step = compiled_decoding(m)
+    init_np, decode_step = numpy_decoding(m)
     rows = [0]
 
-    def step_np(w, s):
+    def step_np(w, s):            # counts the beam rows decoded, for the FLOP figure
         rows[0] += len(w)
-        lp, st = step(np.asarray(w, np.int32), tuple(np.asarray(x, np.float32) for x in s))
-        return lp.numpy(), tuple(x.numpy() for x in st)
-
-    def init_np(f):
-        return tuple(x.numpy() for x in init(np.asarray(f, np.float32)))
+        return decode_step(w, s)
     feats = np.random.default_rng(0).normal(size=(images, 2048)).astype(np.float32)
     kw = dict(start_id=1, end_id=2, beam_size=beam_size, max_len=max_len)
     # warm up every shape used

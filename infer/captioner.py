@@ -22,16 +22,26 @@ class ImageCaptions:
     error: str | None = None    # set when the image could not be read
 
 
+def numpy_decoding(model):
+    """The decoder's compiled initial_state/step as numpy-in, numpy-out functions for beam search."""
+    from model.decoder import compiled_decoding
+    init, step = compiled_decoding(model)
+
+    def init_np(features):
+        return tuple(x.numpy() for x in init(np.asarray(features, np.float32)))
+
+    def step_np(word_ids, state):
+        logp, new = step(np.asarray(word_ids, np.int32), tuple(np.asarray(x, np.float32) for x in state))
+        return logp.numpy(), tuple(x.numpy() for x in new)
+    return init_np, step_np
+
+
 class Captioner:
     def __init__(self, run_dir, beam_size: int = 3, max_len: int = 20, length_norm: float = 0.0):
-        from model.decoder import compiled_decoding
         self.run_dir = Path(run_dir)
         self.model, self.vocab, self.config, self.manifest = load_run(self.run_dir)
         self.beam_size, self.max_len, self.length_norm = beam_size, max_len, length_norm
-        init, step = compiled_decoding(self.model)
-        self._init = lambda f: tuple(x.numpy() for x in init(np.asarray(f, np.float32)))
-        self._step = lambda w, s: (lambda lp, st: (lp.numpy(), tuple(x.numpy() for x in st)))(
-            *step(np.asarray(w, np.int32), tuple(np.asarray(x, np.float32) for x in s)))
+        self._init, self._step = numpy_decoding(self.model)
         self._encoder = None
 
     # ---- the encoder this run was trained with --------------------------------------------

@@ -35,7 +35,7 @@ import numpy as np
 from extract import encoder as enc
 from model import checkpoint
 from model.config import override
-from model.train import load_run, masked_token_loss, perplexity, plot_history
+from model.train import RESUMABLE_CHANGES, load_run, masked_token_loss, perplexity, plot_history
 from prepare import captions_h5
 from prepare.util import UserError, sha256_file, write_json_atomic
 from prepare.vocabulary import END_ID, START_ID
@@ -85,10 +85,10 @@ class ImageCaptionSet:
         picks, owner = [], []
         for j, r in enumerate(rows):
             c = self.caps_of[int(r)]
-            if rng is not None and len(c) > k:
-                c = rng.choice(c, size=k, replace=False)
-            picks += list(c[:k] if rng is None else c)
-            owner += [j] * len(c[:k] if rng is None else c)
+            if len(c) > k:
+                c = c[:k] if rng is None else rng.choice(c, size=k, replace=False)
+            picks += list(c)
+            owner += [j] * len(c)
         picks = np.asarray(picks)
         t = int(self.lengths[picks].max())
         return self.ids[picks, :t], np.asarray(owner, np.int32)
@@ -136,8 +136,8 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
     resume = (out / "config.json").exists()
     if resume:
         old = json.loads((out / "config.json").read_text())
-        keep = {"epochs", "max_steps", "checkpoint_every", "samples", "sample_max_len"}
-        diffs = [k for k in config["finetune"] if k not in keep and old["finetune"].get(k) != config["finetune"][k]]
+        diffs = [k for k in config["finetune"]
+                 if k not in RESUMABLE_CHANGES and old["finetune"].get(k) != config["finetune"][k]]
         if old["stage1_run"] != config["stage1_run"] or diffs:
             raise UserError(f"{out} holds a fine-tune with other settings ({', '.join(diffs) or 'stage1_run'}); "
                             "resume with the same settings or choose a new --out")
