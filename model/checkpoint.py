@@ -17,6 +17,13 @@ def _weights(model) -> list:
     return [w for m in models for w in m.weights]
 
 
+def _rng_states(model) -> list:
+    """Dropout's random-generator states (not among `weights`): saved so a resumed run draws the
+    same dropout masks as an uninterrupted one."""
+    models = model if isinstance(model, (list, tuple)) else [model]
+    return [v for m in models for v in m.variables if v.path.endswith("seed_generator_state")]
+
+
 def _opt_vars(optimizer) -> list:
     opts = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer] if optimizer is not None else []
     return [v for o in opts for v in o.variables]
@@ -30,6 +37,9 @@ def save(path, model, optimizer=None, state: dict | None = None) -> None:
             for i, w in enumerate(_weights(model)):
                 g.create_dataset(str(i), data=np.asarray(w.numpy()))
                 g[str(i)].attrs["name"] = w.path
+            r = f.create_group("rng")
+            for i, v in enumerate(_rng_states(model)):
+                r.create_dataset(str(i), data=np.asarray(v.numpy()))
             if optimizer is not None:
                 o = f.create_group("optimizer")
                 for i, v in enumerate(_opt_vars(optimizer)):
@@ -55,6 +65,10 @@ def load(path, model, optimizer=None) -> dict:
             if tuple(a.shape) != tuple(w.shape):
                 raise UserError(f"{path}: weight {w.path} has shape {a.shape}, the model expects {tuple(w.shape)}")
             w.assign(a)
+        rng = _rng_states(model)
+        if "rng" in f and len(f["rng"]) == len(rng):
+            for i, v in enumerate(rng):
+                v.assign(f["rng"][str(i)][()])
         if optimizer is not None and "optimizer" in f:
             o = f["optimizer"]
             for i, v in enumerate(_opt_vars(optimizer)):

@@ -4,22 +4,23 @@ Starts from a trained stage-1 run directory (never modified) and writes a new on
 encoder.weights.h5 is the fine-tuned CNN; `infer` then runs that encoder on images.
 
 Choices (see the README for the measurements behind them):
-* BatchNorm: `--bn frozen` (default) keeps Inception's BatchNorm layers fixed (statistics, beta
-  and gamma), so the features the decoder trains on are the features it is evaluated on and only
-  the convolutions learn; `--bn train` trains them and uses batch statistics in training (moving
-  statistics lag behind them: with random-init weights they start at 0/1, far from the real ones).
-  Measured with random-init weights: in training mode the features come out ~1000x larger than the
-  inference-mode features the decoder's normalisation was fitted to, the LSTM saturates and the
-  convolutions get exactly zero gradient. Use `--bn train` only with pretrained (ImageNet) weights.
-* Feature normalisation: the decoder keeps the stage-1 mean/std as a fixed affine map, so the
-  CNN learns to produce features in the space the decoder already reads. Adam's per-parameter
-  step size makes the ~1/std gradient amplification harmless for the CNN's update size.
-* Two optimisers: Adam for the decoder, and for the CNN plain SGD with im2txt's 0.0005 and
-  gradient clipping (`--cnn-optimizer`, `--cnn-lr`). Measured: Adam on the CNN (2e-5 and 1e-5)
-  collapsed every image to ~3 captions within an epoch, because it moves every parameter by ~lr
-  whatever its gradient, and this network's features live at ~1e-4 scale.
+* BatchNorm, `--bn train` (default, as in im2txt): Inception's BatchNorm layers use batch statistics
+  in training and their moving statistics at evaluation and inference. Their moving statistics are
+  re-estimated from training images (calibrate_batchnorm) before the first step and before every
+  evaluation: with random-init weights they start at 0/1, ~1000x off, and moving averages lag the
+  weights as they change. Because that changes the features, the decoder's feature normalisation is
+  re-fitted to the calibrated encoder before the first step and then kept fixed (an affine map the
+  CNN learns to feed). `--bn frozen` keeps statistics, beta and gamma fixed and trains only the
+  convolutions. Measured with random-init weights: frozen BatchNorm either does not move (SGD 5e-4)
+  or collapses every image to one caption (SGD 5e-2, or Adam 1e-5: it moves every parameter by ~lr
+  while this network's activations are ~1e-4); in training mode without calibration the LSTM
+  saturates on ~1000x larger features and the CNN gets exactly zero gradient.
+* Two optimisers with their own learning rates, from a recipe chosen by where the stage-1 encoder's
+  weights came from (RECIPES): im2txt's SGD 0.0005 on a pretrained Inception; Adam 1e-3 on a
+  random-init one, which has to learn from scratch. Gradient clipping per optimiser.
 * Augmentation: random crops and brightness/contrast jitter only; no hue or saturation changes
   (colours are content) and no horizontal flips unless `--flip` (they falsify "left"/"right").
+* The best pair (lowest validation loss, the stage-1 pair included) is what the run directory keeps.
 """
 from __future__ import annotations
 
@@ -47,18 +48,37 @@ class FinetuneConfig:
     max_steps: int = 0               # stop after this many steps in all (0: run all epochs)
     batch_size: int = 32             # images per step
     captions_per_image: int = 5      # captions of each image in a step (decoder batch = images x this)
-    lr: float = 2e-4                 # decoder learning rate (Adam)
-    cnn_lr: float = 5e-4             # Inception learning rate (im2txt: 0.0005 with SGD)
-    cnn_optimizer: str = "sgd"       # "sgd" (steps follow the gradient; im2txt) or "adam"
-    bn: str = "frozen"               # BatchNorm in inference mode ("frozen") or training mode ("train")
+    lr: float = 0.0                  # decoder learning rate (Adam); 0: the recipe's (RECIPES)
+    cnn_lr: float = 0.0              # Inception learning rate; 0: the recipe's
+    cnn_optimizer: str = "auto"      # "sgd", "adam" or "auto": the recipe's
+    bn: str = "train"                # BatchNorm in training mode, calibrated ("train") or inference mode ("frozen")
     augment: bool = True             # random crop + brightness/contrast jitter
     flip: bool = False               # horizontal flips (off: they falsify "left"/"right" captions)
     clip_norm: float = 5.0           # gradient clipping by global norm, per optimiser
     mixed_precision: bool = False    # Inception in bfloat16 (GPUs); the decoder stays float32
     seed: int = 0                    # data order and augmentation
     checkpoint_every: int = 100      # steps between checkpoints (also one per epoch)
+    calibration_images: int = 256   # --bn train: training images that re-estimate BatchNorm statistics
+    recipe: str = ""                 # filled in: "pretrained" or "from_scratch" (see RECIPES)
     samples: int = 3                 # validation images whose greedy captions print each epoch
     sample_max_len: int = 30         # max tokens of those captions
+
+
+# Learning rates and optimiser by where the stage-1 encoder's weights came from (features manifest).
+RECIPES = {
+    # im2txt's second phase: SGD 0.0005 on a pretrained Inception, the decoder at a low rate
+    "pretrained": {"lr": 2e-4, "cnn_lr": 5e-4, "cnn_optimizer": "sgd"},
+    # a random-init Inception (--weights none) must learn from scratch: Adam for both (measured)
+    "from_scratch": {"lr": 1e-3, "cnn_lr": 1e-3, "cnn_optimizer": "adam"},
+}
+
+
+def resolve_recipe(cfg: "FinetuneConfig", manifest: dict) -> "FinetuneConfig":
+    """Fill the settings left at 'auto' (0 / "auto") from RECIPES; returns a new config."""
+    recipe = "from_scratch" if manifest["weights"]["source"]["kind"] == "none" else "pretrained"
+    r = RECIPES[recipe]
+    return dataclasses.replace(cfg, recipe=recipe, lr=cfg.lr or r["lr"], cnn_lr=cfg.cnn_lr or r["cnn_lr"],
+                               cnn_optimizer=r["cnn_optimizer"] if cfg.cnn_optimizer == "auto" else cfg.cnn_optimizer)
 
 
 class ImageCaptionSet:
@@ -76,6 +96,7 @@ class ImageCaptionSet:
             self.caps_of[r] = order[starts[r]:starts[r + 1]]
         self.ids, self.lengths, self.split = sp.captions, sp.lengths, split
         self.file_names = sp.file_names
+        self.truth = {r: json.loads(sp.objects[r])["objects"] for r in self.rows if sp.objects[r]}
 
     def epoch_rows(self, epoch: int, seed: int, shuffle: bool = True) -> np.ndarray:
         return self.rows[np.random.default_rng([seed, epoch]).permutation(len(self.rows))] if shuffle else self.rows
@@ -92,6 +113,47 @@ class ImageCaptionSet:
         picks = np.asarray(picks)
         t = int(self.lengths[picks].max())
         return self.ids[picks, :t], np.asarray(owner, np.int32)
+
+
+def batchnorm_layers(encoder) -> list:
+    import keras
+    return [x for x in enc.inception_of(encoder).layers if isinstance(x, keras.layers.BatchNormalization)]
+
+
+def calibrate_batchnorm(encoder, batches) -> int:
+    """Set every BatchNorm layer's moving mean/variance to the average of its batch statistics over
+    `batches` (uint8/float image batches), each computed in a training-mode forward pass, so inference
+    mode computes what training mode does. Returns the number of images used.
+
+    Needed twice with --bn train: before the first step (random-init moving statistics are 0/1, ~1000x
+    off) and before every evaluation (moving averages lag the weights as they change)."""
+    import tensorflow as tf
+    bns = batchnorm_layers(encoder)
+    saved = [(x.momentum, x.trainable) for x in bns]
+    n = 0
+    try:
+        for i, images in enumerate(batches):
+            for x in bns:                 # moving = moving * m + batch * (1 - m): a running average
+                x.momentum, x.trainable = i / (i + 1), True
+            encoder(tf.cast(images, tf.float32), training=True)
+            n += int(images.shape[0])
+    finally:
+        for x, (m, t) in zip(bns, saved):
+            x.momentum, x.trainable = m, t
+    return n
+
+
+def fit_feature_normalisation(decoder, forward, batches) -> None:
+    """Re-fit the decoder's per-dimension feature mean/std to what `forward` now produces."""
+    f = np.concatenate([forward(images).numpy() for images in batches]).astype(np.float64)
+    decoder.set_feature_stats(f.mean(0), f.std(0))
+
+
+def content_accuracy_of(caps: list[list[int]], rows, truth: dict, vocab) -> float | None:
+    """Share of images (with recorded objects) whose caption names exactly their objects."""
+    from prepare.synth import score_content
+    scored = [score_content(vocab.decode(c), truth[r])["exact"] for r, c in zip(rows, caps) if r in truth]
+    return float(np.mean(scored)) if scored else None
 
 
 def _check_stage1(run: Path, force: bool) -> tuple:
@@ -122,12 +184,14 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
     cfg = override(FinetuneConfig(), overrides or {}, "finetune config")
     if cfg.bn not in ("frozen", "train"):
         raise UserError(f"--bn {cfg.bn!r}: choose frozen or train")
+    keras.utils.set_random_seed(cfg.seed)       # dropout masks (their generator states are checkpointed)
     decoder, vocab, s1config, manifest = _check_stage1(run, force)
     captions = data / "captions.h5"
     if not captions.is_file():
         raise UserError(f"{captions}: not found; pass the --data folder the stage-1 run was trained on")
     if sha256_file(captions) != s1config["data"]["captions_sha256"]:
         raise UserError(f"{captions} is not the captions.h5 that {run} was trained on (checksum differs)")
+    cfg = resolve_recipe(cfg, manifest)
     size = int(manifest["image_size"])
     config = {"model": s1config["model"], "train": s1config["train"], "finetune": dataclasses.asdict(cfg),
               "data": s1config["data"], "stage1_run": str(run.resolve()),
@@ -180,6 +244,8 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
         state = checkpoint.load(out / "checkpoints" / "latest.h5", [decoder, encoder], [opt_dec, opt_cnn])
         log(f"resuming {out} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch']})")
     bn_train = cfg.bn == "train"
+    log(f"recipe {cfg.recipe}: decoder Adam {cfg.lr:g}, Inception {cfg.cnn_optimizer} {cfg.cnn_lr:g}, "
+        f"BatchNorm {'training mode (calibrated)' if bn_train else 'frozen'}")
 
     def augment(x, seed):                                    # x float32 [B, S, S, 3] in 0..255
         b = tf.shape(x)[0]
@@ -218,19 +284,32 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
         paths = [valset.paths[r] for r in valset.rows]
         return np.concatenate([forward(imgs).numpy() for imgs, _, _ in enc.image_dataset(paths, size, cfg.batch_size)])
 
+    def train_batches(n):                  # the first n training images, unaugmented
+        paths = [trainset.paths[r] for r in trainset.rows[:n]]
+        return (imgs for imgs, _, _ in enc.image_dataset(paths, size, cfg.batch_size))
+
     @tf.function(reduce_retracing=True)
     def eval_loss(f, ids):
         return masked_token_loss(decoder, f, ids, False)
 
-    def evaluate():
+    def evaluate(calibrate: bool = bn_train):
+        if calibrate:
+            calibrate_batchnorm(encoder, train_batches(cfg.calibration_images))
         feats = val_features()
         tot = cnt = 0.0
         for i in range(0, len(valset.rows), 64):
             ids, owner = valset.captions_for(valset.rows[i:i + 64], 1000, None)
             s_, n_ = eval_loss(feats[i:i + 64][owner], ids)
             tot, cnt = tot + float(s_), cnt + float(n_)
-        caps = greedy_decode(init, step, feats[:64], START_ID, END_ID, cfg.sample_max_len)
-        return tot / max(cnt, 1.0), feats, caps
+        caps = greedy_decode(init, step, feats, START_ID, END_ID, cfg.sample_max_len)
+        return {"val_loss": tot / max(cnt, 1.0), "distinct_captions": len({tuple(c) for c in caps}),
+                "val_content": content_accuracy_of(caps, valset.rows, valset.truth, vocab)}, caps
+
+    def describe(ev) -> str:
+        c = ev["val_content"]
+        return (f"val loss {ev['val_loss']:.3f} (perplexity {perplexity(ev['val_loss']):.2f}), "
+                f"{ev['distinct_captions']} distinct greedy captions of {len(valset.rows)} val images"
+                + ("" if c is None else f", content accuracy {100 * c:.1f}%"))
 
     def save_best(val):
         save_encoder_and_decoder(out, encoder, decoder, config)
@@ -239,12 +318,17 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
     writer = tf.summary.create_file_writer(str(out / "tb"))
     (out / "checkpoints").mkdir(exist_ok=True)
     if state["best_val"] is None:         # the starting point is the stage-1 model: measure it
-        v0, _, caps0 = evaluate()
-        state["start_val"] = v0
-        state["start_distinct"] = len({tuple(c) for c in caps0})
-        log(f"stage-1 model on images: val loss {v0:.3f} (perplexity {perplexity(v0):.2f}), "
-            f"{state['start_distinct']} distinct greedy captions of {len(caps0)} val images")
-        save_best(v0)
+        ev, _ = evaluate(calibrate=False)     # stage 1 as it was, with its own statistics
+        state["start"] = ev
+        log(f"stage-1 model on images: {describe(ev)}")
+        save_best(ev["val_loss"])
+        if bn_train:
+            n = calibrate_batchnorm(encoder, train_batches(cfg.calibration_images))
+            fit_feature_normalisation(decoder, forward, train_batches(cfg.calibration_images))
+            ev, _ = evaluate()
+            state["calibrated"] = ev
+            log(f"BatchNorm statistics and the decoder's feature normalisation re-estimated on {n} training "
+                f"images: {describe(ev)}")
     t_start, stopped = time.time(), False
     while state["epoch"] < cfg.epochs and not stopped:
         epoch = state["epoch"]
@@ -279,17 +363,16 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
         if stopped and state["batch"] < steps_per_epoch:
             checkpoint.save(out / "checkpoints" / "latest.h5", [decoder, encoder], [opt_dec, opt_cnn], state)
             log(f"stopped at --max-steps {cfg.max_steps}")
-        val, feats, caps = evaluate()
-        distinct = len({tuple(c) for c in caps})
+        ev, caps = evaluate()
+        val = ev["val_loss"]
         rec = {"epoch": epoch + 1 if not stopped else epoch + state["batch"] / steps_per_epoch,
                "step": state["step"], "train_loss": float(np.mean(state["epoch_losses"] or [np.nan])),
-               "val_loss": val, "val_perplexity": perplexity(val), "distinct_captions": distinct,
+               **ev, "val_perplexity": perplexity(val),
                "images_per_s": seen / max(time.time() - t0, 1e-9), "seconds": round(time.time() - t0, 2)}
         state["history"].append(rec)
         if not stopped:
             state["epoch"], state["batch"], state["epoch_losses"] = epoch + 1, 0, []
-        log(f"fine-tune epoch {rec['epoch']:.2f}: train loss {rec['train_loss']:.3f}, val loss {val:.3f}, "
-            f"perplexity {rec['val_perplexity']:.2f}, {distinct} distinct captions of {len(caps)} val images, "
+        log(f"fine-tune epoch {rec['epoch']:.2f}: train loss {rec['train_loss']:.3f}, {describe(ev)}, "
             f"{rec['images_per_s']:.1f} img/s")
         for r, ids in list(zip(valset.rows, caps))[:cfg.samples]:
             log(f"    {Path(valset.file_names[r]).name}: {vocab.decode(ids)!r}")
@@ -302,9 +385,9 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
         plot_history(state["history"], out / "training_curve.png")
     writer.flush()
     log(f"fine-tuned run directory {out}: best val perplexity {perplexity(state['best_val']):.2f} "
-        f"(stage 1 on images: {perplexity(state['start_val']):.2f})")
-    return {"run": str(out), "steps": state["step"], "history": state["history"], "start_val": state["start_val"],
-            "start_distinct": state["start_distinct"], "best_val": state["best_val"],
+        f"(stage 1 on images: {perplexity(state['start']['val_loss']):.2f})")
+    return {"run": str(out), "steps": state["step"], "history": state["history"], "start": state["start"],
+            "calibrated": state.get("calibrated"), "best_val": state["best_val"],
             "seconds": round(time.time() - t_start, 1)}
 
 

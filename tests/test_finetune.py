@@ -17,6 +17,17 @@ def _tree_digest(d: Path) -> dict:
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
+def _feature_mean(run: Path) -> np.ndarray:
+    """The decoder's feature normalisation mean: a stage-1 run's, or a fine-tune's latest checkpoint's."""
+    from extract import encoder as enc
+    from model import checkpoint
+    from model.train import load_run
+    dec, *_ = load_run(run)
+    if "finetune" in json.loads((run / "config.json").read_text()):
+        checkpoint.load(run / "checkpoints" / "latest.h5", [dec, enc.build_encoder("none", 75, trainable=True)[0]])
+    return dec.feat_mean.numpy()
+
+
 def _encoder_changes(stage1_run: Path, ft: Path) -> dict[str, int]:
     """How many Inception kernels / BatchNorm moving means differ between stage 1 and the fine-tune's
     latest checkpoint (also checks the decoder moved)."""
@@ -48,11 +59,16 @@ def test_finetune_changes_cnn_and_decoder_and_leaves_stage1_untouched(tiny_datas
     cfg = json.loads((ft / "config.json").read_text())
     assert cfg["encoder"]["fine_tuned"] and cfg["encoder"]["sha256"]
     assert s["steps"] == 4 and (ft / "history.json").is_file()
-    # default --bn frozen: every convolution learns, BatchNorm statistics stay as they were
-    assert _encoder_changes(tiny_run, ft) == {"kernel": 94, "moving_mean": 0}
-    # --bn train: BatchNorm moving statistics follow the batches
-    finetune(tiny_run, tiny_dataset, tmp_path / "ft-bn", overrides={**FAST, "bn": "train"}, **quiet)
-    assert _encoder_changes(tiny_run, tmp_path / "ft-bn")["moving_mean"] == 94
+    # a random-init stage-1 encoder -> the from-scratch recipe, recorded with its resolved settings
+    assert cfg["finetune"].items() >= {"recipe": "from_scratch", "cnn_optimizer": "adam", "cnn_lr": 1e-3, "bn": "train"}.items()
+    # default --bn train: every convolution learns and every BatchNorm's statistics are re-estimated;
+    # the decoder's feature normalisation is re-fitted to the calibrated encoder
+    assert _encoder_changes(tiny_run, ft) == {"kernel": 94, "moving_mean": 94}
+    assert not np.allclose(_feature_mean(ft), _feature_mean(tiny_run))
+    # --bn frozen: BatchNorm statistics and the normalisation stay as they were
+    finetune(tiny_run, tiny_dataset, tmp_path / "ft-frozen", overrides={**FAST, "bn": "frozen"}, **quiet)
+    assert _encoder_changes(tiny_run, tmp_path / "ft-frozen") == {"kernel": 94, "moving_mean": 0}
+    np.testing.assert_array_equal(_feature_mean(tmp_path / "ft-frozen"), _feature_mean(tiny_run))
     assert _tree_digest(tiny_run) == before
 
 
@@ -63,8 +79,8 @@ def test_finetune_does_not_collapse_and_infer_uses_the_finetuned_encoder(tiny_da
     s = finetune(tiny_run, tiny_dataset, tmp_path / "ft", overrides={**FAST, "max_steps": 12}, **quiet)
     last = s["history"][-1]
     # no collapse: validation loss stays near the stage-1 model's, captions stay varied
-    assert last["val_loss"] < 1.15 * s["start_val"]
-    assert last["distinct_captions"] >= max(2, s["start_distinct"] // 2)
+    assert last["val_loss"] < 1.15 * s["start"]["val_loss"]
+    assert last["distinct_captions"] >= max(2, s["start"]["distinct_captions"] // 2)
     ft = tmp_path / "ft"
     cap = Captioner(ft)
     assert cap.encoder_sha256() == json.loads((ft / "config.json").read_text())["encoder"]["sha256"]
@@ -100,7 +116,11 @@ F.finetune({str(tiny_run)!r}, {str(tiny_dataset)!r}, {str(tmp_path / 'ft')!r}, o
     res = finetune(tiny_run, tiny_dataset, tmp_path / "ft", overrides=kw, progress=False, log=lines.append)
     assert any(x.startswith("resuming") and "step 4" in x for x in lines)
     assert res["steps"] == ref["steps"] == 6
-    assert res["history"][-1]["val_loss"] == pytest.approx(ref["history"][-1]["val_loss"], rel=1e-3)
+    # CPU float reductions are not bit-reproducible here and Adam magnifies that: two uninterrupted
+    # runs of this recipe differ by up to ~0.7% after 6 steps (measured), while the 6 steps move
+    # the loss by several times that
+    assert res["history"][-1]["val_loss"] == pytest.approx(ref["history"][-1]["val_loss"], rel=1e-2)
+    assert abs(ref["history"][-1]["val_loss"] - ref["calibrated"]["val_loss"]) > 0.02 * ref["calibrated"]["val_loss"]
 
 
 def test_untrained_decoder_and_wrong_encoder_are_refused(tiny_dataset, tiny_run, tmp_path):
@@ -116,3 +136,26 @@ def test_untrained_decoder_and_wrong_encoder_are_refused(tiny_dataset, tiny_run,
         finetune(tmp_path / "run2", tiny_dataset, tmp_path / "o2", overrides=FAST, **quiet)
     with pytest.raises(UserError, match="must differ from --run"):
         finetune(tiny_run, tiny_dataset, tiny_run, overrides=FAST, **quiet)
+
+
+def test_calibrated_batchnorm_makes_inference_mode_compute_training_mode():
+    from extract import encoder as enc
+    from model.finetune import batchnorm_layers, calibrate_batchnorm
+    model, _ = enc.build_encoder("none", 75, trainable=True)
+    rng = np.random.default_rng(0)
+    x1, x2 = (rng.integers(0, 256, (8, 75, 75, 3)).astype(np.float32) for _ in range(2))
+    before = model(x1, training=False).numpy()
+    trained = model(x1, training=True).numpy()
+    # random-init moving statistics (0/1) are far from the batches': features ~1000x smaller
+    assert np.std(trained) > 100 * np.std(before)
+    bns = batchnorm_layers(model)
+    assert len(bns) == 94
+    assert calibrate_batchnorm(model, [x1]) == 8
+    np.testing.assert_allclose(model(x1, training=False).numpy(), trained, rtol=1e-3, atol=1e-4 * np.abs(trained).max())
+    assert all(b.momentum == 0.99 and b.trainable for b in bns)      # settings restored
+    # several batches: the running average of their statistics (exact for the first layer)
+    firsts = []
+    for batches in ([x1], [x2], [x1, x2]):
+        calibrate_batchnorm(model, batches)
+        firsts.append(bns[0].moving_mean.numpy().copy())
+    np.testing.assert_allclose(firsts[2], (firsts[0] + firsts[1]) / 2, rtol=1e-5, atol=1e-7)
