@@ -1,4 +1,4 @@
-"""python -m model train ...   (finetune: see `python -m model finetune --help` once available)"""
+"""python -m model train | finetune | bench  (each has --help)"""
 from __future__ import annotations
 
 import argparse

@@ -95,7 +95,9 @@ def test_finetune_resumes_after_a_kill(tiny_dataset, tiny_run, tmp_path):
     import subprocess
     import sys
     root = Path(__file__).resolve().parents[1]
-    kw = {**FAST, "max_steps": 6, "augment": False}
+    # BatchNorm in training mode (calibration on resume included) with SGD on Inception: Adam on a
+    # random-init CNN magnifies CPU float-reduction noise (two uninterrupted runs differed by 1.6%)
+    kw = {**FAST, "max_steps": 6, "augment": False, "bn": "train", "cnn_optimizer": "sgd", "cnn_lr": 5e-3}
     ref = finetune(tiny_run, tiny_dataset, tmp_path / "ref", overrides=kw, **quiet)
     code = f"""
 import os, signal, sys
@@ -116,11 +118,8 @@ F.finetune({str(tiny_run)!r}, {str(tiny_dataset)!r}, {str(tmp_path / 'ft')!r}, o
     res = finetune(tiny_run, tiny_dataset, tmp_path / "ft", overrides=kw, progress=False, log=lines.append)
     assert any(x.startswith("resuming") and "step 4" in x for x in lines)
     assert res["steps"] == ref["steps"] == 6
-    # CPU float reductions are not bit-reproducible here and Adam magnifies that: two uninterrupted
-    # runs of this recipe differ by up to ~0.7% after 6 steps (measured), while the 6 steps move
-    # the loss by several times that
-    assert res["history"][-1]["val_loss"] == pytest.approx(ref["history"][-1]["val_loss"], rel=1e-2)
-    assert abs(ref["history"][-1]["val_loss"] - ref["calibrated"]["val_loss"]) > 0.02 * ref["calibrated"]["val_loss"]
+    assert res["history"][-1]["val_loss"] == pytest.approx(ref["history"][-1]["val_loss"], rel=1e-3)
+    assert abs(ref["history"][-1]["val_loss"] - ref["calibrated"]["val_loss"]) > 0.01 * ref["calibrated"]["val_loss"]
 
 
 def test_untrained_decoder_and_wrong_encoder_are_refused(tiny_dataset, tiny_run, tmp_path):
