@@ -1,23 +1,45 @@
-# Sourced by demo.sh and test.sh: create or reuse .venv and install requirements.txt into it.
-# Re-installs only when requirements.txt changed (a stamp file holds its checksum).
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PY="${PYTHON:-python3}"
-VENV="$ROOT/.venv"
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "setting up $VENV (first run: about a minute)"
-  "$PY" -m venv "$VENV"
+# Source it (`source env.sh`, from any folder): creates or reuses .venv in this repository,
+# installs requirements.txt into it (again only when requirements.txt changed: a stamp file holds
+# its checksum), and exports PATH, VIRTUAL_ENV, PYTHONPATH and TF_CPP_MIN_LOG_LEVEL.
+#
+# Sourcing changes nothing else in your shell: no `set` options, no `cd`, no other variables.
+# On failure it prints why and returns 1. Scripts (demo.sh, test.sh) set their own
+# `set -euo pipefail` and `cd`.
+if ! (return 0 2>/dev/null); then
+  echo "error: env.sh must be sourced, not run: source ${BASH_SOURCE[0]}" >&2
+  exit 1
 fi
-want="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
-if [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null || true)" != "$want" ]; then
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "is ignored" || true
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements.txt" 2>&1 \
-    | grep -v "is ignored: it is neither" || true
-  "$VENV/bin/python" -c "import tensorflow, keras, h5py, PIL, tqdm, matplotlib" \
-    || { echo "error: installing requirements.txt into $VENV failed (see above)"; exit 1; }
-  echo "$want" > "$VENV/.requirements.sha256"
+
+_show_and_tell_env() {
+  local root py venv want
+  root="$(cd -P -- "$(dirname -- "${BASH_SOURCE[0]}")" >/dev/null && pwd)" \
+    || { echo "error: env.sh: cannot find the repository folder" >&2; return 1; }
+  py="${PYTHON:-python3}"
+  venv="$root/.venv"
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "setting up $venv (first run: about a minute)"
+    "$py" -m venv "$venv" \
+      || { echo "error: '$py -m venv $venv' failed (see above); set PYTHON to a Python 3.11+" >&2; return 1; }
+  fi
+  want="$(sha256sum "$root/requirements.txt" | cut -d' ' -f1)" \
+    || { echo "error: cannot read $root/requirements.txt" >&2; return 1; }
+  if [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "is ignored"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$root/requirements.txt" 2>&1 \
+      | grep -v "is ignored: it is neither"
+    "$venv/bin/python" -c "import tensorflow, keras, h5py, PIL, tqdm, matplotlib" \
+      || { echo "error: installing requirements.txt into $venv failed (see above)" >&2; return 1; }
+    echo "$want" > "$venv/.requirements.sha256"
+  fi
+  case ":$PATH:" in *":$venv/bin:"*) ;; *) export PATH="$venv/bin:$PATH" ;; esac
+  export VIRTUAL_ENV="$venv"
+  export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+  case ":${PYTHONPATH:-}:" in *":$root:"*) ;; *) export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" ;; esac
+}
+
+if _show_and_tell_env; then
+  unset -f _show_and_tell_env
+else
+  unset -f _show_and_tell_env
+  return 1
 fi
-export PATH="$VENV/bin:$PATH"
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-cd "$ROOT"

@@ -1,4 +1,7 @@
+import hashlib
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -280,3 +283,53 @@ def test_content_scoring_reads_claims():
     assert synth.score_content("a small red circle and a blue star", truth)["size"] is False
     assert synth.score_content("a red circle", truth)["exact"] is False
     assert synth.score_content("two shapes : a red square and a blue star", truth)["shape"] is False
+
+
+# ---- env.sh -----------------------------------------------------------------------------
+def _fake_repo(tmp_path, with_venv=True):
+    """A copy of env.sh beside a requirements.txt; with_venv: a ready .venv (nothing to install)."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copy(ROOT / "env.sh", root / "env.sh")
+    (root / "requirements.txt").write_text("numpy\n")
+    if with_venv:
+        (root / ".venv" / "bin").mkdir(parents=True)
+        (root / ".venv" / "bin" / "python").symlink_to(sys.executable)
+        (root / ".venv" / ".requirements.sha256").write_text(hashlib.sha256(b"numpy\n").hexdigest() + "\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    return root, elsewhere
+
+
+def _source(root, elsewhere, pre="set +e", env=None):
+    """Source env.sh from another folder in a shell with `pre` options; report what changed."""
+    script = (f"{pre}; before_o=$(set +o); before_f=$(declare -F); before_v=$(compgen -v | sort); "
+              f"source {root}/env.sh; echo \"rc=$?\"; "
+              "[ \"$(set +o)\" = \"$before_o\" ] && echo options-unchanged; "
+              "[ \"$(declare -F)\" = \"$before_f\" ] && echo functions-unchanged; "
+              "echo \"new-vars=$(comm -13 <(echo \"$before_v\") <(compgen -v | sort | grep -vx before_v) | tr '\\n' ' ')\"; "
+              "echo \"pwd=$(pwd)\"; echo \"venv=${VIRTUAL_ENV:-}\"; echo \"path=$PATH\"; false; echo alive")
+    base = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "TF_CPP_MIN_LOG_LEVEL")}
+    r = subprocess.run(["bash", "-c", script], cwd=elsewhere, capture_output=True, text=True,
+                       env=base | (env or {}), timeout=60)
+    return r, dict(ln.split("=", 1) for ln in r.stdout.splitlines() if "=" in ln), r.stdout.splitlines()
+
+
+@pytest.mark.parametrize("pre", ["set +e", "set -euo pipefail"])
+def test_sourcing_env_sh_changes_only_environment_variables(tmp_path, pre):
+    root, elsewhere = _fake_repo(tmp_path)
+    r, kv, lines = _source(root, elsewhere, pre)
+    assert kv["rc"] == "0", r.stderr
+    assert "options-unchanged" in lines and "functions-unchanged" in lines
+    assert set(kv["new-vars"].split()) <= {"PATH", "VIRTUAL_ENV", "PYTHONPATH", "TF_CPP_MIN_LOG_LEVEL"}
+    assert kv["pwd"] == str(elsewhere)          # no cd
+    assert ("alive" in lines) == (pre == "set +e")   # `false` ends the shell only where the caller said so
+    assert kv["venv"] == str(root / ".venv") and kv["path"].startswith(f"{root / '.venv' / 'bin'}:")
+
+
+def test_sourcing_env_sh_returns_1_with_a_message_when_set_up_fails(tmp_path):
+    root, elsewhere = _fake_repo(tmp_path, with_venv=False)
+    r, kv, lines = _source(root, elsewhere, env={"PYTHON": "false"})
+    assert kv["rc"] == "1" and "error:" in r.stderr and "PYTHON" in r.stderr
+    assert "options-unchanged" in lines and "alive" in lines and kv["pwd"] == str(elsewhere)
+    assert kv["venv"] == ""                     # nothing exported on failure
