@@ -12,7 +12,7 @@ def _synth(a) -> None:
     from prepare import synth
     t0 = time.time()
     counts = {"train": a.train, "val": a.val, "test": a.test}
-    out = synth.generate(a.out, counts, size=a.size, seed=a.seed, progress=not a.quiet)
+    out = synth.generate(a.out, counts, size=a.size, seed=a.seed, progress=not a.quiet, overwrite=a.overwrite)
     n = sum(counts.values())
     dt = time.time() - t0
     print(f"wrote {n} images ({', '.join(f'{k} {v}' for k, v in counts.items())}) and "
@@ -58,8 +58,9 @@ def main(argv=None) -> int:
     s.add_argument("--train", type=int, default=3000, help="training images (default 3000)")
     s.add_argument("--val", type=int, default=300, help="validation images (default 300)")
     s.add_argument("--test", type=int, default=300, help="test images (default 300)")
-    s.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, default=128, help="image side in pixels, 64-4096 (default 128)")
+    s.add_argument("--seed", type=int, default=0, help="non-negative; the dataset is a function of counts, size and seed")
+    s.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     c = sub.add_parser("captions", help="caption JSON -> captions.h5 (vocabulary, padded ids, splits)")
     c.add_argument("--dataset", help="a folder with annotations/captions_<split>.json and images/<split>/")

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from prepare import captions_h5, coco
-from prepare.util import UserError, sha256_file
-from prepare.vocabulary import Vocabulary
+from prepare.util import UserError, check_range, sha256_file
+from prepare.vocabulary import SPECIALS, Vocabulary
+
+MAX_LEN = 1000   # tokens per caption; COCO's longest is ~60
 
 
 def prepare_captions(out: str | os.PathLike, *, pairs: list[tuple[str, str, str]] | None = None,
@@ -22,10 +24,18 @@ def prepare_captions(out: str | os.PathLike, *, pairs: list[tuple[str, str, str]
     Returns the summary it prints: per split counts, skips by reason, vocabulary stats.
     """
     out = Path(out)
+    check_range("--max-len", max_len, 3, MAX_LEN, "tokens per caption incl. <start> and <end>")
+    if vocab_size is not None:
+        check_range("--vocab-size", vocab_size, len(SPECIALS) + 1, None,
+                    f"it counts the {len(SPECIALS)} special tokens, so at least one word needs {len(SPECIALS) + 1}")
+    check_range("--min-count", min_count, 1)
+    check_range("--val-fraction", val_fraction, 0.0, 0.5)
+    check_range("--test-fraction", test_fraction, 0.0, 0.5)
+    check_range("--seed", seed, 0)
+    if out.is_dir():
+        raise UserError(f"{out} is a folder; --out names the captions file to write (e.g. {out / 'captions.h5'})")
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    if max_len < 3:
-        raise UserError("--max-len must be at least 3 (<start>, a word, <end>)")
     skipped: Counter = Counter()
     checksums: dict[str, str] = {}
     records: dict[str, list] = {}

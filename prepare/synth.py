@@ -14,6 +14,7 @@ Coordinates: x grows to the right, y grows downwards; (cx, cy, r) in pixels.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
@@ -229,6 +230,17 @@ def score_content(text: str, truth: list[dict]) -> dict[str, bool | None]:
     return res
 
 
+def content_accuracy(captions: dict[int, str], truth: dict[int, list[dict]]) -> dict[str, float]:
+    """Share of images whose caption names exactly the true objects (and only true relations),
+    and per-attribute accuracies over the images where the caption makes that claim."""
+    tallies = defaultdict(list)
+    for iid, text in captions.items():
+        for k, v in score_content(text, truth[iid]).items():
+            if v is not None:
+                tallies[k].append(bool(v))
+    return {k: float(np.mean(v)) for k, v in tallies.items()} | {"images": len(captions)}
+
+
 # ---- the dataset ------------------------------------------------------------------------
 def _make_image(args) -> dict:
     out_dir, split_index, split, image_id, side, seed = args
@@ -242,15 +254,51 @@ def _make_image(args) -> dict:
             "captions": pick_captions(scene, side, rng)}
 
 
+MIN_SIZE, MAX_SIZE = 64, 4096    # below 64 px a small shape is a few pixels; above 4096 a JPEG is ~50 MB
+MAX_IMAGES = 10_000_000
+
+
+def check_args(out: str | os.PathLike, counts: dict[str, int], size: int, seed: int, overwrite: bool) -> None:
+    """UserError (naming the flag) for anything generate() would refuse; writes nothing."""
+    from prepare.util import UserError, check_range
+    check_range("--size", size, MIN_SIZE, MAX_SIZE, "the side of each square image in pixels")
+    check_range("--seed", seed, 0)
+    for split in SPLITS:
+        check_range(f"--{split}", counts.get(split, 0), 1 if split == "train" else 0, MAX_IMAGES)
+    unknown = sorted(set(counts) - set(SPLITS))
+    if unknown:
+        raise UserError(f"unknown split(s) {', '.join(unknown)}; the dataset has {', '.join(SPLITS)}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace the dataset in it")
+
+
 def generate(out: str | os.PathLike, counts: dict[str, int], size: int = 128, seed: int = 0,
-             workers: int | None = None, progress: bool = True) -> dict[str, int]:
-    """Write the dataset; deterministic for (counts, size, seed). Returns captions per split."""
+             workers: int | None = None, progress: bool = True, overwrite: bool = False,
+             log=print) -> dict[str, int]:
+    """Write the dataset; deterministic for (counts, size, seed). Returns captions per split.
+
+    A non-empty `out` is refused unless `overwrite`; then the dataset's own files in it
+    (images/<split>/, annotations/captions_<split>.json) are removed first, so no stale
+    split or image is left behind. Anything else in the folder is kept (and named).
+    """
+    import shutil
+
     from tqdm import tqdm
 
     from prepare.util import write_json_atomic
-    if size < 64:
-        raise ValueError("--size must be at least 64 pixels")
+    check_args(out, counts, size, seed, overwrite)
     out = Path(out)
+    if out.is_dir() and overwrite:
+        for split in SPLITS:
+            (out / "annotations" / f"captions_{split}.json").unlink(missing_ok=True)
+            shutil.rmtree(out / "images" / split, ignore_errors=True)
+        derived = [p for p in (out / "captions.h5", out / "features") if p.exists()]
+        if derived:
+            log(f"warning: {' and '.join(map(str, derived))} were made from the replaced dataset; "
+                "re-make them (prepare captions --overwrite, extract --force)")
     next_id, next_ann, summary = 1, 1, {}
     workers = workers or os.cpu_count() or 1
     with ProcessPoolExecutor(max_workers=workers) as pool:

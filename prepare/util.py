@@ -31,6 +31,18 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     raise SystemExit(code or 0)
 
 
+def check_range(flag: str, value, lo=None, hi=None, why: str = "") -> None:
+    """UserError naming the flag and its valid range unless lo <= value <= hi (None: unbounded).
+
+    check_range("--top", 0, 1) -> "--top must be at least 1 (got 0)".
+    """
+    if (lo is None or value >= lo) and (hi is None or value <= hi):
+        return
+    rng = (f"between {lo} and {hi}" if lo is not None and hi is not None else
+           f"at least {lo}" if lo is not None else f"at most {hi}")
+    raise UserError(f"{flag} must be {rng} (got {value}){f'; {why}' if why else ''}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
@@ -69,3 +81,54 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+# ---- one writer per output folder ---------------------------------------------------------
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive_lock(folder: str | os.PathLike, flag: str = "--out") -> Iterator[Path]:
+    """Hold an exclusive lock on `folder` (created if missing) while the block runs.
+
+    A second process asking for the same folder is refused at once with a message naming the
+    holder (pid, command, start time). The lock is the OS's (flock), so a killed holder releases
+    it: a stale `.lock` file never blocks a re-run.
+    """
+    import fcntl
+    import socket
+    import time
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown process"
+        os.close(fd)
+        raise UserError(f"{folder} is in use by another process ({holder}); wait for it to finish "
+                        f"or choose another {flag}") from None
+    me = (f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)[:200]}, "
+          f"since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, me.encode("utf-8", "replace"), 0)
+    try:
+        yield folder
+    finally:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def is_empty_folder(folder: str | os.PathLike) -> bool:
+    """True when `folder` is missing or holds nothing but a lock file and leftover temp files."""
+    folder = Path(folder)
+    return not folder.exists() or all(p.name == LOCK_FILE or p.name.startswith(".tmp-") for p in folder.iterdir())
+
+
+def fault_point(label: str) -> None:
+    """Test hook: die here like kill -9 when $SHOWTELL_FAULT names this point (used by the
+    kill-and-resume tests to stop a process between two steps of a save)."""
+    if os.environ.get("SHOWTELL_FAULT") == label:
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -236,6 +237,73 @@ def test_synth_coco_format_and_five_different_captions(tiny_dataset):
         caps = [a["caption"] for a in doc["annotations"] if a["image_id"] == im["id"]]
         assert len(set(caps)) == 5
     assert len({" ".join(tokenize(a["caption"])[:2]) for a in doc["annotations"]}) >= 5  # varied openings
+
+
+
+def _cli(*args, cwd=ROOT):
+    env = os.environ | {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "prepare", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def _one_line_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def test_synth_cli_refuses_an_existing_dataset_without_overwrite(tmp_path):
+    d = tmp_path / "data"
+    r = _cli("synth", "--out", d, "--train", 3, "--val", 2, "--test", 0, "--size", 64, "--quiet")
+    assert r.returncode == 0, r.stderr
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    assert d / "annotations/captions_val.json" in before
+    _one_line_error(_cli("synth", "--out", d, "--train", 2, "--val", 0, "--test", 0, "--size", 64, "--quiet"),
+                    str(d), "--overwrite")
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before      # nothing touched
+    with pytest.raises(UserError, match="already exists.*--overwrite"):
+        synth.generate(d, {"train": 2}, size=64, progress=False)
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+    # --overwrite replaces the dataset: no stale split or image is left behind
+    r = _cli("synth", "--out", d, "--train", 2, "--val", 0, "--test", 0, "--size", 64, "--quiet", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()) == \
+        ["annotations/captions_train.json", "images/train/train_000001.jpg", "images/train/train_000002.jpg"]
+    # an empty existing folder is fine
+    (tmp_path / "empty").mkdir()
+    synth.generate(tmp_path / "empty", {"train": 1}, size=64, progress=False, workers=1)
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--size", "10"], "--size"), (["--size", "100000"], "--size"), (["--train", "-5"], "--train"),
+    (["--train", "0"], "--train"), (["--val", "-1"], "--val"), (["--seed", "-1"], "--seed")])
+def test_synth_cli_checks_flags_before_writing_anything(tmp_path, args, flag):
+    line = _one_line_error(_cli("synth", "--out", tmp_path / "d", "--train", 2, "--val", 0, "--test", 0,
+                                "--size", 64, "--quiet", *args), flag)
+    assert re.search(r"must be (at least|between) ", line)
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--vocab-size", "2"], "--vocab-size"), (["--max-len", "0"], "--max-len"), (["--max-len", "2"], "--max-len"),
+    (["--max-len", "1000000000"], "--max-len"), (["--min-count", "0"], "--min-count"),
+    (["--test-fraction", "1.5"], "--test-fraction"), (["--val-fraction", "-0.1"], "--val-fraction"),
+    (["--seed", "-3"], "--seed")])
+def test_captions_cli_checks_flags_before_writing_anything(tiny_dataset, tmp_path, args, flag):
+    line = _one_line_error(_cli("captions", "--dataset", tiny_dataset, "--out", tmp_path / "o" / "c.h5", *args), flag)
+    assert re.search(r"must be (at least|between) ", line)
+    assert not (tmp_path / "o").exists()
+
+
+def test_captions_cli_writes_a_readable_file(tiny_dataset, tmp_path):
+    r = _cli("captions", "--dataset", tiny_dataset, "--out", tmp_path / "c.h5", "--max-len", 28, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {tmp_path / 'c.h5'}" in r.stdout and re.search(r"train: 48 images, 240 captions", r.stdout)
+    assert captions_h5.split_names(tmp_path / "c.h5") == ["train", "val", "test"]
+    assert captions_h5.read_vocab(tmp_path / "c.h5").words == captions_h5.read_vocab(tiny_dataset / "captions.h5").words
 
 
 def _nearest_colour(rgb) -> str:
