@@ -5,11 +5,14 @@ Layout (N captions, M images, L = max_len):
     /<split>/lengths      int32 [N]     tokens including <start> and <end>
     /<split>/image_index  int32 [N]     row of the caption's image in /<split>/image_ids
     /<split>/image_ids    int64 [M]
-    /<split>/file_names   utf-8 [M]     relative to the directory of this file, or absolute
+    /<split>/file_names   utf-8 [M]     relative to the images root: the directory of this file, or
+                                        attrs["images_root"] when the images are not under it
+                                        (never absolute, never with `..`: readers refuse those)
     /<split>/objects      utf-8 [M]     ground truth JSON per image ("" when unknown)
     /<split>/texts        utf-8 [N]     the original caption text (references for evaluation)
     /vocab/words          utf-8 [V]     id order; /vocab/counts int64 [V]
-    attrs: config (JSON), checksums (JSON: input file -> sha256), format_version
+    attrs: config (JSON), checksums (JSON: input file -> sha256), format_version,
+           images_root (absolute folder; only when the images are not under this file's folder)
 
 Example: L=6, caption "a red star" -> [<start>, a, red, star, <end>, <pad>], length 5.
 """
@@ -23,18 +26,27 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from prepare.util import UserError, atomic_path
+from prepare.util import UserError, atomic_path, inside
 from prepare.vocabulary import Vocabulary
 
 FORMAT_VERSION = 1
 _STR = h5py.string_dtype("utf-8")
 
 
-def _rel(path: Path, base: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(base.resolve()))
-    except ValueError:
-        return str(path.resolve())
+def _rel(path: Path, base: str) -> str | None:
+    """path relative to base (both absolute, normalised, symlinks not followed), None if outside."""
+    rel = os.path.relpath(os.path.normpath(os.path.abspath(path)), base)
+    return None if rel == os.curdir or rel.split(os.sep)[0] == os.pardir else rel
+
+
+def images_root_for(path: str | os.PathLike, file_paths) -> str | None:
+    """None when every image is under the folder of `path` (file names relative to it), else the
+    deepest folder holding them all (file names relative to it, recorded as attrs images_root)."""
+    base = os.path.normpath(os.path.abspath(Path(path).parent))
+    files = [os.path.normpath(os.path.abspath(p)) for p in file_paths]
+    if all(_rel(p, base) is not None for p in files):
+        return None
+    return os.path.commonpath([os.path.dirname(p) for p in files])
 
 
 def write(path: str | os.PathLike, splits: dict, vocab: Vocabulary, max_len: int,
@@ -42,9 +54,13 @@ def write(path: str | os.PathLike, splits: dict, vocab: Vocabulary, max_len: int
     """Encode and write atomically. Returns per split stats (unk and truncation counts)."""
     path = Path(path)
     stats = {}
+    root = images_root_for(path, [p for sd in splits.values() for p in sd.file_paths])
+    base = root or os.path.normpath(os.path.abspath(path.parent))
     with atomic_path(path, overwrite=overwrite) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format_version"] = FORMAT_VERSION
+            if root:
+                f.attrs["images_root"] = root
             f.attrs["config"] = json.dumps(config)
             f.attrs["checksums"] = json.dumps(checksums)
             g = f.create_group("vocab")
@@ -69,7 +85,7 @@ def write(path: str | os.PathLike, splits: dict, vocab: Vocabulary, max_len: int
                 s.create_dataset("image_index", data=np.asarray(sd.image_index, np.int32))
                 s.create_dataset("image_ids", data=np.asarray(sd.image_ids, np.int64))
                 s.create_dataset("file_names", dtype=_STR,
-                                 data=np.array([_rel(p, path.parent) for p in sd.file_paths], dtype=object))
+                                 data=np.array([_rel(p, base) for p in sd.file_paths], dtype=object))
                 s.create_dataset("objects", dtype=_STR, data=np.array(sd.objects, dtype=object))
                 s.create_dataset("texts", dtype=_STR, data=np.array(sd.raw, dtype=object))
                 stats[name] = {"images": len(sd.image_ids), "captions": n,
@@ -87,9 +103,20 @@ class Split:
     file_names: list[str]     # [M]
     objects: list[str]        # [M] JSON or ""
     texts: list[str]          # [N] original caption text
+    source: str = ""          # "<captions.h5>:/<split>", for messages
 
     def image_paths(self, root: str | os.PathLike) -> list[Path]:
-        return [Path(root) / f for f in self.file_names]
+        """root/<file name> for every image; a name that would leave root (absolute, `..`: a file
+        not written by prepare, or tampered with) is a UserError, never a path outside root."""
+        out = []
+        for i, f in enumerate(self.file_names):
+            p = inside(root, f)
+            if p is None:
+                raise UserError(f"{self.source or 'captions.h5'}/file_names[{i}] is {f!r}, which is not a path "
+                                f"inside the images folder {root}; the file was not written by `python -m prepare "
+                                "captions` or was modified: re-create it with `python -m prepare captions --overwrite`")
+            out.append(p)
+        return out
 
 
 def read_vocab(path: str | os.PathLike) -> Vocabulary:
@@ -112,13 +139,20 @@ def read_split(path: str | os.PathLike, split: str) -> Split:
         g = f[split]
         dec = lambda a: [x.decode() if isinstance(x, bytes) else x for x in a]  # noqa: E731
         return Split(g["captions"][()], g["lengths"][()], g["image_index"][()], g["image_ids"][()],
-                     dec(g["file_names"][()]), dec(g["objects"][()]), dec(g["texts"][()]))
+                     dec(g["file_names"][()]), dec(g["objects"][()]), dec(g["texts"][()]), f"{path}:/{split}")
 
 
 def read_attrs(path: str | os.PathLike) -> dict:
     with _open(path) as f:
         return {"config": json.loads(f.attrs["config"]), "checksums": json.loads(f.attrs["checksums"]),
-                "format_version": int(f.attrs["format_version"])}
+                "format_version": int(f.attrs["format_version"]), "images_root": images_root(path)}
+
+
+def images_root(path: str | os.PathLike) -> Path:
+    """The folder the file names of `path` are relative to: attrs images_root, else its folder."""
+    with _open(path) as f:
+        root = f.attrs.get("images_root")
+    return Path(root.decode() if isinstance(root, bytes) else root) if root else Path(path).parent
 
 
 def _open(path):

@@ -6,7 +6,8 @@ What happens to bad input (also in the README):
       different file names, an image id present in two splits.
   skipped and counted: captions whose image id is unknown, empty or white-space-only
       captions, repeated annotation ids (first kept), images without captions, images
-      whose file does not exist.
+      whose file does not exist, images whose file name is absolute or leaves its images
+      folder (`/etc/passwd`, `../x.jpg`, any `..` component): never opened.
   kept and counted: captions with non-ASCII text (accents are folded, see vocabulary.py).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prepare.util import UserError
+from prepare.util import UserError, inside
 from prepare.vocabulary import tokenize
 
 
@@ -27,7 +28,7 @@ from prepare.vocabulary import tokenize
 class SplitData:
     """One split: images in a fixed order and each caption's tokens and image row."""
     image_ids: list[int] = field(default_factory=list)
-    file_paths: list[Path] = field(default_factory=list)          # absolute
+    file_paths: list[Path] = field(default_factory=list)          # absolute, inside their images folder
     objects: list[str] = field(default_factory=list)              # JSON per image, "" if none
     captions: list[list[str]] = field(default_factory=list)       # tokenized
     raw: list[str] = field(default_factory=list)                  # original caption text
@@ -58,6 +59,14 @@ def _need(entry, key: str, typ, where: str):
     if typ is int and isinstance(v, bool) or not isinstance(v, typ):
         raise UserError(f"{where}: key '{key}' should be {typ.__name__}, got {type(v).__name__} {v!r:.40}")
     return v
+
+
+OUTSIDE = "image file name outside its images folder (absolute or '..')"
+
+
+def _skip_outside(skipped: Counter, n_captions: int) -> None:
+    skipped[OUTSIDE] += 1
+    skipped["captions of images outside their folder"] += n_captions
 
 
 def load_coco(ann_path: str | os.PathLike, images_dir: str | os.PathLike,
@@ -108,12 +117,15 @@ def load_coco(ann_path: str | os.PathLike, images_dir: str | os.PathLike,
         if not caps.get(iid):
             skipped["image without captions"] += 1
             continue
-        path = images_dir / fname
+        path = inside(images_dir, fname)
+        if path is None:
+            _skip_outside(skipped, len(caps[iid]))
+            continue
         if not path.is_file():
             skipped["image file missing"] += 1
             skipped["captions of missing images"] += len(caps[iid])
             continue
-        out.append((iid, path.resolve(), objs, caps[iid]))
+        out.append((iid, path, objs, caps[iid]))
     return out
 
 
@@ -143,12 +155,16 @@ def load_karpathy(path: str | os.PathLike, images_root: str | os.PathLike,
         if not texts_ok:
             skipped["image without captions"] += 1
             continue
-        p = root / im.get("filepath", "") / fname
+        sub = im.get("filepath", "")
+        p = inside(root, os.path.join(sub, fname)) if isinstance(sub, str) and not os.path.isabs(sub) else None
+        if p is None:
+            _skip_outside(skipped, len(texts_ok))
+            continue
         if not p.is_file():
             skipped["image file missing"] += 1
             skipped["captions of missing images"] += len(texts_ok)
             continue
-        splits["train" if split == "restval" else split].append((iid, p.resolve(), "", texts_ok))
+        splits["train" if split == "restval" else split].append((iid, p, "", texts_ok))
     return dict(splits)
 
 

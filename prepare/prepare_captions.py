@@ -71,9 +71,13 @@ def prepare_captions(out: str | os.PathLike, *, pairs: list[tuple[str, str, str]
               "val_fraction": val_fraction, "test_fraction": test_fraction,
               "carved": sorted(carve), "sources": [list(p) for p in pairs or []], "karpathy": karpathy}
     stats = captions_h5.write(out, splits, vocab, max_len, config, checksums, overwrite=overwrite)
+    root = captions_h5.images_root(out)
     summary = {"output": str(out), "vocabulary": len(vocab), "splits": {}, "skipped": dict(skipped),
-               "notes": dict(info)}
+               "notes": dict(info), "images_root": str(root)}
     log(f"wrote {out}")
+    if root != out.parent:
+        log(f"  the images are not under {out.parent}: file names are relative to {root} "
+            f"(pass --images-root {root} to extract)")
     log(f"  vocabulary: {len(vocab)} words (incl. 4 special tokens) from "
         f"{len(splits['train'].captions)} training captions")
     for name, s in stats.items():

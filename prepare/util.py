@@ -31,6 +31,21 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     raise SystemExit(code or 0)
 
 
+def inside(folder: str | os.PathLike, name: str) -> Path | None:
+    """folder/name if `name` (read from a user's file) is a relative path that stays inside
+    `folder`, else None: absolute names, `..` components anywhere, NUL bytes and empty names are
+    refused. Decided on the text alone (os.path.normpath), never by following symlinks."""
+    if not isinstance(name, str) or not name or "\0" in name or os.path.isabs(name):
+        return None
+    if ".." in Path(name).parts:
+        return None
+    base = os.path.normpath(os.path.abspath(folder))
+    full = os.path.normpath(os.path.join(base, name))
+    if os.path.commonpath([base, full]) != base or full == base:
+        return None
+    return Path(full)
+
+
 def check_range(flag: str, value, lo=None, hi=None, why: str = "") -> None:
     """UserError naming the flag and its valid range unless lo <= value <= hi (None: unbounded).
 
