@@ -102,6 +102,102 @@ def test_carved_splits_are_reproducible_and_disjoint(tiny_dataset, tmp_path):
     assert not (set(a["train"]) & set(a["val"])) and not (set(a["val"]) & set(a["test"]))
 
 
+
+def test_train_and_test_stay_disjoint_when_test_is_carved(tiny_dataset, tmp_path):
+    d = tiny_dataset
+    pairs = [("train", str(d / "annotations/captions_train.json"), str(d / "images/train")),
+             ("val", str(d / "annotations/captions_val.json"), str(d / "images/val"))]
+    s = prepare_captions(tmp_path / "c.h5", pairs=pairs, test_fraction=0.25, seed=7, log=lambda *a: None)
+    ids = {k: captions_h5.read_split(tmp_path / "c.h5", k).image_ids.tolist() for k in ("train", "val", "test")}
+    all_train = [im["id"] for im in json.loads((d / "annotations/captions_train.json").read_text())["images"]]
+    assert len(ids["test"]) == 12 and len(ids["train"]) == 36 and len(ids["val"]) == 12
+    assert not set(ids["train"]) & set(ids["test"])
+    assert sorted(ids["train"] + ids["test"]) == sorted(all_train)     # carved from train only
+    assert not set(ids["val"]) & (set(ids["train"]) | set(ids["test"]))
+    assert captions_h5.read_attrs(tmp_path / "c.h5")["config"]["carved"] == ["test"]
+    # captions follow their images: every test caption's text is one of its image's own captions
+    doc = json.loads((d / "annotations/captions_train.json").read_text())
+    by_id = {}
+    for a in doc["annotations"]:
+        by_id.setdefault(a["image_id"], []).append(a["caption"])
+    sp = captions_h5.read_split(tmp_path / "c.h5", "test")
+    assert all(t in by_id[int(sp.image_ids[r])] for t, r in zip(sp.texts, sp.image_index))
+    assert s["splits"]["test"]["captions"] == 5 * 12
+
+
+def test_a_word_seen_only_in_val_captions_decodes_to_unk(tmp_path):
+    imgs = tmp_path / "imgs"
+    for f in ("t1.jpg", "t2.jpg", "v1.jpg"):
+        _img(imgs / f)
+    doc = lambda ims, anns: {"images": [{"id": i, "file_name": f} for i, f in ims],  # noqa: E731
+                             "annotations": [{"id": a, "image_id": i, "caption": c} for a, i, c in anns]}
+    (tmp_path / "train.json").write_text(json.dumps(doc([(1, "t1.jpg"), (2, "t2.jpg")],
+                                                        [(1, 1, "A red star."), (2, 2, "A blue circle.")])))
+    (tmp_path / "val.json").write_text(json.dumps(doc([(3, "v1.jpg")], [(3, 3, "A red zebra.")])))
+    s = prepare_captions(tmp_path / "c.h5", pairs=[("train", str(tmp_path / "train.json"), str(imgs)),
+                                                   ("val", str(tmp_path / "val.json"), str(imgs))],
+                         test_fraction=0, log=lambda *a: None)
+    vocab = captions_h5.read_vocab(tmp_path / "c.h5")
+    assert "zebra" not in vocab.words and {"red", "star", "blue", "circle"} <= set(vocab.words)
+    sp = captions_h5.read_split(tmp_path / "c.h5", "val")
+    assert sp.captions[0, :sp.lengths[0]].tolist() == [START_ID, vocab.id("a"), vocab.id("red"), UNK_ID,
+                                                       vocab.id("."), END_ID]
+    assert vocab.decode(sp.captions[0]) == "a red <unk> ."
+    assert sp.texts == ["A red zebra."]                     # the reference text keeps the word
+    assert s["splits"]["val"]["unk_rate"] == pytest.approx(1 / 4) and s["splits"]["train"]["unk_rate"] == 0
+
+
+def _img(path, size=(8, 8)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (90, 140, 200)).save(path)
+
+
+def test_karpathy_split_file_as_documented(tmp_path):
+    """README: `python -m prepare captions --karpathy dataset_coco.json --images-root coco/`;
+    restval joins train (Karpathy's convention); val and test are kept as given, nothing carved."""
+    coco = tmp_path / "coco"
+    entries = [  # (filepath, filename, split, id key, id, sentences)
+        ("train2014", "COCO_train2014_000000000009.jpg", "train", "cocoid", 9, ["A red star.", "A star, red!"]),
+        ("val2014", "COCO_val2014_000000000042.jpg", "restval", "cocoid", 42, ["A blue circle."]),
+        ("val2014", "COCO_val2014_000000000073.jpg", "val", "cocoid", 73, ["A green square.", "Green square"]),
+        ("val2014", "COCO_val2014_000000000074.jpg", "test", "cocoid", 74, ["A red circle."]),
+        ("val2014", "COCO_val2014_000000000075.jpg", "test", "imgid", 75, ["A blue star.", "  "]),
+    ]
+    images = []
+    for fp, fn, split, key, iid, sents in entries:
+        _img(coco / fp / fn)
+        images.append({"filepath": fp, "filename": fn, "split": split, key: iid, "sentids": [],
+                       "sentences": [{"raw": t, "tokens": t.lower().split(), "imgid": iid} for t in sents]})
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    r = _cli("captions", "--karpathy", "dataset_coco.json", "--images-root", "coco/", "--out", "coco/captions.h5",
+             "--max-len", 8, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "skipped: 1 x empty caption" in r.stdout
+    h5 = coco / "captions.h5"
+    with h5py.File(h5, "r") as f:
+        assert set(f.keys()) == {"train", "val", "test", "vocab"}
+        for split in ("train", "val", "test"):
+            g = f[split]
+            assert set(g.keys()) == {"captions", "lengths", "image_index", "image_ids", "file_names", "objects",
+                                     "texts"}
+            assert g["captions"].dtype == np.int32 and g["captions"].shape[1] == 8
+            assert g["image_ids"].dtype == np.int64
+    sp = {k: captions_h5.read_split(h5, k) for k in ("train", "val", "test")}
+    assert sp["train"].image_ids.tolist() == [9, 42]                 # restval joined train
+    assert sp["val"].image_ids.tolist() == [73] and sp["test"].image_ids.tolist() == [74, 75]
+    assert sp["train"].file_names == ["train2014/COCO_train2014_000000000009.jpg",
+                                      "val2014/COCO_val2014_000000000042.jpg"]       # relative to coco/
+    assert all(p.is_file() for s in sp.values() for p in s.image_paths(coco))
+    assert sp["train"].texts == ["A red star.", "A star, red!", "A blue circle."]
+    assert sp["train"].image_index.tolist() == [0, 0, 1] and sp["test"].texts == ["A red circle.", "A blue star."]
+    vocab = captions_h5.read_vocab(h5)
+    assert vocab.decode(sp["train"].captions[1]) == "a star , red !"
+    assert vocab.decode(sp["val"].captions[0]) == "a <unk> <unk> ."          # vocabulary from train only
+    attrs = captions_h5.read_attrs(h5)
+    assert attrs["config"]["karpathy"] == "dataset_coco.json" and attrs["config"]["carved"] == []
+    assert list(attrs["checksums"]) == [str((tmp_path / "dataset_coco.json").resolve())]
+
+
 # ---- bad input --------------------------------------------------------------------------
 def _write_coco(tmp_path, images, annotations, files=None, name="ann.json"):
     img_dir = tmp_path / "imgs"
