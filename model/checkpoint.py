@@ -11,17 +11,19 @@ import numpy as np
 from prepare.util import UserError, atomic_path
 
 
+def _models(model) -> list:
+    """A model, or a list of models (e.g. decoder and encoder), -> a list."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
 def _weights(model) -> list:
-    """A model, or a list of models (e.g. decoder and encoder), -> their weights in order."""
-    models = model if isinstance(model, (list, tuple)) else [model]
-    return [w for m in models for w in m.weights]
+    return [w for m in _models(model) for w in m.weights]
 
 
 def _rng_states(model) -> list:
     """Dropout's random-generator states (not among `weights`): saved so a resumed run draws the
     same dropout masks as an uninterrupted one."""
-    models = model if isinstance(model, (list, tuple)) else [model]
-    return [v for m in models for v in m.variables if v.path.endswith("seed_generator_state")]
+    return [v for m in _models(model) for v in m.variables if v.path.endswith("seed_generator_state")]
 
 
 def _opt_vars(optimizer) -> list:

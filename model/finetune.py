@@ -1,10 +1,12 @@
-"""Stage 2: re-attach Inception v3 and train encoder and decoder jointly, from images.
+"""Stage 2: re-attach the CNN (Inception v3 or EfficientNet-Lite0) and train encoder and decoder
+jointly, from images.
 
 Starts from a trained stage-1 run directory (never modified) and writes a new one whose
 encoder.weights.h5 is the fine-tuned CNN; `infer` then runs that encoder on images.
 
 Choices (see the README for the measurements behind them):
-* BatchNorm, `--bn train` (default, as in im2txt): Inception's BatchNorm layers use batch statistics
+* BatchNorm, `--bn train` (im2txt's choice; the default from scratch and for Inception v3): the CNN's
+  BatchNorm layers use batch statistics
   in training and their moving statistics at evaluation and inference. Their moving statistics are
   re-estimated from training images (calibrate_batchnorm) before the first step and before every
   evaluation: with random-init weights they start at 0/1, ~1000x off, and moving averages lag the
@@ -16,8 +18,10 @@ Choices (see the README for the measurements behind them):
   while this network's activations are ~1e-4); in training mode without calibration the LSTM
   saturates on ~1000x larger features and the CNN gets exactly zero gradient.
 * Two optimisers with their own learning rates, from a recipe chosen by where the stage-1 encoder's
-  weights came from (RECIPES): im2txt's SGD 0.0005 on a pretrained Inception; Adam 1e-3 on a
-  random-init one, which has to learn from scratch. Gradient clipping per optimiser.
+  weights came from (resolve_recipe): after ImageNet weights, the encoder's own recipe from the
+  registry (Inception v3: im2txt's SGD 0.0005, BatchNorm training; EfficientNet-Lite0: Adam 1e-4,
+  BatchNorm frozen); after random init, Adam 1e-3 on both, which has to learn from scratch.
+  Gradient clipping per optimiser.
 * Augmentation: random crops and brightness/contrast jitter only; no hue or saturation changes
   (colours are content) and no horizontal flips unless `--flip` (they falsify "left"/"right").
 * The best pair (lowest validation loss, the stage-1 pair included) is what the run directory keeps.
@@ -34,10 +38,12 @@ from pathlib import Path
 import numpy as np
 
 from extract import encoder as enc
+from extract.images import image_dataset
 from model import checkpoint
 from model.config import override
 from model.train import RESUMABLE_CHANGES, load_run, masked_token_loss, perplexity, plot_history
 from prepare import captions_h5
+from prepare.synth import content_accuracy
 from prepare.util import UserError, sha256_file, write_json_atomic
 from prepare.vocabulary import END_ID, START_ID
 
@@ -49,36 +55,36 @@ class FinetuneConfig:
     batch_size: int = 32             # images per step
     captions_per_image: int = 5      # captions of each image in a step (decoder batch = images x this)
     lr: float = 0.0                  # decoder learning rate (Adam); 0: the recipe's (RECIPES)
-    cnn_lr: float = 0.0              # Inception learning rate; 0: the recipe's
+    cnn_lr: float = 0.0              # CNN learning rate; 0: the recipe's
     cnn_optimizer: str = "auto"      # "sgd", "adam" or "auto": the recipe's
-    bn: str = "train"                # BatchNorm in training mode, calibrated ("train") or inference mode ("frozen")
+    bn: str = "auto"                 # BatchNorm in training mode, calibrated ("train"), inference mode ("frozen"),
+                                     # or "auto": the recipe's
     augment: bool = True             # random crop + brightness/contrast jitter
     flip: bool = False               # horizontal flips (off: they falsify "left"/"right" captions)
     clip_norm: float = 5.0           # gradient clipping by global norm, per optimiser
-    mixed_precision: bool = False    # Inception in bfloat16 (GPUs); the decoder stays float32
+    mixed_precision: bool = False    # the CNN in bfloat16 (GPUs); the decoder stays float32
     seed: int = 0                    # data order and augmentation
     checkpoint_every: int = 100      # steps between checkpoints (also one per epoch)
     calibration_images: int = 256   # --bn train: training images that re-estimate BatchNorm statistics
-    recipe: str = ""                 # filled in: "pretrained" or "from_scratch" (see RECIPES)
+    recipe: str = ""                 # filled in: "pretrained" or "from_scratch" (see resolve_recipe)
     samples: int = 3                 # validation images whose greedy captions print each epoch
     sample_max_len: int = 30         # max tokens of those captions
 
 
-# Learning rates and optimiser by where the stage-1 encoder's weights came from (features manifest).
-RECIPES = {
-    # im2txt's second phase: SGD 0.0005 on a pretrained Inception, the decoder at a low rate
-    "pretrained": {"lr": 2e-4, "cnn_lr": 5e-4, "cnn_optimizer": "sgd"},
-    # a random-init Inception (--weights none) must learn from scratch: Adam for both (measured)
-    "from_scratch": {"lr": 1e-3, "cnn_lr": 1e-3, "cnn_optimizer": "adam"},
-}
+# A random-init encoder (--weights none) must learn from scratch: Adam for both, BatchNorm in
+# training mode (measured). After ImageNet weights (or a weights file), each encoder's own recipe
+# from the registry (extract/encoder.py: EncoderSpec.pretrained_recipe).
+FROM_SCRATCH = {"lr": 1e-3, "cnn_lr": 1e-3, "cnn_optimizer": "adam", "bn": "train"}
 
 
 def resolve_recipe(cfg: "FinetuneConfig", manifest: dict) -> "FinetuneConfig":
-    """Fill the settings left at 'auto' (0 / "auto") from RECIPES; returns a new config."""
-    recipe = "from_scratch" if manifest["weights"]["source"]["kind"] == "none" else "pretrained"
-    r = RECIPES[recipe]
-    return dataclasses.replace(cfg, recipe=recipe, lr=cfg.lr or r["lr"], cnn_lr=cfg.cnn_lr or r["cnn_lr"],
-                               cnn_optimizer=r["cnn_optimizer"] if cfg.cnn_optimizer == "auto" else cfg.cnn_optimizer)
+    """Fill the settings left at 'auto' (0 / "auto") from the recipe; returns a new config."""
+    scratch = manifest["weights"]["source"]["kind"] == "none"
+    r = FROM_SCRATCH if scratch else enc.spec_of_manifest(manifest).pretrained_recipe
+    auto = lambda v, key: r[key] if v in (0, 0.0, "auto") else v  # noqa: E731
+    return dataclasses.replace(cfg, recipe="from_scratch" if scratch else "pretrained", lr=auto(cfg.lr, "lr"),
+                               cnn_lr=auto(cfg.cnn_lr, "cnn_lr"), bn=auto(cfg.bn, "bn"),
+                               cnn_optimizer=auto(cfg.cnn_optimizer, "cnn_optimizer"))
 
 
 class ImageCaptionSet:
@@ -87,7 +93,7 @@ class ImageCaptionSet:
     def __init__(self, captions_path: Path, split: str, manifest: dict):
         sp = captions_h5.read_split(captions_path, split)
         bad = {f["row"] for f in manifest["failed"].get(split, [])}
-        self.paths = sp.image_paths(captions_path.parent)
+        self.paths = sp.image_paths(manifest.get("images_root") or captions_path.parent)
         self.rows = np.array([r for r in range(len(sp.image_ids)) if r not in bad], np.int64)
         self.caps_of: dict[int, np.ndarray] = {}
         order = np.argsort(sp.image_index, kind="stable")
@@ -96,7 +102,7 @@ class ImageCaptionSet:
             self.caps_of[r] = order[starts[r]:starts[r + 1]]
         self.ids, self.lengths, self.split = sp.captions, sp.lengths, split
         self.file_names = sp.file_names
-        self.truth = {r: json.loads(sp.objects[r])["objects"] for r in self.rows if sp.objects[r]}
+        self.truth = {r: json.loads(sp.objects[r])["objects"] for r in self.rows if sp.objects[r]}  # synth only
 
     def epoch_rows(self, epoch: int, seed: int, shuffle: bool = True) -> np.ndarray:
         return self.rows[np.random.default_rng([seed, epoch]).permutation(len(self.rows))] if shuffle else self.rows
@@ -115,11 +121,6 @@ class ImageCaptionSet:
         return self.ids[picks, :t], np.asarray(owner, np.int32)
 
 
-def batchnorm_layers(encoder) -> list:
-    import keras
-    return [x for x in enc.inception_of(encoder).layers if isinstance(x, keras.layers.BatchNormalization)]
-
-
 def calibrate_batchnorm(encoder, batches) -> int:
     """Set every BatchNorm layer's moving mean/variance to the average of its batch statistics over
     `batches` (uint8/float image batches), each computed in a training-mode forward pass, so inference
@@ -128,7 +129,7 @@ def calibrate_batchnorm(encoder, batches) -> int:
     Needed twice with --bn train: before the first step (random-init moving statistics are 0/1, ~1000x
     off) and before every evaluation (moving averages lag the weights as they change)."""
     import tensorflow as tf
-    bns = batchnorm_layers(encoder)
+    bns = enc.batchnorm_layers(encoder)
     saved = [(x.momentum, x.trainable) for x in bns]
     n = 0
     try:
@@ -147,13 +148,6 @@ def fit_feature_normalisation(decoder, forward, batches) -> None:
     """Re-fit the decoder's per-dimension feature mean/std to what `forward` now produces."""
     f = np.concatenate([forward(images).numpy() for images in batches]).astype(np.float64)
     decoder.set_feature_stats(f.mean(0), f.std(0))
-
-
-def content_accuracy_of(caps: list[list[int]], rows, truth: dict, vocab) -> float | None:
-    """Share of images (with recorded objects) whose caption names exactly their objects."""
-    from prepare.synth import score_content
-    scored = [score_content(vocab.decode(c), truth[r])["exact"] for r, c in zip(rows, caps) if r in truth]
-    return float(np.mean(scored)) if scored else None
 
 
 def _check_stage1(run: Path, force: bool) -> tuple:
@@ -182,8 +176,8 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
     if out.resolve() == run.resolve():
         raise UserError("--out must differ from --run: the stage-1 run directory is never modified")
     cfg = override(FinetuneConfig(), overrides or {}, "finetune config")
-    if cfg.bn not in ("frozen", "train"):
-        raise UserError(f"--bn {cfg.bn!r}: choose frozen or train")
+    if cfg.bn not in ("frozen", "train", "auto"):
+        raise UserError(f"--bn {cfg.bn!r}: choose frozen, train or auto")
     keras.utils.set_random_seed(cfg.seed)       # dropout masks (their generator states are checkpointed)
     decoder, vocab, s1config, manifest = _check_stage1(run, force)
     captions = data / "captions.h5"
@@ -192,7 +186,10 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
     if sha256_file(captions) != s1config["data"]["captions_sha256"]:
         raise UserError(f"{captions} is not the captions.h5 that {run} was trained on (checksum differs)")
     cfg = resolve_recipe(cfg, manifest)
+    if cfg.cnn_optimizer not in ("sgd", "adam"):
+        raise UserError(f"--cnn-optimizer {cfg.cnn_optimizer!r}: choose sgd, adam or auto")
     size = int(manifest["image_size"])
+    spec = enc.spec_of_manifest(manifest)
     config = {"model": s1config["model"], "train": s1config["train"], "finetune": dataclasses.asdict(cfg),
               "data": s1config["data"], "stage1_run": str(run.resolve()),
               "encoder": {"fine_tuned": True, "from_sha256": sha256_file(run / "encoder.weights.h5"), "sha256": None}}
@@ -218,7 +215,7 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
     if cfg.mixed_precision:
         keras.config.set_dtype_policy("mixed_bfloat16")
     try:
-        encoder, _ = enc.build_encoder("none", size, trainable=True)
+        encoder, _ = enc.build_encoder(spec.name, "none", size, trainable=True)
     finally:
         keras.config.set_dtype_policy("float32")
     enc.load_encoder_weights(encoder, run / "encoder.weights.h5")
@@ -226,14 +223,11 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
         # Statistics *and* beta/gamma fixed. With random-init weights Inception's activations are
         # tiny (features ~1e-4), and Adam moves every parameter by ~lr a step: trainable beta offsets
         # of that size drown the image signal and every image gets the same caption (measured).
-        for layer in enc.inception_of(encoder).layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.trainable = False
+        for layer in enc.batchnorm_layers(encoder):
+            layer.trainable = False
     trainset = ImageCaptionSet(captions, "train", manifest)
     valset = ImageCaptionSet(captions, "val", manifest)
     steps_per_epoch = math.ceil(len(trainset.rows) / cfg.batch_size)
-    if cfg.cnn_optimizer not in ("sgd", "adam"):
-        raise UserError(f"--cnn-optimizer {cfg.cnn_optimizer!r}: choose sgd or adam")
     opt_dec = keras.optimizers.Adam(cfg.lr)
     opt_cnn = (keras.optimizers.SGD(cfg.cnn_lr) if cfg.cnn_optimizer == "sgd" else keras.optimizers.Adam(cfg.cnn_lr))
     dec_vars, cnn_vars = decoder.trainable_variables, encoder.trainable_variables
@@ -244,7 +238,7 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
         state = checkpoint.load(out / "checkpoints" / "latest.h5", [decoder, encoder], [opt_dec, opt_cnn])
         log(f"resuming {out} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch']})")
     bn_train = cfg.bn == "train"
-    log(f"recipe {cfg.recipe}: decoder Adam {cfg.lr:g}, Inception {cfg.cnn_optimizer} {cfg.cnn_lr:g}, "
+    log(f"recipe {cfg.recipe}: decoder Adam {cfg.lr:g}, {spec.title} {cfg.cnn_optimizer} {cfg.cnn_lr:g}, "
         f"BatchNorm {'training mode (calibrated)' if bn_train else 'frozen'}")
 
     def augment(x, seed):                                    # x float32 [B, S, S, 3] in 0..255
@@ -267,7 +261,7 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
         if cfg.augment:
             x = augment(x, seed)
         with tf.GradientTape() as tape:
-            f = tf.cast(encoder(x, training=bn_train), tf.float32)               # [B, 2048]
+            f = tf.cast(encoder(x, training=bn_train), tf.float32)               # [B, D]
             loss_sum, n = masked_token_loss(decoder, tf.gather(f, cap_img), ids, True)
             loss = loss_sum / n
         g = tape.gradient(loss, dec_vars + cnn_vars)
@@ -282,11 +276,15 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
 
     def val_features() -> np.ndarray:
         paths = [valset.paths[r] for r in valset.rows]
-        return np.concatenate([forward(imgs).numpy() for imgs, _, _ in enc.image_dataset(paths, size, cfg.batch_size)])
+        return np.concatenate([forward(imgs).numpy() for imgs, _, _ in image_dataset(paths, size, cfg.batch_size)])
 
-    def train_batches(n):                  # the first n training images, unaugmented
-        paths = [trainset.paths[r] for r in trainset.rows[:n]]
-        return (imgs for imgs, _, _ in enc.image_dataset(paths, size, cfg.batch_size))
+    calib: list = []                       # the first training images, unaugmented, decoded once
+
+    def calibration_batches() -> list:
+        if not calib:
+            paths = [trainset.paths[r] for r in trainset.rows[:cfg.calibration_images]]
+            calib.extend(imgs for imgs, _, _ in image_dataset(paths, size, cfg.batch_size))
+        return calib
 
     @tf.function(reduce_retracing=True)
     def eval_loss(f, ids):
@@ -294,7 +292,7 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
 
     def evaluate(calibrate: bool = bn_train):
         if calibrate:
-            calibrate_batchnorm(encoder, train_batches(cfg.calibration_images))
+            calibrate_batchnorm(encoder, calibration_batches())
         feats = val_features()
         tot = cnt = 0.0
         for i in range(0, len(valset.rows), 64):
@@ -302,8 +300,9 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
             s_, n_ = eval_loss(feats[i:i + 64][owner], ids)
             tot, cnt = tot + float(s_), cnt + float(n_)
         caps = greedy_decode(init, step, feats, START_ID, END_ID, cfg.sample_max_len)
+        texts = {r: vocab.decode(c) for r, c in zip(valset.rows, caps) if r in valset.truth}
         return {"val_loss": tot / max(cnt, 1.0), "distinct_captions": len({tuple(c) for c in caps}),
-                "val_content": content_accuracy_of(caps, valset.rows, valset.truth, vocab)}, caps
+                "val_content": content_accuracy(texts, valset.truth)["exact"] if texts else None}, caps
 
     def describe(ev) -> str:
         c = ev["val_content"]
@@ -323,9 +322,9 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
         log(f"stage-1 model on images: {describe(ev)}")
         save_best(ev["val_loss"])
         if bn_train:
-            n = calibrate_batchnorm(encoder, train_batches(cfg.calibration_images))
-            fit_feature_normalisation(decoder, forward, train_batches(cfg.calibration_images))
-            ev, _ = evaluate()
+            n = calibrate_batchnorm(encoder, calibration_batches())
+            fit_feature_normalisation(decoder, forward, calibration_batches())
+            ev, _ = evaluate(calibrate=False)      # just calibrated
             state["calibrated"] = ev
             log(f"BatchNorm statistics and the decoder's feature normalisation re-estimated on {n} training "
                 f"images: {describe(ev)}")
@@ -338,10 +337,15 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
                    disable=not progress)
         t0, seen = time.time(), 0
         paths = [trainset.paths[r] for r in order[start * cfg.batch_size:]]
-        for b, (imgs, ok, _) in enumerate(enc.image_dataset(paths, size, cfg.batch_size), start=start):
+        for b, (imgs, ok, _) in enumerate(image_dataset(paths, size, cfg.batch_size), start=start):
             rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             rng = np.random.default_rng([cfg.seed, epoch, b])
             ids, owner = trainset.captions_for(rows, cfg.captions_per_image, rng)
+            readable = ok.numpy()[owner]          # an image unreadable now: its captions sit this step out
+            ids, owner = ids[readable], owner[readable]
+            if not len(ids):
+                state["batch"] = b + 1
+                continue
             loss = float(train_step(imgs, ids, owner, tf.constant([cfg.seed, state["step"]], tf.int32)))
             if not math.isfinite(loss):
                 raise UserError(f"loss became {loss} at fine-tune step {state['step'] + 1}; lower --cnn-lr/--lr. "

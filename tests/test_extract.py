@@ -1,4 +1,6 @@
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import pytest
 from PIL import Image
 
 from extract import encoder as enc
+from extract.images import load_image
 from extract.cache import extract_features, read_manifest
 from prepare import captions_h5
 from prepare.prepare_captions import prepare_captions
@@ -27,12 +30,12 @@ def test_shapes_dtype_and_rows_aligned_with_captions_h5(tiny_dataset, tiny_featu
         assert f.dtype == np.float32 and f.shape == (len(sp.image_ids), 2048)
         assert m["counts"][split] == len(sp.image_ids) and m["failed"][split] == []
     # row i really is image i: recompute two rows with the saved encoder weights
-    model, _ = enc.build_encoder("none", 75)
+    model, _ = enc.build_encoder("inception_v3", "none", 75)
     enc.load_encoder_weights(model, tiny_features / "encoder.weights.h5")
     sp = captions_h5.read_split(tiny_dataset / "captions.h5", "val")
     feats = np.load(tiny_features / "val.npy")
     for row in (0, 7):
-        x = enc.load_image(tiny_dataset / sp.file_names[row], 75)[None].astype(np.float32)
+        x = load_image(tiny_dataset / sp.file_names[row], 75)[None].astype(np.float32)
         np.testing.assert_allclose(model(x, training=False).numpy()[0], feats[row], rtol=1e-4, atol=1e-7)
     assert len(m["train_stats"]["mean"]) == 2048 and m["train_stats"]["rows"] == 48
     std = np.asarray(m["train_stats"]["std"])
@@ -72,6 +75,7 @@ def test_killed_run_resumes_bit_identical(tiny_dataset, tiny_features, tmp_path)
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
 from extract import encoder as enc
+from extract.images import load_image
 from extract.cache import extract_features
 orig = enc.compiled_forward
 def compiled_forward(model):
@@ -151,12 +155,12 @@ def test_bad_images_are_counted_recorded_and_never_crash(tmp_path):
         assert not feats[f["row"]].any()
     assert m["train_stats"]["rows"] == len(names) - len(failed)
     # the ones that load are converted correctly
-    assert enc.load_image(d / "deep16.png", 75)[0, 0].tolist() == [191, 191, 191]  # 49151/65535*255
-    c = enc.load_image(d / "cmyk.jpg", 75)[30, 30]
+    assert load_image(d / "deep16.png", 75)[0, 0].tolist() == [191, 191, 191]  # 49151/65535*255
+    c = load_image(d / "cmyk.jpg", 75)[30, 30]
     assert c[0] > 200 and c[1] < 60 and c[2] < 60                      # CMYK (0,255,255,0) is red
-    assert enc.load_image(d / "clear.png", 75)[5, 5].tolist() == [255, 255, 255]  # transparent over white
-    assert enc.load_image(d / "grey.png", 75).shape == (75, 75, 3)
-    rot = enc.load_image(d / "exif.jpg", 75)   # displayed 80 wide, 160 high: red on top
+    assert load_image(d / "clear.png", 75)[5, 5].tolist() == [255, 255, 255]  # transparent over white
+    assert load_image(d / "grey.png", 75).shape == (75, 75, 3)
+    rot = load_image(d / "exif.jpg", 75)   # displayed 80 wide, 160 high: red on top
     assert rot[10, 37, 0] > 200 and rot[65, 37, 0] < 50
 
 
@@ -171,7 +175,7 @@ def test_offline_imagenet_gives_one_clear_message(monkeypatch, tmp_path):
         raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
     monkeypatch.setattr(fu, "urlretrieve", no_network)
     with pytest.raises(UserError) as e:
-        enc.build_encoder("imagenet", 75)
+        enc.build_encoder("inception_v3", "imagenet", 75)
     msg = str(e.value)
     assert str(tmp_path / "keras_home" / "models" / enc.IMAGENET_FILE) in msg
     assert "--weights FILE" in msg and "name resolution" in msg and "\n" not in msg
@@ -181,6 +185,60 @@ def test_wrong_weights_file_and_small_size_are_refused(tmp_path):
     bad = tmp_path / "x.weights.h5"
     bad.write_bytes(b"nope")
     with pytest.raises(UserError, match=r"x\.weights\.h5: does not hold Inception v3"):
-        enc.build_encoder(str(bad), 75)
+        enc.build_encoder("inception_v3", str(bad), 75)
     with pytest.raises(UserError, match="minimum of 75"):
-        enc.build_encoder("none", 64)
+        enc.build_encoder("inception_v3", "none", 64)
+
+
+FAULTS = ["extract:weights-saved", "extract:train:chunk", "extract:val:before-rename", "extract:val:renamed",
+          "extract:weights-published", "extract:manifest-written"]
+
+
+@pytest.mark.slow
+def test_kill_at_every_stage_boundary_resumes_to_the_same_cache(tiny_dataset, tiny_features, tmp_path):
+    """kill -9 between any two steps of the save (work files, renames, manifest): the re-run
+    finishes, and the cache is bit-identical to an uninterrupted one."""
+    wfile = tmp_path / "w.weights.h5"
+    wfile.write_bytes((tiny_features / "encoder.weights.h5").read_bytes())
+    args = dict(weights=str(wfile), image_size=75, batch_size=16)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from extract.cache import extract_features; "
+            "extract_features(sys.argv[2], sys.argv[3], weights=sys.argv[4], image_size=75, batch_size=16, "
+            "chunk_batches=1, progress=False)")
+    for fault in FAULTS:
+        out = tmp_path / fault.replace(":", "_")
+        r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tiny_dataset / "captions.h5"), str(out),
+                            str(wfile)], capture_output=True, env={**os.environ, "SHOWTELL_FAULT": fault})
+        assert r.returncode == -signal.SIGKILL, (fault, r.stderr.decode()[-2000:])
+        m = extract_features(tiny_dataset / "captions.h5", out, **args, **quiet)
+        assert not (out / ".work").exists() and (out / "manifest.json").is_file(), fault
+        for split in ("train", "val", "test"):
+            assert np.load(out / f"{split}.npy").tobytes() == np.load(tiny_features / f"{split}.npy").tobytes(), fault
+        assert m["train_stats"] == read_manifest(tiny_features)["train_stats"], fault
+
+
+def test_second_process_on_the_same_out_is_refused_naming_the_holder(tiny_dataset, tmp_path):
+    from prepare.util import exclusive_lock
+    out = tmp_path / "f"
+    with exclusive_lock(out):
+        with pytest.raises(UserError, match=rf"{out} is in use by another process \(pid {os.getpid()} .*choose another --out"):
+            extract_features(tiny_dataset / "captions.h5", out, weights="none", image_size=75, **quiet)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]     # nothing was written
+
+
+def test_wrong_images_root_is_an_error_before_anything_is_written(tiny_dataset, tmp_path):
+    with pytest.raises(UserError, match=r"48 of 48 'train' images are missing under .*nowhere \(first: .*train_0+\.jpg\); "
+                                        r"pass --images-root"):
+        extract_features(tiny_dataset / "captions.h5", tmp_path / "f", weights="none", image_size=75,
+                         images_root=tmp_path / "nowhere", **quiet)
+    assert not (tmp_path / "f" / ".work").exists()
+
+
+@pytest.mark.parametrize("kw, msg", [({"batch_size": 0}, "--batch-size 0: must be at least 1"),
+                                     ({"image_size": 60}, "--image-size 60 is below Inception v3's minimum of 75"),
+                                     ({"encoder": "resnet"}, "--encoder 'resnet': unknown; choose one of"),
+                                     ({"weights": "/no/such.h5"}, "--weights /no/such.h5: no such file")])
+def test_bad_flag_values_are_refused_before_anything_is_written(tiny_dataset, tmp_path, kw, msg):
+    with pytest.raises(UserError, match=re.escape(msg)):
+        extract_features(tiny_dataset / "captions.h5", tmp_path / "f", **{"weights": "none", "image_size": 75, **kw},
+                         **quiet)
+    assert not (tmp_path / "f").exists()

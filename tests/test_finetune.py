@@ -24,7 +24,7 @@ def _feature_mean(run: Path) -> np.ndarray:
     from model.train import load_run
     dec, *_ = load_run(run)
     if "finetune" in json.loads((run / "config.json").read_text()):
-        checkpoint.load(run / "checkpoints" / "latest.h5", [dec, enc.build_encoder("none", 75, trainable=True)[0]])
+        checkpoint.load(run / "checkpoints" / "latest.h5", [dec, enc.build_encoder("inception_v3", "none", 75, trainable=True)[0]])
     return dec.feat_mean.numpy()
 
 
@@ -34,16 +34,16 @@ def _encoder_changes(stage1_run: Path, ft: Path) -> dict[str, int]:
     from extract import encoder as enc
     from model import checkpoint
     from model.train import load_run
-    a, _ = enc.build_encoder("none", 75)
+    a, _ = enc.build_encoder("inception_v3", "none", 75)
     enc.load_encoder_weights(a, stage1_run / "encoder.weights.h5")
     dec, *_ = load_run(stage1_run)
-    b, _ = enc.build_encoder("none", 75, trainable=True)
+    b, _ = enc.build_encoder("inception_v3", "none", 75, trainable=True)
     checkpoint.load(ft / "checkpoints" / "latest.h5", [dec, b])
     dec1, *_ = load_run(stage1_run)
     assert any(not np.array_equal(x.numpy(), y.numpy()) for x, y in zip(dec1.trainable_weights, dec.trainable_weights))
     # two builds number their layers differently: pair the weights by position, name by the first
     out = {"kernel": 0, "moving_mean": 0}
-    for wa, wb in zip(enc.inception_of(a).weights, enc.inception_of(b).weights):
+    for wa, wb in zip(enc.backbone_of(a).weights, enc.backbone_of(b).weights):
         kind = wa.path.split("/")[-1]
         if kind in out:
             out[kind] += int(not np.array_equal(wa.numpy(), wb.numpy()))
@@ -139,15 +139,15 @@ def test_untrained_decoder_and_wrong_encoder_are_refused(tiny_dataset, tiny_run,
 
 def test_calibrated_batchnorm_makes_inference_mode_compute_training_mode():
     from extract import encoder as enc
-    from model.finetune import batchnorm_layers, calibrate_batchnorm
-    model, _ = enc.build_encoder("none", 75, trainable=True)
+    from model.finetune import calibrate_batchnorm
+    model, _ = enc.build_encoder("inception_v3", "none", 75, trainable=True)
     rng = np.random.default_rng(0)
     x1, x2 = (rng.integers(0, 256, (8, 75, 75, 3)).astype(np.float32) for _ in range(2))
     before = model(x1, training=False).numpy()
     trained = model(x1, training=True).numpy()
     # random-init moving statistics (0/1) are far from the batches': features ~1000x smaller
     assert np.std(trained) > 100 * np.std(before)
-    bns = batchnorm_layers(model)
+    bns = enc.batchnorm_layers(model)
     assert len(bns) == 94
     assert calibrate_batchnorm(model, [x1]) == 8
     np.testing.assert_allclose(model(x1, training=False).numpy(), trained, rtol=1e-3, atol=1e-4 * np.abs(trained).max())

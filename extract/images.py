@@ -1,0 +1,98 @@
+"""Image loading shared by every stage (extract, finetune, infer, serve), so none can disagree.
+
+    load_image(path, size) -> uint8 [size, size, 3]   PIL: EXIF rotation applied, any mode -> RGB
+                                                      (grey, RGBA over white, CMYK, 16-bit),
+                                                      resized to size x size (bilinear, aspect not kept)
+    image_dataset(paths, size, batch) -> tf.data batches of (uint8 [B,S,S,3], ok [B], reason [B])
+
+A bad image (missing, empty, truncated, not an image, a decompression bomb, under 8 px a side)
+raises BadImage(reason) in load_image and yields zeros with ok=False in image_dataset.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+MIN_SOURCE_SIDE = 8          # smaller source images carry no content: flagged as failed
+MAX_PIXELS = 89_478_485      # decompression-bomb guard (Pillow's default warning limit)
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is an error, never half a picture
+
+
+class BadImage(Exception):
+    """An image that cannot be used; the message is the reason recorded in the manifest."""
+
+
+def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """Decode one image file into uint8 [size, size, 3] RGB, or raise BadImage(reason)."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise BadImage("empty file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked just below
+            im = Image.open(path)
+        with im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise BadImage(f"too large ({w}x{h} pixels > {MAX_PIXELS}): possible decompression bomb")
+            if min(w, h) < MIN_SOURCE_SIDE:
+                raise BadImage(f"too small ({w}x{h}); needs at least {MIN_SOURCE_SIDE} pixels a side")
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            rgb = to_rgb(im)
+    except BadImage:
+        raise
+    except FileNotFoundError:
+        raise BadImage("missing file")
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"decompression bomb: {e}")
+    except (Image.UnidentifiedImageError, SyntaxError):
+        raise BadImage("not an image Pillow can read")
+    except (OSError, ValueError) as e:
+        raise BadImage(f"corrupt image: {e}")
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def image_dataset(paths, size: int, batch_size: int):
+    """tf.data: parallel load_image over `paths` -> batches of (uint8 [B,S,S,3], ok [B], reason [B]).
+
+    A bad image yields zeros, ok=False and its reason; it never stops the stream.
+    """
+    import tensorflow as tf
+
+    def _load(p):                                  # p: the file name's bytes (any encoding)
+        try:
+            return load_image(os.fsdecode(p), size), True, b""
+        except BadImage as e:
+            return np.zeros((size, size, 3), np.uint8), False, str(e).encode("utf-8")
+
+    def _map(p):
+        img, ok, why = tf.numpy_function(_load, [p], [tf.uint8, tf.bool, tf.string], stateful=False)
+        img.set_shape((size, size, 3))
+        ok.set_shape(())
+        why.set_shape(())
+        return img, ok, why
+
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant([os.fsencode(p) for p in paths], tf.string))
+    ds = ds.map(_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
