@@ -104,10 +104,17 @@ class Split:
     objects: list[str]        # [M] JSON or ""
     texts: list[str]          # [N] original caption text
     source: str = ""          # "<captions.h5>:/<split>", for messages
+    file_dir: Path | None = None     # folder of the captions file
+    recorded_root: Path | None = None  # attrs images_root, when prepare recorded one
 
-    def image_paths(self, root: str | os.PathLike) -> list[Path]:
-        """root/<file name> for every image; a name that would leave root (absolute, `..`: a file
-        not written by prepare, or tampered with) is a UserError, never a path outside root."""
+    def image_paths(self, root: str | os.PathLike | None = None) -> list[Path]:
+        """root/<file name> for every image. `root` is the folder the names are relative to; None
+        or the captions file's own folder mean its images root (attrs images_root when recorded).
+        A name that would leave root (absolute, `..`: a file not written by prepare, or tampered
+        with) is a UserError, never a path outside root."""
+        if root is None or (self.recorded_root is not None and self.file_dir is not None
+                            and os.path.abspath(root) == os.path.abspath(self.file_dir)):
+            root = self.recorded_root or self.file_dir or Path(".")
         out = []
         for i, f in enumerate(self.file_names):
             p = inside(root, f)
@@ -139,7 +146,8 @@ def read_split(path: str | os.PathLike, split: str) -> Split:
         g = f[split]
         dec = lambda a: [x.decode() if isinstance(x, bytes) else x for x in a]  # noqa: E731
         return Split(g["captions"][()], g["lengths"][()], g["image_index"][()], g["image_ids"][()],
-                     dec(g["file_names"][()]), dec(g["objects"][()]), dec(g["texts"][()]), f"{path}:/{split}")
+                     dec(g["file_names"][()]), dec(g["objects"][()]), dec(g["texts"][()]), f"{path}:/{split}",
+                     Path(path).parent, _recorded_root(f, path))
 
 
 def read_attrs(path: str | os.PathLike) -> dict:
@@ -151,8 +159,18 @@ def read_attrs(path: str | os.PathLike) -> dict:
 def images_root(path: str | os.PathLike) -> Path:
     """The folder the file names of `path` are relative to: attrs images_root, else its folder."""
     with _open(path) as f:
-        root = f.attrs.get("images_root")
-    return Path(root.decode() if isinstance(root, bytes) else root) if root else Path(path).parent
+        return _recorded_root(f, path) or Path(path).parent
+
+
+def _recorded_root(f, path) -> Path | None:
+    root = f.attrs.get("images_root")
+    if root is None:
+        return None
+    root = root.decode() if isinstance(root, bytes) else str(root)
+    if not root or "\0" in root or not os.path.isabs(root) or os.path.normpath(root) != root:
+        raise UserError(f"{path}: attribute images_root {root!r} is not a normalised absolute folder; the file "
+                        "was modified: re-create it with `python -m prepare captions --overwrite`")
+    return Path(root)
 
 
 def _open(path):

@@ -77,7 +77,7 @@ def prepare_captions(out: str | os.PathLike, *, pairs: list[tuple[str, str, str]
     log(f"wrote {out}")
     if root != out.parent:
         log(f"  the images are not under {out.parent}: file names are relative to {root} "
-            f"(pass --images-root {root} to extract)")
+            "(recorded in the file; readers use it)")
     log(f"  vocabulary: {len(vocab)} words (incl. 4 special tokens) from "
         f"{len(splits['train'].captions)} training captions")
     for name, s in stats.items():

@@ -90,11 +90,18 @@ def test_images_outside_the_h5_folder_get_a_recorded_root_not_absolute_names(tin
     lines = []
     s = prepare_captions(tmp_path / "c.h5", pairs=pairs, val_fraction=0, test_fraction=0, log=lines.append)
     root = tiny_dataset / "images" / "train"
-    assert s["images_root"] == str(root) and any("--images-root" in ln for ln in lines)
+    assert s["images_root"] == str(root) and any(f"relative to {root}" in ln for ln in lines)
     assert captions_h5.images_root(tmp_path / "c.h5") == root
     assert captions_h5.read_attrs(tmp_path / "c.h5")["images_root"] == root
     sp = captions_h5.read_split(tmp_path / "c.h5", "train")
     assert all(not Path(f).is_absolute() and ".." not in Path(f).parts for f in sp.file_names)
     assert all(p.is_file() for p in sp.image_paths(root))
+    # readers that pass the captions file's folder (their default), or nothing, get the recorded root
+    assert sp.image_paths(tmp_path) == sp.image_paths() == sp.image_paths(root)
+    # a tampered images_root attribute is refused too
+    with h5py.File(tmp_path / "c.h5", "r+") as f:
+        f.attrs["images_root"] = "etc/../"
+    with pytest.raises(UserError, match="images_root 'etc/../' is not a normalised absolute folder"):
+        captions_h5.read_split(tmp_path / "c.h5", "train")
     # next to its images: no recorded root, names relative to its own folder
     assert captions_h5.images_root(tiny_dataset / "captions.h5") == tiny_dataset
