@@ -14,6 +14,8 @@ The LSTM sees [image, <start>, a, red, star, <end>]; its output after the image 
 """
 from __future__ import annotations
 
+import random
+
 import keras
 import numpy as np
 from keras import layers, ops
@@ -21,25 +23,46 @@ from keras import layers, ops
 from model.config import ModelConfig
 
 
+INIT_WEIGHTS = ("image_embedding", "word_embedding", "lstm_kernel", "lstm_recurrent", "logits")
+
+
+def init_seeds(seed: int) -> dict[str, int]:
+    """One integer seed per randomly initialised weight, all derived from `seed` (deterministic)."""
+    draws = np.random.default_rng(seed).integers(0, 2**31 - 1, size=len(INIT_WEIGHTS))
+    return {name: int(x) for name, x in zip(INIT_WEIGHTS, draws)}
+
+
 class ShowAndTell(keras.Model):
-    def __init__(self, config: ModelConfig, **kwargs):
+    """`seed`: initialisation seed. None draws it from Python's `random` module, which
+    keras.utils.set_random_seed(s) seeds: models built after the same set_random_seed are identical.
+    Each weight gets its own RandomUniform draw (Keras 3: an initializer with seed=None, or one
+    instance shared by several weights, gives the same values on every call, so with
+    embedding_size == lstm_units the LSTM's kernel would start equal to its recurrent kernel)."""
+
+    def __init__(self, config: ModelConfig, seed: int | None = None, **kwargs):
         super().__init__(name="show_and_tell", **kwargs)
         self.config = config
         c = config
-        init = keras.initializers.RandomUniform(-c.init_scale, c.init_scale, seed=None)
+        self.init_seed = random.randrange(2**31 - 1) if seed is None else int(seed)
+        seeds = init_seeds(self.init_seed)
+
+        def init(weight: str):
+            return keras.initializers.RandomUniform(-c.init_scale, c.init_scale, seed=seeds[weight])
+
         # Feature normalisation (train mean / inverse std from the feature manifest); not trained.
         self.feat_mean = self.add_weight(shape=(c.feature_dim,), initializer="zeros", trainable=False,
                                          name="feature_mean")
         self.feat_inv_std = self.add_weight(shape=(c.feature_dim,), initializer="ones", trainable=False,
                                             name="feature_inv_std")
-        self.image_embedding = layers.Dense(c.embedding_size, kernel_initializer=init, name="image_embedding")
-        self.word_embedding = layers.Embedding(c.vocab_size, c.embedding_size, embeddings_initializer=init,
-                                               name="word_embedding")
-        self.lstm = layers.LSTM(c.lstm_units, return_sequences=True, kernel_initializer=init,
-                                recurrent_initializer=init, name="lstm")
+        self.image_embedding = layers.Dense(c.embedding_size, kernel_initializer=init("image_embedding"),
+                                            name="image_embedding")
+        self.word_embedding = layers.Embedding(c.vocab_size, c.embedding_size,
+                                               embeddings_initializer=init("word_embedding"), name="word_embedding")
+        self.lstm = layers.LSTM(c.lstm_units, return_sequences=True, kernel_initializer=init("lstm_kernel"),
+                                recurrent_initializer=init("lstm_recurrent"), name="lstm")
         self.drop_in = layers.Dropout(c.dropout)
         self.drop_out = layers.Dropout(c.dropout)
-        self.logits = layers.Dense(c.vocab_size, kernel_initializer=init, name="logits")
+        self.logits = layers.Dense(c.vocab_size, kernel_initializer=init("logits"), name="logits")
 
     def set_feature_stats(self, mean, std) -> None:
         std = np.asarray(std, np.float32)

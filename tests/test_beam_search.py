@@ -130,3 +130,54 @@ def test_sampling_at_low_temperature_is_greedy_and_respects_end():
                  rng=np.random.default_rng(1))
     firsts = np.bincount([c.ids[1] for c in hot], minlength=5) / 200
     assert abs(firsts[A] - 0.5) < 0.1 and abs(firsts[B] - 0.3) < 0.1 and firsts[START] == 0
+
+
+# ---- the decoder whose step beam search runs: its initial weights ---------------------
+def _decoder(seed_global=None, seed=None, size=16, vocab=40):
+    import keras
+
+    from model.config import ModelConfig
+    from model.decoder import ShowAndTell
+    if seed_global is not None:
+        keras.utils.set_random_seed(seed_global)
+    m = ShowAndTell(ModelConfig(vocab_size=vocab, feature_dim=24, embedding_size=size, lstm_units=size), seed=seed)
+    m.build_all()
+    return m
+
+
+def _weights(m) -> dict[str, np.ndarray]:
+    return {"image": m.image_embedding.kernel.numpy(), "words": m.word_embedding.embeddings.numpy(),
+            "kernel": m.lstm.cell.kernel.numpy(), "recurrent": m.lstm.cell.recurrent_kernel.numpy(),
+            "logits": m.logits.kernel.numpy()}
+
+
+def test_every_decoder_weight_gets_its_own_initial_draw():
+    w = _weights(_decoder(seed_global=0))         # embedding_size == lstm_units: same shapes
+    H = 16
+    assert w["kernel"].shape == w["recurrent"].shape == (H, 4 * H)
+    assert not np.allclose(w["kernel"], w["recurrent"])
+    for g in range(4):                             # and no gate's block equals another's
+        for h in range(4):
+            if g != h:
+                assert not np.allclose(w["kernel"][:, g * H:(g + 1) * H], w["recurrent"][:, h * H:(h + 1) * H])
+    # no weight starts as a prefix/slice of another one (stateless draws of one seed would)
+    flat = {k: v.ravel() for k, v in w.items()}
+    for a in flat:
+        for b in flat:
+            if a < b:
+                n = min(flat[a].size, flat[b].size)
+                assert not np.allclose(flat[a][:n], flat[b][:n]), (a, b)
+    assert not np.allclose(w["image"][:16], w["words"][:16])
+    for v in w.values():                           # im2txt's uniform [-0.08, 0.08], really spread
+        assert np.abs(v).max() <= 0.08 and v.std() > 0.03
+
+
+def test_decoder_initialisation_is_reproducible_from_the_run_seed():
+    a, b, c = (_weights(_decoder(seed_global=s)) for s in (5, 5, 6))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+        assert not np.allclose(a[k], c[k]), k
+    explicit = _weights(_decoder(seed=123))
+    again = _weights(_decoder(seed_global=99, seed=123))   # an explicit seed wins over the global one
+    for k in explicit:
+        np.testing.assert_array_equal(explicit[k], again[k])
