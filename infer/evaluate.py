@@ -12,6 +12,7 @@ import numpy as np
 
 from infer.captioner import Captioner
 from prepare import captions_h5
+from prepare.synth import content_accuracy  # noqa: F401  (re-exported: part of evaluate's API)
 from prepare.util import UserError, sha256_file, write_json_atomic
 
 METRICS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
@@ -49,30 +50,32 @@ def coco_scores(gts: dict[int, list[str]], res: dict[int, list[str]]) -> dict[st
     return out
 
 
-def human_ceiling(refs: dict[int, list[str]]) -> dict[str, float]:
-    """Each reference scored against the other references (leave-one-out), averaged over the
-    reference positions: how well people agree with each other on this split."""
-    k = min(len(v) for v in refs.values())
+def leave_one_out(refs: dict[int, list[str]], hyp: dict[int, str] | None = None) -> dict[str, float]:
+    """For each reference position j < k (k: the fewest references any image has), score a
+    candidate against each image's references without its j-th one, and average over j.
+    The candidate is the j-th reference itself (hyp None: the human ceiling) or the model's caption
+    (hyp given: the model scored exactly like the humans, with one reference fewer than all)."""
+    k = min((len(v) for v in refs.values()), default=0)
     if k < 2:
         return {}
     runs = []
     for j in range(k):
-        res = {i: [v[j]] for i, v in refs.items()}
+        res = {i: [v[j] if hyp is None else hyp[i]] for i, v in refs.items()}
         gts = {i: v[:j] + v[j + 1:] for i, v in refs.items()}
         runs.append(coco_scores(gts, res))
     return {m: float(np.mean([r[m] for r in runs])) for m in runs[0]}
 
 
-def content_accuracy(captions: dict[int, str], truth: dict[int, list[dict]]) -> dict[str, float]:
-    """Share of images whose caption names exactly the true objects (and only true relations),
-    and per-attribute accuracies over the images where the caption makes that claim."""
-    from prepare.synth import score_content
-    tallies = defaultdict(list)
-    for iid, text in captions.items():
-        for k, v in score_content(text, truth[iid]).items():
-            if v is not None:
-                tallies[k].append(bool(v))
-    return {k: float(np.mean(v)) for k, v in tallies.items()} | {"images": len(captions)}
+def human_ceiling(refs: dict[int, list[str]]) -> dict[str, float]:
+    """Each reference scored against the other references (leave-one-out), averaged over the
+    reference positions: how well people agree with each other on this split."""
+    return leave_one_out(refs)
+
+
+def model_leave_one_out(refs: dict[int, list[str]], hyp: dict[int, str]) -> dict[str, float]:
+    """The model's captions scored over the same reference subsets as human_ceiling: the score
+    to compare with the human ceiling (the standard score uses one reference more)."""
+    return leave_one_out(refs, hyp)
 
 
 def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int = 20, features=None,
@@ -103,7 +106,8 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
         beams = dict(zip(good, cap.caption_features(np.asarray(feats[good], np.float32), batch_size)))
     else:
         log(f"the run's encoder differs from the one that made {feats_dir}: captioning from the images")
-        res = cap.caption_files(sp.image_paths(captions.parent)[:n], batch_size, progress)
+        root = cap.manifest.get("images_root") or captions.parent
+        res = cap.caption_files(sp.image_paths(root)[:n], batch_size, progress)
         beams = {r: x.captions for r, x in enumerate(res) if not x.error}
         failed = {r for r, x in enumerate(res) if x.error}
     seconds = time.time() - t0
@@ -118,10 +122,12 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
         f"({len(hyp) / max(seconds, 1e-9):.1f} captions/s); scoring...")
     model_scores = coco_scores(dict(refs), {i: [c] for i, c in hyp.items()})
     ceiling = human_ceiling(dict(refs))
+    model_loo = model_leave_one_out(dict(refs), hyp)
     truth = {int(sp.image_ids[r]): json.loads(sp.objects[r])["objects"] for r in beams if sp.objects[r]}
     content = content_accuracy({i: hyp[i] for i in truth}, truth) if truth else None
     metrics = {"split": split, "images": len(hyp), "failed_images": len(failed), "beam_size": beam_size,
-               "source": source, "model": model_scores, "human_ceiling": ceiling, "content": content,
+               "source": source, "model": model_scores, "model_leave_one_out": model_loo,
+               "human_ceiling": ceiling, "content": content,
                "java": java_available(),
                "notes": ["SPICE is left out: it needs Stanford CoreNLP models downloaded at run time"] +
                         ([] if java_available() else ["METEOR left out and a simple tokenizer used: no Java found"])}
@@ -133,10 +139,13 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
 
 def format_table(m: dict) -> str:
     names = [k for k in METRICS if k in m["model"]]
-    lines = [f"{'metric':10s} {'model':>8s} {'human':>8s}"]
+    cell = lambda x: f"{'-':>20s}" if x is None else f"{x:20.3f}"  # noqa: E731
+    lines = [f"{'metric':10s} {'model (all refs)':>20s} {'model (leave-one-out)':>22s} {'human (leave-one-out)':>22s}"]
     for k in names:
-        h = m["human_ceiling"].get(k)
-        lines.append(f"{k:10s} {m['model'][k]:8.3f} {h if h is None else f'{h:8.3f}'}")
+        loo, h = m.get("model_leave_one_out", {}).get(k), m["human_ceiling"].get(k)
+        lines.append(f"{k:10s} {cell(m['model'][k])}   {cell(loo)}   {cell(h)}")
+    lines.append("(compare the model with humans in the leave-one-out columns: both are scored against the "
+                 "same references, one fewer than all)")
     if m.get("content"):
         c = m["content"]
         lines.append(f"content accuracy (exact objects and relations): {100 * c['exact']:.1f}% of {c['images']} images")

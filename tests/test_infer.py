@@ -99,6 +99,42 @@ def test_human_ceiling_and_content_accuracy_on_hand_examples():
     assert acc["exact"] == 0.5 and acc["colour"] == 1.0 and acc["shape"] == 0.5 and acc["size"] == 1.0
 
 
+def test_model_leave_one_out_uses_the_human_ceilings_reference_subsets(monkeypatch):
+    import infer.evaluate as ev
+    refs = {1: ["a red star on the left", "a small red star", "a red star", "one red star"],
+            2: ["two blue circles", "a pair of blue circles", "blue circles", "two circles that are blue"]}
+    hyp = {1: "a small red star", 2: "two blue circles"}        # each equals one of its references
+    monkeypatch.setattr(ev, "java_available", lambda: False)    # BLEU, ROUGE-L, CIDEr only: fast
+    all_refs = ev.coco_scores(refs, {i: [c] for i, c in hyp.items()})
+    loo = ev.model_leave_one_out(refs, hyp)
+    assert all_refs["Bleu_4"] == pytest.approx(1.0) and all_refs["Bleu_1"] == pytest.approx(1.0)
+    assert loo["Bleu_1"] < all_refs["Bleu_1"] and loo["Bleu_4"] < all_refs["Bleu_4"]
+    # the same subsets as the human ceiling: record what each one scores against
+    seen = {"human": [], "model": []}
+    real = ev.coco_scores
+    for who, fn in (("human", lambda: ev.human_ceiling(refs)), ("model", lambda: ev.model_leave_one_out(refs, hyp))):
+        monkeypatch.setattr(ev, "coco_scores", lambda gts, res, who=who: seen[who].append((gts, res)) or real(gts, res))
+        fn()
+    assert [g for g, _ in seen["human"]] == [g for g, _ in seen["model"]]
+    assert len(seen["model"]) == 4 and all(len(v) == 3 for g, _ in seen["model"] for v in g.values())
+    assert [r for _, r in seen["model"]] == [{i: [c] for i, c in hyp.items()}] * 4
+    assert [r for _, r in seen["human"]] == [{i: [v[j]] for i, v in refs.items()} for j in range(4)]
+    # by hand: leave-one-out is the mean over the 4 subsets
+    want = np.mean([real({i: v[:j] + v[j + 1:] for i, v in refs.items()}, {i: [c] for i, c in hyp.items()})["Bleu_1"]
+                    for j in range(4)])
+    assert loo["Bleu_1"] == pytest.approx(want)
+
+
+def test_metrics_table_shows_model_all_refs_leave_one_out_and_human_side_by_side():
+    from infer.evaluate import format_table
+    m = {"model": {"Bleu_1": 0.9, "CIDEr": 1.5}, "model_leave_one_out": {"Bleu_1": 0.8, "CIDEr": 1.2},
+         "human_ceiling": {"Bleu_1": 0.7, "CIDEr": 4.0}, "content": None}
+    lines = format_table(m).splitlines()
+    assert re.search(r"model \(all refs\).*model \(leave-one-out\).*human", lines[0])
+    assert re.match(r"Bleu_1\s+0\.900\s+0\.800\s+0\.700$", lines[1])
+    assert re.match(r"CIDEr\s+1\.500\s+1\.200\s+4\.000$", lines[2])
+
+
 @pytest.mark.slow
 def test_evaluate_writes_metrics_with_ceiling_and_content(tiny_dataset, tiny_run, tmp_path):
     m = evaluate(tiny_run, tiny_dataset, split="test", out=tmp_path / "e", progress=False, log=lambda *a: None)
@@ -106,6 +142,7 @@ def test_evaluate_writes_metrics_with_ceiling_and_content(tiny_dataset, tiny_run
     for k in ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr") + (("METEOR",) if m["java"] else ()):
         assert 0 <= m["model"][k] and k in m["human_ceiling"]
     assert m["human_ceiling"]["Bleu_1"] > 0.5
+    assert set(m["model_leave_one_out"]) == set(m["human_ceiling"])
     assert 0 <= m["content"]["exact"] <= 1 and m["content"]["images"] == 12
     assert json.loads((tmp_path / "e/metrics.json").read_text())["model"] == m["model"]
     res = json.loads((tmp_path / "e/results.json").read_text())
