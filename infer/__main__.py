@@ -6,7 +6,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from prepare.util import run_cli  # noqa: E402
+from prepare.util import check_range, run_cli  # noqa: E402
+
+MAX_LEN_HELP = ("tokens per caption incl. <start>, 2-1000 (default: the run's longest training caption + 2, "
+                "when config.json records it or the run's captions.h5 is at hand; else 30)")
 
 
 def main(argv=None) -> int:
@@ -16,11 +19,12 @@ def main(argv=None) -> int:
     c.add_argument("--run", required=True, help="run directory made by `python -m model train`")
     c.add_argument("images", nargs="+", help="image files, folders or globs")
     c.add_argument("--out", required=True, help="output folder")
-    c.add_argument("--beam-size", type=int, default=3)
-    c.add_argument("--max-len", type=int, default=20, help="tokens incl. <start> (default 20)")
+    c.add_argument("--beam-size", type=int, default=3, help="1-100 (default 3)")
+    c.add_argument("--max-len", type=int, default=None, help=MAX_LEN_HELP)
     c.add_argument("--length-norm", type=float, default=0.0, help="rank by logprob / length ** this")
-    c.add_argument("--top", type=int, default=3, help="at most this many captions printed and kept per image (fewer when fewer complete)")
-    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--top", type=int, default=3, help="at most this many captions printed and kept per image "
+                   "(fewer when fewer complete), 1-100 (default 3)")
+    c.add_argument("--batch-size", type=int, default=32, help="images per batch, 1-4096 (default 32)")
     c.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     c.add_argument("--quiet", action="store_true")
     e = sub.add_parser("evaluate", help="COCO metrics, human ceiling and content accuracy on a split")
@@ -28,9 +32,10 @@ def main(argv=None) -> int:
     e.add_argument("--data", required=True, help="dataset folder with captions.h5 (and features/)")
     e.add_argument("--features", help="feature cache (default DATA/features; used when it matches the run)")
     e.add_argument("--split", default="test")
-    e.add_argument("--beam-size", type=int, default=3)
-    e.add_argument("--max-len", type=int, default=20)
-    e.add_argument("--limit", type=int, default=0, help="only the first N images")
+    e.add_argument("--beam-size", type=int, default=3, help="1-100 (default 3)")
+    e.add_argument("--max-len", type=int, default=None, help=MAX_LEN_HELP)
+    e.add_argument("--batch-size", type=int, default=32, help="images per batch, 1-4096 (default 32)")
+    e.add_argument("--limit", type=int, default=0, help="only the first N images (default 0: all)")
     e.add_argument("--out", help="output folder (default RUN/eval-SPLIT)")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--quiet", action="store_true")
@@ -50,9 +55,13 @@ def main(argv=None) -> int:
     elif a.cmd == "evaluate":
         from infer.evaluate import evaluate
         evaluate(a.run, a.data, split=a.split, beam_size=a.beam_size, max_len=a.max_len, features=a.features,
-                 out=a.out, limit=a.limit, overwrite=a.overwrite, progress=not a.quiet)
+                 out=a.out, batch_size=a.batch_size, limit=a.limit, overwrite=a.overwrite, progress=not a.quiet)
     else:
         from infer import bench
+        from infer.caption import check_flags
+        check_flags(beam_size=a.beam_size, max_len=a.max_len, batch_size=a.batch_size)
+        for flag, v, lo in (("--vocab", a.vocab, 5), ("--size", a.size, 1), ("--images", a.images, 1)):
+            check_range(flag, v, lo)
         bench.run(a.vocab, a.size, a.images, a.batch_size, a.beam_size, a.max_len, a.run)
     return 0
 

@@ -34,22 +34,41 @@ def _wrap(draw, text: str, font, width: int) -> list[str]:
     return lines + ([line] if line else [])
 
 
-def annotate(src: str | Path, captions: list[tuple[str, float]], dst: str | Path, width: int = 640) -> None:
-    """captions: [(text, probability)] best first; the best is the title, the others listed small."""
+MAX_W, MAX_H = 640, 1280      # the picture is scaled (up or down, aspect kept) to fit this box
+MIN_TEXT_W = 320              # a narrower picture is centred on a canvas this wide, for the caption
+MAX_PIXELS = 1_500_000        # the whole annotated copy, caption band included
+
+
+def fit(w: int, h: int, max_w: int = MAX_W, max_h: int = MAX_H) -> tuple[int, int]:
+    """Size of a w x h picture scaled to fit max_w x max_h, aspect kept, each side at least 1 px."""
+    scale = min(max_w / w, max_h / h)
+    return max(1, min(max_w, round(w * scale))), max(1, min(max_h, round(h * scale)))
+
+
+def annotate(src: str | Path, captions: list[tuple[str, float]], dst: str | Path, width: int = MAX_W) -> None:
+    """captions: [(text, probability)] best first; the best is the title, the others listed small.
+
+    The picture is scaled to fit `width` x 2*`width` (aspect kept, so a 10x1100 or 8x200000 picture
+    stays a thin strip, never a huge image), converted to RGB by the same code as the encoder's input
+    (EXIF rotation, 16-bit, alpha over white, CMYK...), and the whole copy stays under MAX_PIXELS.
+    """
+    from extract.images import to_rgb
     with Image.open(src) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
-    scale = width / im.width
-    im = im.resize((width, max(1, round(im.height * scale))), Image.BILINEAR)
+        im.draft("RGB", (2 * width, 2 * width))     # JPEG: decode big ones at a reduced size (>= the box)
+        im = to_rgb(ImageOps.exif_transpose(im))
+    im = im.resize(fit(im.width, im.height, width, 2 * width), Image.BILINEAR)
+    width = max(im.width, min(width, MIN_TEXT_W))
     big, small = _font(max(14, width // 28)), _font(max(11, width // 40))
-    probe = ImageDraw.Draw(im)
-    margin = width // 40
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    margin = max(4, width // 40)
     title = _wrap(probe, pretty(captions[0][0]) if captions else "(no caption)", big, width - 2 * margin)
     extra = [f"{i}) {pretty(t)} (p={p:.2g})" for i, (t, p) in enumerate(captions[1:], 1)]
     extra_lines = [ln for e in extra for ln in _wrap(probe, e, small, width - 2 * margin)]
     lh_big, lh_small = big.size + 6, small.size + 4
     band = margin + len(title) * lh_big + len(extra_lines) * lh_small + margin
+    band = min(band, MAX_PIXELS // width - im.height)          # a freak caption cannot blow the size up
     canvas = Image.new("RGB", (width, im.height + band), "white")
-    canvas.paste(im, (0, band))
+    canvas.paste(im, ((width - im.width) // 2, band))
     d = ImageDraw.Draw(canvas)
     y = margin
     for ln in title:

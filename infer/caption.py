@@ -2,15 +2,84 @@
 from __future__ import annotations
 
 import glob
+import json
 import math
+import os
+import re
 import time
 from pathlib import Path
 
 from infer.annotate import annotate
-from infer.captioner import Captioner, image_id_from_name, write_jsonl
-from prepare.util import UserError, write_json_atomic
+from prepare.util import UserError, check_range, sha256_file, write_json_atomic
 
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+DEFAULT_MAX_LEN = 30    # --max-len when the run holds no record of its training captions' lengths
+MAX_LEN_SLACK = 2       # tokens allowed beyond the longest training caption
+LIMITS = {"beam_size": ("--beam-size", 1, 100), "top": ("--top", 1, 100), "max_len": ("--max-len", 2, 1000),
+          "batch_size": ("--batch-size", 1, 4096), "limit": ("--limit", 0, None)}
+
+# Only COCO-style names carry an image id: COCO 2014 (COCO_val2014_000000123456.jpg), COCO 2017
+# (000000123456.jpg: 12 digits) and the built-in dataset's (val_000042.jpg). IMG_2023.jpg has none.
+_ID_NAMES = [re.compile(r"COCO_[a-z]+\d{4}_(\d{12})"), re.compile(r"(\d{12})"),
+             re.compile(r"(?:train|val|test)_(\d{6,})")]
+
+
+def image_id_from_name(path: str | os.PathLike) -> int | None:
+    """COCO_val2014_000000123456.jpg -> 123456; 000000123456.jpg -> 123456; val_000042.jpg -> 42;
+    any other name (IMG_2023.jpg, 1.jpg, photo.png) -> None."""
+    stem = Path(path).stem
+    for pat in _ID_NAMES:
+        m = pat.fullmatch(stem)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def display_name(path: str | os.PathLike) -> str:
+    """A file name (or path) as text that can always be printed and stored in UTF-8 JSON: bytes that
+    are not UTF-8 (a Latin-1 'caf\\xe9.jpg') become U+FFFD."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def check_flags(**values) -> None:
+    """UserError naming the flag and its valid range for any value out of range (None: not given)."""
+    for k, v in values.items():
+        if v is not None:
+            flag, lo, hi = LIMITS[k]
+            check_range(flag, v, lo, hi)
+
+
+def check_out_folder(out: Path, flag: str = "--out") -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {display_name(out)} is an existing file; {flag} names a folder (new or existing)")
+
+
+def run_max_len(run, captions=None) -> tuple[int, str]:
+    """Default --max-len for a run: its longest training caption (tokens incl. <start>/<end>) + 2,
+    read from config.json's data.train_max_length when recorded, else from the run's captions.h5
+    (`captions` or config.json's data.captions) when its checksum is the one the run was trained
+    on; else DEFAULT_MAX_LEN. -> (max_len, where it came from)."""
+    try:
+        data = json.loads((Path(run) / "config.json").read_text()).get("data") or {}
+    except (OSError, ValueError, AttributeError):
+        return DEFAULT_MAX_LEN, "default (no readable config.json in the run)"
+    n = data.get("train_max_length")
+    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+        return n + MAX_LEN_SLACK, f"the longest training caption ({n} tokens, recorded in the run) + {MAX_LEN_SLACK}"
+    want = data.get("captions_sha256")
+    for c in (captions, data.get("captions")):
+        if c and want and Path(c).is_file() and sha256_file(c) == want:
+            from prepare import captions_h5
+            n = captions_h5.max_length(c, "train")
+            if n > 0:
+                return n + MAX_LEN_SLACK, f"the longest training caption in {c} ({n} tokens) + {MAX_LEN_SLACK}"
+    return DEFAULT_MAX_LEN, "default (the run's training captions.h5 is not at hand)"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    from prepare.util import atomic_path
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
@@ -30,52 +99,88 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
     return list(dict.fromkeys(paths)), missing
 
 
-def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: int = 20, top: int = 3,
+def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: int | None = None, top: int = 3,
                    batch_size: int = 32, length_norm: float = 0.0, overwrite: bool = False,
                    progress: bool = True, log=print) -> dict:
+    """Caption files, folders and globs; write OUT/annotated/<name>.jpg, OUT/captions.jsonl and,
+    when every captioned file's name carries a distinct COCO image id, OUT/results.json.
+
+    max_len None: the run's own (run_max_len). Every flag and --out are checked before anything is
+    read or written. File names need not be UTF-8: they are shown, stored and used for output
+    names with the undecodable bytes as U+FFFD (display_name). An image that cannot be read, or
+    whose annotated copy cannot be made, is listed with its reason; it never stops the others."""
+    from infer.captioner import Captioner
+    check_flags(beam_size=beam_size, top=top, max_len=max_len, batch_size=batch_size)
     out = Path(out)
+    check_out_folder(out)
     paths, missing = expand_inputs(inputs)
     for m in missing:
-        log(f"warning: {m}: no such file, folder or matching images; skipped")
+        log(f"warning: {display_name(m)}: no such file, folder or matching images; skipped")
     if not paths:
         raise UserError("no images to caption: pass image files, folders or globs")
     names, seen = [], set()
     for p in paths:           # unique output names even for same-named files from different folders
-        stem, k = p.stem, 1
+        base = display_name(p.stem)
+        stem, k = base, 1
         while stem in seen:
-            stem, k = f"{p.stem}-{k}", k + 1
+            stem, k = f"{base}-{k}", k + 1
         seen.add(stem)
         names.append(f"{stem}.jpg")
     targets = [out / "captions.jsonl", out / "results.json"] + [out / "annotated" / n for n in names]
     clash = [t for t in targets if t.exists()]
     if clash and not overwrite:
-        raise UserError(f"{clash[0]} already exists ({len(clash)} output files would be replaced); "
+        raise UserError(f"{display_name(clash[0])} already exists ({len(clash)} output files would be replaced); "
                         "pass --overwrite or choose another --out")
+    if max_len is None:
+        max_len, why = run_max_len(run)
+        log(f"--max-len {max_len}: {why}")
     cap = Captioner(run, beam_size=max(beam_size, top), max_len=max_len, length_norm=length_norm)
     t0 = time.time()
     results = cap.caption_files(paths, batch_size, progress)
     seconds = time.time() - t0
-    rows, coco, bad = [], [], []
+    rows, coco, bad, not_annotated = [], [], [], []
     for r, name in zip(results, names):
+        shown = display_name(r.path)
         if r.error:
-            bad.append((r.path, r.error))
-            log(f"warning: {r.path}: skipped ({r.error})")
+            bad.append((shown, r.error))
+            log(f"warning: {shown}: skipped ({r.error})")
             continue
         best = r.captions[:top]
-        log(f"Captions for image {Path(r.path).name}:")
+        log(f"Captions for image {display_name(Path(r.path).name)}:")
         for i, c in enumerate(best):
             log(f"  {i}) {cap.text(c)} (p={math.exp(c.logprob):.6f})")
-        annotate(r.path, [(cap.text(c), math.exp(c.logprob)) for c in best], out / "annotated" / name)
+        dst = out / "annotated" / name
+        try:
+            annotate(r.path, [(cap.text(c), math.exp(c.logprob)) for c in best], dst)
+        except Exception as e:  # noqa: BLE001 - one picture must never stop the batch
+            why = f"{type(e).__name__}: {e}"
+            not_annotated.append((shown, why))
+            log(f"warning: {shown}: no annotated copy ({why}); its captions are kept")
+            dst = None
         iid = image_id_from_name(r.path)
-        rows.append({"file": r.path, "image_id": iid, "annotated": str(out / "annotated" / name),
+        rows.append({"file": shown, "image_id": iid, "annotated": None if dst is None else display_name(dst),
                      "captions": [{"caption": cap.text(c), "logprob": c.logprob} for c in best]})
         if iid is not None:
-            coco.append({"image_id": iid, "caption": cap.text(best[0])})
+            coco.append({"image_id": iid, "caption": cap.text(best[0]), "file": shown})
     write_jsonl(out / "captions.jsonl", rows)
-    if rows and len(coco) == len(rows):
-        write_json_atomic(out / "results.json", coco)
+    results_json = out / "results.json"
+    by_id: dict[int, list[str]] = {}
+    for c in coco:
+        by_id.setdefault(c["image_id"], []).append(c["file"])
+    dups = {i: f for i, f in by_id.items() if len(f) > 1}
+    write_results = bool(rows) and len(coco) == len(rows) and not dups
+    if write_results:
+        write_json_atomic(results_json, [{"image_id": c["image_id"], "caption": c["caption"]} for c in coco])
+    else:
+        if dups:
+            i, files = next(iter(dups.items()))
+            log(f"warning: results.json not written: {len(dups)} image id(s) given by more than one file "
+                f"(id {i}: {', '.join(files)}); COCO results need one caption per image id")
+        if results_json.exists():              # only possible with --overwrite: never leave a stale one
+            results_json.unlink()
     log(f"captioned {len(rows)} images in {seconds:.1f}s ({len(rows) / max(seconds, 1e-9):.1f} img/s); "
-        f"{len(bad)} unreadable, {len(missing)} inputs not found")
-    log(f"wrote {out / 'annotated'}/, {out / 'captions.jsonl'}" +
-        (f", {out / 'results.json'}" if rows and len(coco) == len(rows) else ""))
-    return {"captioned": len(rows), "unreadable": bad, "missing": missing, "seconds": seconds}
+        f"{len(bad)} unreadable, {len(not_annotated)} without annotated copy, {len(missing)} inputs not found")
+    log(f"wrote {display_name(out / 'annotated')}/, {display_name(out / 'captions.jsonl')}" +
+        (f", {display_name(results_json)}" if write_results else ""))
+    return {"captioned": len(rows), "unreadable": bad, "not_annotated": not_annotated, "missing": missing,
+            "seconds": seconds, "results_json": write_results, "max_len": max_len}

@@ -78,15 +78,24 @@ def model_leave_one_out(refs: dict[int, list[str]], hyp: dict[int, str]) -> dict
     return leave_one_out(refs, hyp)
 
 
-def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int = 20, features=None,
+def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int | None = None, features=None,
              out=None, batch_size: int = 32, overwrite: bool = False, limit: int = 0, progress: bool = True,
              log=print) -> dict:
+    """Caption a split and score it; writes OUT/results.json and OUT/metrics.json (metrics.json last:
+    it exists only beside the results.json it scored, even after a kill during --overwrite).
+    max_len None: the run's own (infer.caption.run_max_len)."""
+    from infer.caption import check_flags, check_out_folder, run_max_len
+    check_flags(beam_size=beam_size, max_len=max_len, batch_size=batch_size, limit=limit)
     data, run = Path(data), Path(run)
     captions = data / "captions.h5"
     out = Path(out) if out else run / f"eval-{split}"
+    check_out_folder(out)
     if (out / "metrics.json").exists() and not overwrite:
         raise UserError(f"{out / 'metrics.json'} already exists; pass --overwrite or choose another --out")
     sp = captions_h5.read_split(captions, split)
+    if max_len is None:
+        max_len, why = run_max_len(run, captions)
+        log(f"--max-len {max_len}: {why}")
     cap = Captioner(run, beam_size=beam_size, max_len=max_len)
     n = len(sp.image_ids) if not limit else min(limit, len(sp.image_ids))
     feats_dir = Path(features) if features else data / "features"
@@ -117,6 +126,7 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
         if row < n and row in beams:
             refs[int(sp.image_ids[row])].append(text)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)       # never an old metrics.json beside new results
     write_json_atomic(out / "results.json", [{"image_id": i, "caption": c} for i, c in hyp.items()])
     log(f"captioned {len(hyp)} {split} images from the {source} in {seconds:.1f}s "
         f"({len(hyp) / max(seconds, 1e-9):.1f} captions/s); scoring...")
@@ -126,7 +136,8 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
     truth = {int(sp.image_ids[r]): json.loads(sp.objects[r])["objects"] for r in beams if sp.objects[r]}
     content = content_accuracy({i: hyp[i] for i in truth}, truth) if truth else None
     metrics = {"split": split, "images": len(hyp), "failed_images": len(failed), "beam_size": beam_size,
-               "source": source, "model": model_scores, "model_leave_one_out": model_loo,
+               "max_len": max_len, "results_sha256": sha256_file(out / "results.json"), "source": source,
+               "model": model_scores, "model_leave_one_out": model_loo,
                "human_ceiling": ceiling, "content": content,
                "java": java_available(),
                "notes": ["SPICE is left out: it needs Stanford CoreNLP models downloaded at run time"] +

@@ -150,6 +150,15 @@ def read_split(path: str | os.PathLike, split: str) -> Split:
                      Path(path).parent, _recorded_root(f, path))
 
 
+def max_length(path: str | os.PathLike, split: str = "train") -> int:
+    """The longest caption of `split` in tokens, <start> and <end> included (0 if none)."""
+    with _open(path) as f:
+        if split not in f:
+            raise UserError(f"{path}: no split '{split}'")
+        lengths = f[split]["lengths"][()]
+    return int(lengths.max()) if len(lengths) else 0
+
+
 def read_attrs(path: str | os.PathLike) -> dict:
     with _open(path) as f:
         return {"config": json.loads(f.attrs["config"]), "checksums": json.loads(f.attrs["checksums"]),

@@ -1,14 +1,17 @@
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from infer.caption import caption_images
-from infer.captioner import Captioner, image_id_from_name
+from infer.caption import caption_images, image_id_from_name
+from infer.captioner import Captioner
 from infer.evaluate import content_accuracy, evaluate, human_ceiling
 from prepare import captions_h5
 from prepare.util import UserError
@@ -154,3 +157,182 @@ def test_evaluate_writes_metrics_with_ceiling_and_content(tiny_dataset, tiny_run
                   progress=False, log=lambda *a: None)
     assert m2["source"] == "images"
     assert json.loads((tmp_path / "e2/results.json").read_text()) == res
+
+
+# ---- names, flags, annotated copies ----------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_only_coco_style_names_carry_image_ids():
+    assert image_id_from_name("x/COCO_val2014_000000123456.jpg") == 123456
+    assert image_id_from_name("COCO_train2014_000000000009.jpg") == 9
+    assert image_id_from_name("000000397133.jpg") == 397133                 # COCO 2017
+    assert image_id_from_name("val_000042.jpg") == 42 and image_id_from_name("test_000061.jpg") == 61
+    for name in ("IMG_2023.jpg", "1.jpg", "a/1.jpg", "photo.png", "DSC01234.JPG", "val_42.jpg",
+                 "COCO_val2014_123.jpg", "myval_000042.jpg", "2023-01-01.png"):
+        assert image_id_from_name(name) is None, name
+
+
+def _infer_cli(*args):
+    env = os.environ | {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "infer", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--top", "0"], "--top"), (["--max-len", "0"], "--max-len"), (["--max-len", "1"], "--max-len"),
+    (["--beam-size", "0"], "--beam-size"), (["--batch-size", "0"], "--batch-size"), (["--top", "1000"], "--top")])
+def test_caption_cli_checks_flags_before_anything(tmp_path, args, flag):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (20, 20)).save(img)
+    r = _infer_cli("caption", "--run", tmp_path / "no-run", img, "--out", tmp_path / "out", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    line, = r.stderr.strip().splitlines()
+    assert line.startswith(f"error: {flag} must be ") and re.search(r"(at least|between) \d+", line)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--limit", "-1"], "--limit"), (["--beam-size", "0"], "--beam-size"), (["--max-len", "1"], "--max-len"),
+    (["--batch-size", "0"], "--batch-size")])
+def test_evaluate_cli_checks_flags_before_anything(tmp_path, args, flag):
+    r = _infer_cli("evaluate", "--run", tmp_path / "no-run", "--data", tmp_path, "--out", tmp_path / "e", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    line, = r.stderr.strip().splitlines()
+    assert line.startswith(f"error: {flag} must be ")
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("cmd", ["caption", "evaluate"])
+def test_out_that_is_an_existing_file_is_refused_before_captioning(tmp_path, cmd):
+    (tmp_path / "taken").write_text("precious")
+    img = tmp_path / "a.png"
+    Image.new("RGB", (20, 20)).save(img)
+    args = (["caption", "--run", tmp_path, img] if cmd == "caption" else ["evaluate", "--run", tmp_path, "--data", tmp_path])
+    r = _infer_cli(*args, "--out", tmp_path / "taken")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    line, = r.stderr.strip().splitlines()
+    assert line.startswith("error: --out ") and str(tmp_path / "taken") in line and "existing file" in line
+    assert (tmp_path / "taken").read_text() == "precious"
+
+
+def test_annotated_copies_of_tall_narrow_and_16_bit_images_stay_small_and_right(tmp_path):
+    from infer.annotate import MAX_PIXELS, annotate
+    caps = [("a red star .", 0.5), ("a blue square to the left of a red star .", 0.2)]
+    for w, h in ((10, 1100), (8, 200000), (200000, 8), (1, 1), (3000, 2000)):
+        src = tmp_path / f"{w}x{h}.png"
+        Image.new("RGB", (w, h), (200, 40, 40)).save(src)
+        annotate(src, caps, tmp_path / f"{w}x{h}.jpg")
+        im = Image.open(tmp_path / f"{w}x{h}.jpg")
+        assert im.width <= 640 and im.height <= 1280 + 400 and im.width * im.height <= MAX_PIXELS, (w, h, im.size)
+        pix = np.asarray(im.convert("RGB")).astype(int)
+        assert (pix[..., 0] - pix[..., 1] > 50).sum() >= min(w, h, 640)   # the (red) picture is there
+    # aspect kept: a 3000x2000 picture becomes 640x427 under its caption band
+    pix = np.asarray(Image.open(tmp_path / "3000x2000.jpg").convert("RGB")).astype(int)
+    red_rows = (np.abs(pix - (200, 40, 40)).sum(-1) < 60).all(1).sum()
+    assert abs(red_rows - 427) <= 2
+    # a 16-bit grey PNG: the picture has the brightness of its 8-bit equivalent, not white
+    a = np.full((48, 64), 30000, np.uint16)
+    a[:, :32] = 10000
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I;16")
+    annotate(tmp_path / "g16.png", caps, tmp_path / "g16.jpg")
+    g = np.asarray(Image.open(tmp_path / "g16.jpg").convert("L")).astype(float)[-480:]   # 64x48 -> 640x480
+    want = np.asarray(Image.fromarray((a / 65535 * 255 + 0.5).astype(np.uint8)).resize((640, 480)), float)
+    assert abs(g.mean() - want.mean()) < 4 and abs(g[:, 20:300].mean() - 10000 / 65535 * 255) < 4
+
+
+def test_odd_pictures_and_non_utf8_names_never_stop_a_caption_run(tiny_dataset, tiny_run, tmp_path, monkeypatch):
+    import infer.caption as ic
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (10, 1100), (40, 80, 220)).save(src / "tall.png")
+    Image.new("RGB", (8, 200000), (40, 80, 220)).save(src / "strip.png")
+    Image.fromarray(np.full((80, 80), 30000, np.uint16)).save(src / "grey16.png")
+    latin1 = os.fsdecode(b"caf\xe9.jpg")                  # not UTF-8: a surrogate-escaped str
+    shutil.copy(sorted((tiny_dataset / "images/test").glob("*.jpg"))[0], src / latin1)
+    shutil.copy(src / latin1, src / "cursed.jpg")
+    real = ic.annotate
+
+    def annotate(path, caps, dst):
+        if Path(path).name == "cursed.jpg":
+            raise OSError("disk full")
+        return real(path, caps, dst)
+    monkeypatch.setattr(ic, "annotate", annotate)
+    lines = []
+    s = caption_images(tiny_run, [str(src)], tmp_path / "out", progress=False, log=lines.append)
+    assert s["captioned"] == 5 and not s["unreadable"]
+    assert s["not_annotated"] == [(str(src / "cursed.jpg"), "OSError: disk full")]
+    assert "Captions for image caf\ufffd.jpg:" in lines
+    rows = [json.loads(x) for x in (tmp_path / "out/captions.jsonl").read_text(encoding="utf-8").splitlines()]
+    by_name = {Path(r["file"]).name: r for r in rows}
+    assert set(by_name) == {"tall.png", "strip.png", "grey16.png", "caf\ufffd.jpg", "cursed.jpg"}
+    assert by_name["cursed.jpg"]["annotated"] is None and by_name["cursed.jpg"]["captions"]
+    assert by_name["caf\ufffd.jpg"]["annotated"] == str(tmp_path / "out/annotated/caf\ufffd.jpg")
+    for n in ("tall", "strip", "grey16", "caf\ufffd"):
+        im = Image.open(tmp_path / "out/annotated" / f"{n}.jpg")
+        assert im.width <= 640 and im.width * im.height <= 1_500_000
+    assert not (tmp_path / "out/annotated/cursed.jpg").exists()
+
+
+def test_results_json_never_stale_nor_with_duplicate_ids(tiny_dataset, tiny_run, tmp_path):
+    quiet = dict(progress=False, log=lambda *a: None)
+    coco_named = sorted((tiny_dataset / "images/test").glob("*.jpg"))[:2]
+    caption_images(tiny_run, [str(f) for f in coco_named], tmp_path / "o", **quiet)
+    assert (tmp_path / "o/results.json").exists()
+    # --overwrite with names that carry no ids: the old results.json goes
+    shutil.copy(coco_named[0], tmp_path / "IMG_2023.jpg")
+    s = caption_images(tiny_run, [str(tmp_path / "IMG_2023.jpg")], tmp_path / "o", overwrite=True, **quiet)
+    assert s["captioned"] == 1 and not s["results_json"] and not (tmp_path / "o/results.json").exists()
+    assert json.loads((tmp_path / "o/captions.jsonl").read_text())["image_id"] is None
+    # the same id from two folders: no results.json, a warning naming the id and both files
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        shutil.copy(coco_named[0], tmp_path / d / coco_named[0].name)
+    lines = []
+    s = caption_images(tiny_run, [str(tmp_path / "a"), str(tmp_path / "b")], tmp_path / "o2", progress=False,
+                       log=lines.append)
+    iid = image_id_from_name(coco_named[0])
+    assert s["captioned"] == 2 and not s["results_json"] and not (tmp_path / "o2/results.json").exists()
+    warn = [ln for ln in lines if "results.json not written" in ln]
+    assert len(warn) == 1 and f"id {iid}" in warn[0] and str(tmp_path / "a") in warn[0] and str(tmp_path / "b") in warn[0]
+
+
+def test_max_len_defaults_to_the_runs_own(tiny_dataset, tiny_run, tmp_path):
+    from infer.caption import DEFAULT_MAX_LEN, run_max_len
+    longest = captions_h5.max_length(tiny_dataset / "captions.h5", "train")
+    assert 5 < longest <= 28
+    assert run_max_len(tiny_run)[0] == longest + 2
+    # a copied run whose captions.h5 is not at hand: the documented fallback; recorded in config: used
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["data"]["captions"] = str(tmp_path / "gone.h5")
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert run_max_len(run) == (DEFAULT_MAX_LEN, "default (the run's training captions.h5 is not at hand)")
+    assert run_max_len(run, tiny_dataset / "captions.h5")[0] == longest + 2       # evaluate's --data
+    cfg["data"]["train_max_length"] = 17
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert run_max_len(run)[0] == 19
+    lines = []
+    s = caption_images(tiny_run, [str(sorted((tiny_dataset / "images/test").glob("*.jpg"))[0])], tmp_path / "o",
+                       progress=False, log=lines.append)
+    assert s["max_len"] == longest + 2 and f"--max-len {longest + 2}: the longest training caption" in lines[0]
+
+
+def test_a_kill_during_evaluate_overwrite_never_leaves_old_metrics_beside_new_results(tiny_dataset, tiny_run,
+                                                                                       tmp_path, monkeypatch):
+    import infer.evaluate as ev
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "results.json").write_text('[{"image_id": 1, "caption": "old"}]')
+    (out / "metrics.json").write_text('{"model": {"Bleu_4": 0.99}}')
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ev, "coco_scores", killed)          # dies while scoring, after captioning
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(tiny_run, tiny_dataset, split="test", out=out, overwrite=True, limit=3, progress=False,
+                    log=lambda *a: None)
+    assert not (out / "metrics.json").exists()
+    assert len(json.loads((out / "results.json").read_text())) == 3     # the new results, alone
