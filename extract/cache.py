@@ -87,7 +87,7 @@ def extract_features(captions: str | os.PathLike, out: str | os.PathLike, *, enc
     captions, out = Path(captions), Path(out)
     spec = enc.get_spec(encoder)
     image_size = image_size or spec.default_image_size
-    root = Path(images_root) if images_root else captions.parent
+    root = Path(images_root) if images_root else captions_h5.images_root(captions)
     available = captions_h5.split_names(captions)
     splits = splits or available
     _check_args(captions, spec, weights, image_size, batch_size, splits, available)

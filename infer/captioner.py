@@ -11,7 +11,7 @@ import numpy as np
 from extract import encoder as enc
 from extract.images import image_dataset
 from infer.beam_search import Caption, beam_search_batch
-from model.train import load_run
+from model.run import Run, load_run
 from prepare.util import UserError, sha256_file
 from prepare.vocabulary import END_ID, START_ID
 
@@ -51,7 +51,7 @@ class Captioner:
         return self.run_dir / "encoder.weights.h5"
 
     def encoder_sha256(self) -> str:
-        return self.config.get("encoder", {}).get("sha256") or self.manifest["weights"]["sha256"]
+        return Run(self.run_dir).encoder_sha256() or self.manifest["weights"]["sha256"]
 
     def encoder(self):
         if self._encoder is None:
@@ -100,13 +100,6 @@ class Captioner:
 
     def text(self, cap: Caption) -> str:
         return self.vocab.decode(cap.ids)
-
-
-def image_id_from_name(path: str | Path) -> int | None:
-    """COCO_val2014_000000123456.jpg -> 123456; val_000042.jpg -> 42; otherwise None."""
-    import re
-    m = re.search(r"(\d+)$", Path(path).stem)
-    return int(m.group(1)) if m else None
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -34,22 +34,22 @@ def main(argv=None) -> int:
     for name, typ, hlp in [
         ("epochs", int, "passes over the training captions (default 20)"),
         ("batch-size", int, "captions per step (default 32)"),
-        ("optimizer", str, "adam (default) or sgd (im2txt: --optimizer sgd --lr 2.0)"),
-        ("lr", float, "initial learning rate (default 1e-3 for adam)"),
+        ("optimizer", str, "adam (default) or sgd (im2txt's recipe)"),
+        ("lr", float, "initial learning rate (default by optimizer: adam 1e-3, sgd 2.0)"),
         ("lr-decay-factor", float, "multiply the learning rate by this ... (default 0.5)"),
         ("lr-decay-epochs", float, "... every this many epochs (default 8)"),
         ("clip-norm", float, "gradient clipping by global norm (default 5.0)"),
         ("seed", int, "initialisation and data order"),
         ("checkpoint-every", int, "steps between checkpoints (default 200; also every epoch)"),
         ("max-steps", int, "stop after this many steps in all (resume later with more)"),
-        ("strategy", str, "default | mirrored (all GPUs of this machine) | multiworker (TF_CONFIG)"),
+        ("strategy", str, "default | mirrored (all GPUs of this machine)"),
         ("embedding-size", int, "image and word embedding size (default 512)"),
         ("lstm-units", int, "LSTM size (default 512)"),
         ("dropout", float, "dropout on LSTM input and output (default 0.3)"),
     ]:
         t.add_argument(f"--{name}", type=typ, help=hlp)
     t.add_argument("--quiet", action="store_true", help="no progress bars")
-    f = sub.add_parser("finetune", help="stage 2: train Inception v3 and the decoder jointly, from images")
+    f = sub.add_parser("finetune", help="stage 2: train the CNN and the decoder jointly, from images")
     f.add_argument("--run", required=True, help="a trained stage-1 run directory (never modified)")
     f.add_argument("--data", required=True, help="the dataset folder it was trained on (captions.h5, images)")
     f.add_argument("--out", required=True, help="new run directory (an existing fine-tune is resumed)")
@@ -61,8 +61,8 @@ def main(argv=None) -> int:
         ("lr", float, "decoder learning rate (Adam; default 2e-4 after a pretrained encoder, 1e-3 after a random one)"),
         ("cnn-lr", float, "Inception learning rate (default 5e-4, im2txt's, after a pretrained encoder; 1e-3 after a random one)"),
         ("cnn-optimizer", str, "sgd or adam for Inception (default sgd after a pretrained encoder, adam after a random one)"),
-        ("bn", str, "train (default: BatchNorm batch statistics in training, re-estimated before each evaluation) "
-                    "or frozen (inference mode, only the convolutions learn)"),
+        ("bn", str, "train (BatchNorm batch statistics in training, re-estimated before each evaluation), "
+                    "frozen (inference mode, only the convolutions learn) or auto (default: the recipe's)"),
         ("clip-norm", float, "gradient clipping by global norm (default 5.0)"),
         ("seed", int, "data order and augmentation"),
         ("checkpoint-every", int, "steps between checkpoints (default 100)"),

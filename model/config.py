@@ -23,7 +23,7 @@ class TrainConfig:
     epochs: int = 20                 # passes over the training captions
     batch_size: int = 32             # captions per step (im2txt: 32)
     optimizer: str = "adam"          # "adam" or "sgd" (im2txt's recipe: sgd, lr 2.0)
-    lr: float = 1e-3                 # initial learning rate (sgd: 2.0 is im2txt's)
+    lr: float = 0.0                  # initial learning rate; 0: by optimizer (adam 1e-3; sgd 2.0, im2txt's)
     lr_decay_factor: float = 0.5     # learning rate multiplied by this ...
     lr_decay_epochs: float = 8.0     # ... every this many epochs (im2txt: halved every 8 epochs)
     clip_norm: float = 5.0           # gradient clipping by global norm (im2txt: 5.0)
@@ -32,7 +32,47 @@ class TrainConfig:
     max_steps: int = 0               # stop after this many steps in all (0: run all epochs)
     samples: int = 3                 # validation images whose greedy captions print each epoch
     sample_max_len: int = 30         # max tokens of those captions
-    strategy: str = "default"        # "default", "mirrored" (GPUs of one machine), "multiworker" (TF_CONFIG)
+    strategy: str = "default"        # "default" or "mirrored" (all GPUs of one machine)
+
+
+DEFAULT_LR = {"adam": 1e-3, "sgd": 2.0}
+STRATEGIES = ("default", "mirrored")
+
+# Valid values, checked before anything is written: field -> (test, what it must be)
+RULES = {
+    "vocab_size": (lambda v: v >= 5, "at least 5 (4 special tokens and a word)"),
+    "feature_dim": (lambda v: v >= 1, "at least 1"),
+    "embedding_size": (lambda v: v >= 1, "at least 1"),
+    "lstm_units": (lambda v: v >= 1, "at least 1"),
+    "dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "init_scale": (lambda v: v > 0, "above 0"),
+    "epochs": (lambda v: v >= 1, "at least 1"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "optimizer": (lambda v: v in DEFAULT_LR, "adam or sgd"),
+    "lr": (lambda v: v >= 0 and v == v, "above 0 (0: the optimizer's default)"),
+    "lr_decay_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "lr_decay_epochs": (lambda v: v >= 0, "0 or more"),
+    "clip_norm": (lambda v: v > 0, "above 0"),
+    "checkpoint_every": (lambda v: v >= 1, "at least 1"),
+    "max_steps": (lambda v: v >= 0, "0 (no limit) or more"),
+    "samples": (lambda v: v >= 0, "0 or more"),
+    "sample_max_len": (lambda v: v >= 2, "at least 2"),
+    "strategy": (lambda v: v in STRATEGIES, " or ".join(STRATEGIES)),
+    "captions_per_image": (lambda v: v >= 1, "at least 1"),
+    "cnn_lr": (lambda v: v >= 0 and v == v, "above 0 (0: the recipe's)"),
+    "cnn_optimizer": (lambda v: v in ("auto", "sgd", "adam"), "sgd, adam or auto"),
+    "bn": (lambda v: v in ("auto", "train", "frozen"), "train, frozen or auto"),
+    "calibration_images": (lambda v: v >= 1, "at least 1"),
+}
+
+
+def validate(cfg) -> None:
+    """Every field of a config against RULES: one line naming the flag and the valid range."""
+    for f in dataclasses.fields(cfg):
+        rule = RULES.get(f.name)
+        v = getattr(cfg, f.name)
+        if rule and not rule[0](v):
+            raise UserError(f"--{f.name.replace('_', '-')} {v}: must be {rule[1]}")
 
 
 def from_dict(cls, d: dict, where: str = "config"):
@@ -47,4 +87,6 @@ def override(cfg, updates: dict, where: str = "flags"):
     """A copy of `cfg` with `updates` (None values ignored); unknown keys are an error."""
     d = dataclasses.asdict(cfg)
     d.update({k: v for k, v in updates.items() if v is not None})
-    return from_dict(type(cfg), d, where)
+    new = from_dict(type(cfg), d, where)
+    validate(new)
+    return new

@@ -41,7 +41,9 @@ from extract import encoder as enc
 from extract.images import image_dataset
 from model import checkpoint
 from model.config import override
-from model.train import RESUMABLE_CHANGES, load_run, masked_token_loss, perplexity, plot_history
+from model.loop import Stage, fit, new_state, perplexity
+from model.run import CHECKPOINT, CONFIG, DECODER, ENCODER, HISTORY, Run, load_run
+from model.train import RESUMABLE_CHANGES, masked_token_loss
 from prepare import captions_h5
 from prepare.synth import content_accuracy
 from prepare.util import UserError, sha256_file, write_json_atomic
@@ -150,254 +152,250 @@ def fit_feature_normalisation(decoder, forward, batches) -> None:
     decoder.set_feature_stats(f.mean(0), f.std(0))
 
 
-def _check_stage1(run: Path, force: bool) -> tuple:
-    model, vocab, config, manifest = load_run(run)
-    hist = run / "history.json"
-    if not force and (not hist.is_file() or not json.loads(hist.read_text())):
-        raise UserError(f"{run}: its decoder has not finished an epoch of stage-1 training. Fine-tuning the CNN "
-                        "under a random LSTM corrupts it (Show and Tell, 2016); train it first with "
-                        "`python -m model train`, or pass --force")
-    enc_file = run / "encoder.weights.h5"
-    want = config.get("encoder", {}).get("sha256") or manifest["weights"]["sha256"]
-    if not enc_file.is_file() or sha256_file(enc_file) != want:
+def _check_stage1(stage1: Run, force: bool) -> tuple:
+    """-> (decoder, vocab, config, manifest) of a trained stage-1 run whose encoder is the one that
+    made the features its decoder was trained on."""
+    enc_file = stage1.file(ENCODER)
+    manifest = stage1.manifest() if stage1.is_run() else {}
+    want = stage1.encoder_sha256() or manifest.get("weights", {}).get("sha256")
+    if stage1.is_run() and (not enc_file.is_file() or sha256_file(enc_file) != want):
         raise UserError(f"{enc_file}: is not the encoder that made the features this decoder was trained on "
-                        f"(checksum differs from {want[:12]}...); restore the run directory from its training")
+                        f"(checksum differs from {str(want)[:12]}...); restore the run directory from its training")
+    model, vocab, config, manifest = load_run(stage1.path)
+    hist = stage1.file(HISTORY)
+    if not force and (not hist.is_file() or not json.loads(hist.read_text())):
+        raise UserError(f"{stage1.path}: its decoder has not finished an epoch of stage-1 training. Fine-tuning the "
+                        "CNN under a random LSTM corrupts it (Show and Tell, 2016); train it first with "
+                        "`python -m model train`, or pass --force")
     return model, vocab, config, manifest
 
 
-def finetune(run, data, out, *, overrides: dict | None = None, force: bool = False, progress: bool = True,
-             log=print) -> dict:
-    import keras
-    import tensorflow as tf
-    from tqdm import tqdm
-
-    from model.decoder import compiled_decoding, greedy_decode
-    run, data, out = Path(run), Path(data), Path(out)
-    if out.resolve() == run.resolve():
-        raise UserError("--out must differ from --run: the stage-1 run directory is never modified")
-    cfg = override(FinetuneConfig(), overrides or {}, "finetune config")
-    if cfg.bn not in ("frozen", "train", "auto"):
-        raise UserError(f"--bn {cfg.bn!r}: choose frozen, train or auto")
-    keras.utils.set_random_seed(cfg.seed)       # dropout masks (their generator states are checkpointed)
-    decoder, vocab, s1config, manifest = _check_stage1(run, force)
+def _check_data(data: Path, stage1: Run, s1config: dict) -> Path:
     captions = data / "captions.h5"
     if not captions.is_file():
         raise UserError(f"{captions}: not found; pass the --data folder the stage-1 run was trained on")
     if sha256_file(captions) != s1config["data"]["captions_sha256"]:
-        raise UserError(f"{captions} is not the captions.h5 that {run} was trained on (checksum differs)")
-    cfg = resolve_recipe(cfg, manifest)
-    if cfg.cnn_optimizer not in ("sgd", "adam"):
-        raise UserError(f"--cnn-optimizer {cfg.cnn_optimizer!r}: choose sgd, adam or auto")
-    size = int(manifest["image_size"])
-    spec = enc.spec_of_manifest(manifest)
-    config = {"model": s1config["model"], "train": s1config["train"], "finetune": dataclasses.asdict(cfg),
-              "data": s1config["data"], "stage1_run": str(run.resolve()),
-              "encoder": {"fine_tuned": True, "from_sha256": sha256_file(run / "encoder.weights.h5"), "sha256": None}}
+        raise UserError(f"{captions} is not the captions.h5 that {stage1.path} was trained on (checksum differs)")
+    return captions
 
-    resume = (out / "config.json").exists()
-    if resume:
-        old = json.loads((out / "config.json").read_text())
-        diffs = [k for k in config["finetune"]
-                 if k not in RESUMABLE_CHANGES and old["finetune"].get(k) != config["finetune"][k]]
-        if old["stage1_run"] != config["stage1_run"] or diffs:
-            raise UserError(f"{out} holds a fine-tune with other settings ({', '.join(diffs) or 'stage1_run'}); "
-                            "resume with the same settings or choose a new --out")
-        config["encoder"] = old["encoder"]
-        resume = (out / "checkpoints" / "latest.h5").exists()
-    elif out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not a fine-tune run directory; choose a new --out")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        vocab.save(out / "vocab.json")
-        write_json_atomic(out / "features_manifest.json", manifest)
-    write_json_atomic(out / "config.json", config)
 
+def _open_run(out: Run, config: dict, vocab, manifest: dict, stage1: Run) -> bool:
+    """Create the fine-tune's run directory, or check an existing one is this fine-tune. True: resume."""
+    if out.is_run():
+        if "finetune" not in out.config():
+            raise UserError(f"{out.path} holds a stage-1 run, not a fine-tune; choose a new --out")
+        out.check_resume(config, vocab, RESUMABLE_CHANGES | {"encoder"})
+        config["encoder"] = out.config()["encoder"]
+        return out.file(CHECKPOINT).exists()
+    if not out.is_free_for_new_run():
+        raise UserError(f"{out.path} exists and is not a fine-tune run directory; choose a new --out")
+    out.create(config, vocab, manifest, stage1.file(ENCODER))
+    return False
+
+
+def _trainable_encoder(spec, size: int, cfg: FinetuneConfig, weights: Path):
+    import keras
     if cfg.mixed_precision:
         keras.config.set_dtype_policy("mixed_bfloat16")
     try:
         encoder, _ = enc.build_encoder(spec.name, "none", size, trainable=True)
     finally:
         keras.config.set_dtype_policy("float32")
-    enc.load_encoder_weights(encoder, run / "encoder.weights.h5")
+    enc.load_encoder_weights(encoder, weights)
     if cfg.bn == "frozen":
-        # Statistics *and* beta/gamma fixed. With random-init weights Inception's activations are
-        # tiny (features ~1e-4), and Adam moves every parameter by ~lr a step: trainable beta offsets
-        # of that size drown the image signal and every image gets the same caption (measured).
+        # Statistics *and* beta/gamma fixed. With random-init weights the CNN's activations are tiny
+        # (Inception's features ~1e-4), and Adam moves every parameter by ~lr a step: trainable beta
+        # offsets of that size drown the image signal and every image gets the same caption (measured).
         for layer in enc.batchnorm_layers(encoder):
             layer.trainable = False
-    trainset = ImageCaptionSet(captions, "train", manifest)
-    valset = ImageCaptionSet(captions, "val", manifest)
-    steps_per_epoch = math.ceil(len(trainset.rows) / cfg.batch_size)
-    opt_dec = keras.optimizers.Adam(cfg.lr)
-    opt_cnn = (keras.optimizers.SGD(cfg.cnn_lr) if cfg.cnn_optimizer == "sgd" else keras.optimizers.Adam(cfg.cnn_lr))
-    dec_vars, cnn_vars = decoder.trainable_variables, encoder.trainable_variables
-    opt_dec.build(dec_vars)
-    opt_cnn.build(cnn_vars)
-    state = {"step": 0, "epoch": 0, "batch": 0, "best_val": None, "history": [], "epoch_losses": []}
-    if resume:
-        state = checkpoint.load(out / "checkpoints" / "latest.h5", [decoder, encoder], [opt_dec, opt_cnn])
-        log(f"resuming {out} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch']})")
-    bn_train = cfg.bn == "train"
-    log(f"recipe {cfg.recipe}: decoder Adam {cfg.lr:g}, {spec.title} {cfg.cnn_optimizer} {cfg.cnn_lr:g}, "
-        f"BatchNorm {'training mode (calibrated)' if bn_train else 'frozen'}")
+    return encoder
 
-    def augment(x, seed):                                    # x float32 [B, S, S, 3] in 0..255
-        b = tf.shape(x)[0]
-        s = tf.random.stateless_uniform([b, 4], seed=seed)
-        frac = 0.85 + 0.15 * s[:, 0:1]                      # crop side 85-100%
-        y0, x0 = (1 - frac) * s[:, 1:2], (1 - frac) * s[:, 2:3]
-        boxes = tf.concat([y0, x0, y0 + frac, x0 + frac], axis=1)
-        x = tf.image.crop_and_resize(x, boxes, tf.range(b), [size, size])
-        if cfg.flip:
-            x = tf.where((s[:, 3] < 0.5)[:, None, None, None], x[:, :, ::-1], x)
-        bc = tf.random.stateless_uniform([b, 2], seed=seed + 1)
-        mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
-        x = (x - mean) * (0.8 + 0.4 * bc[:, 0])[:, None, None, None] + mean + (bc[:, 1] - 0.5)[:, None, None, None] * 40
-        return tf.clip_by_value(x, 0.0, 255.0)
 
-    @tf.function(reduce_retracing=True)
-    def train_step(images, ids, cap_img, seed):
-        x = tf.cast(images, tf.float32)
-        if cfg.augment:
-            x = augment(x, seed)
-        with tf.GradientTape() as tape:
-            f = tf.cast(encoder(x, training=bn_train), tf.float32)               # [B, D]
-            loss_sum, n = masked_token_loss(decoder, tf.gather(f, cap_img), ids, True)
-            loss = loss_sum / n
-        g = tape.gradient(loss, dec_vars + cnn_vars)
-        gd, _ = tf.clip_by_global_norm(g[:len(dec_vars)], cfg.clip_norm)
-        gc, _ = tf.clip_by_global_norm(g[len(dec_vars):], cfg.clip_norm)
-        opt_dec.apply_gradients(zip(gd, dec_vars))
-        opt_cnn.apply_gradients(zip(gc, cnn_vars))
-        return loss
+def augment(x, seed, size: int, flip: bool):
+    """Random crop (85-100% of the side) and brightness/contrast jitter; flips only if asked.
+    x float32 [B, S, S, 3] in 0..255; seed int32 [2]."""
+    import tensorflow as tf
+    b = tf.shape(x)[0]
+    s = tf.random.stateless_uniform([b, 4], seed=seed)
+    frac = 0.85 + 0.15 * s[:, 0:1]
+    y0, x0 = (1 - frac) * s[:, 1:2], (1 - frac) * s[:, 2:3]
+    boxes = tf.concat([y0, x0, y0 + frac, x0 + frac], axis=1)
+    x = tf.image.crop_and_resize(x, boxes, tf.range(b), [size, size])
+    if flip:
+        x = tf.where((s[:, 3] < 0.5)[:, None, None, None], x[:, :, ::-1], x)
+    bc = tf.random.stateless_uniform([b, 2], seed=seed + 1)
+    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+    x = (x - mean) * (0.8 + 0.4 * bc[:, 0])[:, None, None, None] + mean + (bc[:, 1] - 0.5)[:, None, None, None] * 40
+    return tf.clip_by_value(x, 0.0, 255.0)
 
-    forward = enc.compiled_forward(encoder)
-    init, step = compiled_decoding(decoder)
 
-    def val_features() -> np.ndarray:
-        paths = [valset.paths[r] for r in valset.rows]
-        return np.concatenate([forward(imgs).numpy() for imgs, _, _ in image_dataset(paths, size, cfg.batch_size)])
-
-    calib: list = []                       # the first training images, unaugmented, decoded once
-
-    def calibration_batches() -> list:
-        if not calib:
-            paths = [trainset.paths[r] for r in trainset.rows[:cfg.calibration_images]]
-            calib.extend(imgs for imgs, _, _ in image_dataset(paths, size, cfg.batch_size))
-        return calib
-
-    @tf.function(reduce_retracing=True)
-    def eval_loss(f, ids):
-        return masked_token_loss(decoder, f, ids, False)
-
-    def evaluate(calibrate: bool = bn_train):
-        if calibrate:
-            calibrate_batchnorm(encoder, calibration_batches())
-        feats = val_features()
-        tot = cnt = 0.0
-        for i in range(0, len(valset.rows), 64):
-            ids, owner = valset.captions_for(valset.rows[i:i + 64], 1000, None)
-            s_, n_ = eval_loss(feats[i:i + 64][owner], ids)
-            tot, cnt = tot + float(s_), cnt + float(n_)
-        caps = greedy_decode(init, step, feats, START_ID, END_ID, cfg.sample_max_len)
-        texts = {r: vocab.decode(c) for r, c in zip(valset.rows, caps) if r in valset.truth}
-        return {"val_loss": tot / max(cnt, 1.0), "distinct_captions": len({tuple(c) for c in caps}),
-                "val_content": content_accuracy(texts, valset.truth)["exact"] if texts else None}, caps
-
-    def describe(ev) -> str:
-        c = ev["val_content"]
-        return (f"val loss {ev['val_loss']:.3f} (perplexity {perplexity(ev['val_loss']):.2f}), "
-                f"{ev['distinct_captions']} distinct greedy captions of {len(valset.rows)} val images"
-                + ("" if c is None else f", content accuracy {100 * c:.1f}%"))
-
-    def save_best(val):
-        save_encoder_and_decoder(out, encoder, decoder, config)
-        state["best_val"] = val
-
-    writer = tf.summary.create_file_writer(str(out / "tb"))
-    (out / "checkpoints").mkdir(exist_ok=True)
-    if state["best_val"] is None:         # the starting point is the stage-1 model: measure it
-        ev, _ = evaluate(calibrate=False)     # stage 1 as it was, with its own statistics
-        state["start"] = ev
-        log(f"stage-1 model on images: {describe(ev)}")
-        save_best(ev["val_loss"])
-        if bn_train:
-            n = calibrate_batchnorm(encoder, calibration_batches())
-            fit_feature_normalisation(decoder, forward, calibration_batches())
-            ev, _ = evaluate(calibrate=False)      # just calibrated
-            state["calibrated"] = ev
-            log(f"BatchNorm statistics and the decoder's feature normalisation re-estimated on {n} training "
-                f"images: {describe(ev)}")
-    t_start, stopped = time.time(), False
-    while state["epoch"] < cfg.epochs and not stopped:
-        epoch = state["epoch"]
-        order = trainset.epoch_rows(epoch, cfg.seed)
-        start = state["batch"]
-        bar = tqdm(total=steps_per_epoch, initial=start, desc=f"finetune {epoch + 1}/{cfg.epochs}", unit="step",
-                   disable=not progress)
-        t0, seen = time.time(), 0
-        paths = [trainset.paths[r] for r in order[start * cfg.batch_size:]]
-        for b, (imgs, ok, _) in enumerate(image_dataset(paths, size, cfg.batch_size), start=start):
-            rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            rng = np.random.default_rng([cfg.seed, epoch, b])
-            ids, owner = trainset.captions_for(rows, cfg.captions_per_image, rng)
-            readable = ok.numpy()[owner]          # an image unreadable now: its captions sit this step out
-            ids, owner = ids[readable], owner[readable]
-            if not len(ids):
-                state["batch"] = b + 1
-                continue
-            loss = float(train_step(imgs, ids, owner, tf.constant([cfg.seed, state["step"]], tf.int32)))
-            if not math.isfinite(loss):
-                raise UserError(f"loss became {loss} at fine-tune step {state['step'] + 1}; lower --cnn-lr/--lr. "
-                                f"The last good checkpoint is kept in {out / 'checkpoints'}")
-            state["step"] += 1
-            state["batch"] = b + 1
-            state["epoch_losses"].append(loss)
-            seen += len(rows)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{seen / (time.time() - t0):.1f}")
-            with writer.as_default():
-                tf.summary.scalar("finetune/loss", loss, step=state["step"])
-            if state["step"] % cfg.checkpoint_every == 0:
-                checkpoint.save(out / "checkpoints" / "latest.h5", [decoder, encoder], [opt_dec, opt_cnn], state)
-            if cfg.max_steps and state["step"] >= cfg.max_steps:
-                stopped = True
-                break
-        bar.close()
-        if stopped and state["batch"] < steps_per_epoch:
-            checkpoint.save(out / "checkpoints" / "latest.h5", [decoder, encoder], [opt_dec, opt_cnn], state)
-            log(f"stopped at --max-steps {cfg.max_steps}")
-        ev, caps = evaluate()
-        val = ev["val_loss"]
-        rec = {"epoch": epoch + 1 if not stopped else epoch + state["batch"] / steps_per_epoch,
-               "step": state["step"], "train_loss": float(np.mean(state["epoch_losses"] or [np.nan])),
-               **ev, "val_perplexity": perplexity(val),
-               "images_per_s": seen / max(time.time() - t0, 1e-9), "seconds": round(time.time() - t0, 2)}
-        state["history"].append(rec)
-        if not stopped:
-            state["epoch"], state["batch"], state["epoch_losses"] = epoch + 1, 0, []
-        log(f"fine-tune epoch {rec['epoch']:.2f}: train loss {rec['train_loss']:.3f}, {describe(ev)}, "
-            f"{rec['images_per_s']:.1f} img/s")
-        for r, ids in list(zip(valset.rows, caps))[:cfg.samples]:
-            log(f"    {Path(valset.file_names[r]).name}: {vocab.decode(ids)!r}")
-        with writer.as_default():
-            tf.summary.scalar("finetune/val_loss", val, step=state["step"])
-        if val < state["best_val"]:
-            save_best(val)
-        checkpoint.save(out / "checkpoints" / "latest.h5", [decoder, encoder], [opt_dec, opt_cnn], state)
-        write_json_atomic(out / "history.json", state["history"])
-        plot_history(state["history"], out / "training_curve.png")
-    writer.flush()
-    log(f"fine-tuned run directory {out}: best val perplexity {perplexity(state['best_val']):.2f} "
+def finetune(run, data, out, *, overrides: dict | None = None, force: bool = False, progress: bool = True,
+             log=print) -> dict:
+    import keras
+    stage1, out, data = Run(run), Run(out), Path(data)
+    if out.path.resolve() == stage1.path.resolve():
+        raise UserError("--out must differ from --run: the stage-1 run directory is never modified")
+    cfg = override(FinetuneConfig(), overrides or {}, "finetune config")
+    keras.utils.set_random_seed(cfg.seed)       # dropout masks (their generator states are checkpointed)
+    decoder, vocab, s1config, manifest = _check_stage1(stage1, force)
+    captions = _check_data(data, stage1, s1config)
+    cfg = resolve_recipe(cfg, manifest)
+    config = {"model": s1config["model"], "train": s1config["train"], "finetune": dataclasses.asdict(cfg),
+              "data": s1config["data"], "stage1_run": str(stage1.path.resolve()),
+              "encoder": {"fine_tuned": True, "from_sha256": sha256_file(stage1.file(ENCODER)), "sha256": None}}
+    with out.lock():
+        resume = _open_run(out, config, vocab, manifest, stage1)
+        job = _Joint(out, config, cfg, decoder, vocab, manifest, captions, stage1, log)
+        state = new_state()
+        if resume:
+            state = checkpoint.load(out.file(CHECKPOINT), [decoder, job.encoder], job.optimizers)
+            log(f"resuming {out.path} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch']})")
+        log(f"recipe {cfg.recipe}: decoder Adam {cfg.lr:g}, {job.spec.title} {cfg.cnn_optimizer} {cfg.cnn_lr:g}, "
+            f"BatchNorm {'training mode (calibrated)' if job.bn_train else 'frozen'}")
+        t_start = time.time()
+        if state["best_val"] is None:
+            job.measure_start(state)
+        state = fit(job.stage(), state, progress, log)
+    log(f"fine-tuned run directory {out.path}: best val perplexity {perplexity(state['best_val']):.2f} "
         f"(stage 1 on images: {perplexity(state['start']['val_loss']):.2f})")
-    return {"run": str(out), "steps": state["step"], "history": state["history"], "start": state["start"],
+    return {"run": str(out.path), "steps": state["step"], "history": state["history"], "start": state["start"],
             "calibrated": state.get("calibrated"), "best_val": state["best_val"],
             "seconds": round(time.time() - t_start, 1)}
 
 
-def save_encoder_and_decoder(out: Path, encoder, decoder, config: dict) -> None:
-    """The best pair: encoder first, decoder second, then the config naming the encoder's checksum."""
-    enc.save_encoder_weights(encoder, out / "encoder.weights.h5")
-    checkpoint.save(out / "best.weights.h5", decoder)
-    config["encoder"]["sha256"] = sha256_file(out / "encoder.weights.h5")
-    write_json_atomic(out / "config.json", config)
+class _Joint:
+    """Stage 2 for the shared loop: images through the trainable CNN into the decoder."""
+
+    def __init__(self, out: Run, config: dict, cfg: FinetuneConfig, decoder, vocab, manifest: dict, captions: Path,
+                 stage1: Run, log):
+        import keras
+        self.out, self.config, self.cfg, self.decoder, self.vocab, self.log = out, config, cfg, decoder, vocab, log
+        self.spec, self.size = enc.spec_of_manifest(manifest), int(manifest["image_size"])
+        self.encoder = _trainable_encoder(self.spec, self.size, cfg, stage1.file(ENCODER))
+        self.bn_train = cfg.bn == "train"
+        self.trainset = ImageCaptionSet(captions, "train", manifest)
+        self.valset = ImageCaptionSet(captions, "val", manifest)
+        opt_dec = keras.optimizers.Adam(cfg.lr)
+        opt_cnn = keras.optimizers.SGD(cfg.cnn_lr) if cfg.cnn_optimizer == "sgd" else keras.optimizers.Adam(cfg.cnn_lr)
+        self.dec_vars, self.cnn_vars = decoder.trainable_variables, self.encoder.trainable_variables
+        opt_dec.build(self.dec_vars)
+        opt_cnn.build(self.cnn_vars)
+        self.optimizers = [opt_dec, opt_cnn]
+        self.forward = enc.compiled_forward(self.encoder)
+        self._step = self._compiled_step()
+        self._calib: list = []               # the first training images, unaugmented, decoded once
+        from model.decoder import compiled_decoding
+        self._init, self._dstep = compiled_decoding(decoder)
+
+    def _compiled_step(self):
+        import tensorflow as tf
+        cfg, (opt_dec, opt_cnn) = self.cfg, self.optimizers
+
+        @tf.function(reduce_retracing=True)
+        def train_step(images, ids, cap_img, seed):
+            x = tf.cast(images, tf.float32)
+            if cfg.augment:
+                x = augment(x, seed, self.size, cfg.flip)
+            with tf.GradientTape() as tape:
+                f = tf.cast(self.encoder(x, training=self.bn_train), tf.float32)        # [B, D]
+                loss_sum, n = masked_token_loss(self.decoder, tf.gather(f, cap_img), ids, True)
+                loss = loss_sum / n
+            g = tape.gradient(loss, self.dec_vars + self.cnn_vars)
+            gd, _ = tf.clip_by_global_norm(g[:len(self.dec_vars)], cfg.clip_norm)
+            gc, _ = tf.clip_by_global_norm(g[len(self.dec_vars):], cfg.clip_norm)
+            opt_dec.apply_gradients(zip(gd, self.dec_vars))
+            opt_cnn.apply_gradients(zip(gc, self.cnn_vars))
+            return loss
+
+        @tf.function(reduce_retracing=True)
+        def eval_loss(f, ids):
+            return masked_token_loss(self.decoder, f, ids, False)
+        self._eval_loss = eval_loss
+        return train_step
+
+    # ---- data ------------------------------------------------------------------------------
+    def batches(self, epoch: int, start: int):
+        """(images, caption ids, caption -> image, rng seed) of one epoch from batch `start` on;
+        captions of an image unreadable now sit the step out."""
+        cfg, ts = self.cfg, self.trainset
+        order = ts.epoch_rows(epoch, cfg.seed)
+        paths = [ts.paths[r] for r in order[start * cfg.batch_size:]]
+        for b, (imgs, ok, _) in enumerate(image_dataset(paths, self.size, cfg.batch_size), start=start):
+            rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            ids, owner = ts.captions_for(rows, cfg.captions_per_image, np.random.default_rng([cfg.seed, epoch, b]))
+            readable = ok.numpy()[owner]
+            yield imgs, ids[readable], owner[readable]
+
+    def train_step(self, batch, step: int) -> float:
+        import tensorflow as tf
+        imgs, ids, owner = batch
+        if not len(ids):
+            return 0.0
+        return float(self._step(imgs, ids, owner, tf.constant([self.cfg.seed, step], tf.int32)))
+
+    def calibration_batches(self) -> list:
+        if not self._calib:
+            paths = [self.trainset.paths[r] for r in self.trainset.rows[:self.cfg.calibration_images]]
+            self._calib.extend(imgs for imgs, _, _ in image_dataset(paths, self.size, self.cfg.batch_size))
+        return self._calib
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def evaluate(self, calibrate: bool | None = None) -> dict:
+        from model.decoder import greedy_decode
+        vs, cfg = self.valset, self.cfg
+        if self.bn_train if calibrate is None else calibrate:
+            calibrate_batchnorm(self.encoder, self.calibration_batches())
+        paths = [vs.paths[r] for r in vs.rows]
+        feats = np.concatenate([self.forward(imgs).numpy() for imgs, _, _ in image_dataset(paths, self.size, cfg.batch_size)])
+        tot = cnt = 0.0
+        for i in range(0, len(vs.rows), 64):
+            ids, owner = vs.captions_for(vs.rows[i:i + 64], 1000, None)
+            s_, n_ = self._eval_loss(feats[i:i + 64][owner], ids)
+            tot, cnt = tot + float(s_), cnt + float(n_)
+        self.captions = greedy_decode(self._init, self._dstep, feats, START_ID, END_ID, cfg.sample_max_len)
+        texts = {r: self.vocab.decode(c) for r, c in zip(vs.rows, self.captions) if r in vs.truth}
+        return {"val_loss": tot / max(cnt, 1.0), "distinct_captions": len({tuple(c) for c in self.captions}),
+                "val_content": content_accuracy(texts, vs.truth)["exact"] if texts else None}
+
+    def describe(self, ev: dict) -> str:
+        c = ev["val_content"]
+        return (f"val loss {ev['val_loss']:.3f} (perplexity {perplexity(ev['val_loss']):.2f}), "
+                f"{ev['distinct_captions']} distinct greedy captions of {len(self.valset.rows)} val images"
+                + ("" if c is None else f", content accuracy {100 * c:.1f}%"))
+
+    def samples(self) -> None:
+        for r, ids in list(zip(self.valset.rows, self.captions))[:self.cfg.samples]:
+            self.log(f"    {Path(self.valset.file_names[r]).name}: {self.vocab.decode(ids)!r}")
+
+    def measure_start(self, state: dict) -> None:
+        """The starting point is the stage-1 pair: measure it, keep it as the best so far, then (BatchNorm
+        in training mode) re-estimate BatchNorm statistics and the decoder's normalisation."""
+        ev = state["start"] = self.evaluate(calibrate=False)
+        self.log(f"stage-1 model on images: {self.describe(ev)}")
+        self.save_best({})
+        state["best_val"] = ev["val_loss"]
+        if self.bn_train:
+            n = calibrate_batchnorm(self.encoder, self.calibration_batches())
+            fit_feature_normalisation(self.decoder, self.forward, self.calibration_batches())
+            ev = state["calibrated"] = self.evaluate(calibrate=False)
+            self.log(f"BatchNorm statistics and the decoder's feature normalisation re-estimated on {n} training "
+                     f"images: {self.describe(ev)}")
+
+    def save_best(self, _rec: dict) -> None:
+        """Encoder, decoder and the config naming the encoder's checksum: one atomic commit."""
+        def config(p: Path) -> None:
+            self.config["encoder"]["sha256"] = sha256_file(p.parent / ENCODER)
+            write_json_atomic(p, self.config)
+        self.out.commit({ENCODER: lambda p: enc.save_encoder_weights(self.encoder, p),
+                         DECODER: lambda p: checkpoint.save(p, self.decoder), CONFIG: config})
+
+    def stage(self) -> Stage:
+        cfg = self.cfg
+        return Stage(
+            name="finetune", run=self.out, epochs=cfg.epochs, max_steps=cfg.max_steps,
+            checkpoint_every=cfg.checkpoint_every, steps_per_epoch=math.ceil(len(self.trainset.rows) / cfg.batch_size),
+            batch_size=cfg.batch_size, batches=self.batches, train_step=self.train_step, evaluate=self.evaluate,
+            describe=self.describe, after_epoch=self.samples, save_best=self.save_best,
+            save_checkpoint=lambda state: checkpoint.save(self.out.file(CHECKPOINT), [self.decoder, self.encoder],
+                                                          self.optimizers, state),
+            nan_hint="lower --cnn-lr/--lr")

@@ -21,7 +21,7 @@ def _feature_mean(run: Path) -> np.ndarray:
     """The decoder's feature normalisation mean: a stage-1 run's, or a fine-tune's latest checkpoint's."""
     from extract import encoder as enc
     from model import checkpoint
-    from model.train import load_run
+    from model.run import load_run
     dec, *_ = load_run(run)
     if "finetune" in json.loads((run / "config.json").read_text()):
         checkpoint.load(run / "checkpoints" / "latest.h5", [dec, enc.build_encoder("inception_v3", "none", 75, trainable=True)[0]])
@@ -33,7 +33,7 @@ def _encoder_changes(stage1_run: Path, ft: Path) -> dict[str, int]:
     latest checkpoint (also checks the decoder moved)."""
     from extract import encoder as enc
     from model import checkpoint
-    from model.train import load_run
+    from model.run import load_run
     a, _ = enc.build_encoder("inception_v3", "none", 75)
     enc.load_encoder_weights(a, stage1_run / "encoder.weights.h5")
     dec, *_ = load_run(stage1_run)

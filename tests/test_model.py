@@ -9,7 +9,8 @@ import pytest
 
 from model.config import ModelConfig, TrainConfig, from_dict
 from model.decoder import ShowAndTell, compiled_decoding
-from model.train import load_run, masked_token_loss, train
+from model.run import load_run
+from model.train import masked_token_loss, train
 from prepare.util import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
