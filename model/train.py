@@ -51,6 +51,11 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int):
 def _open_run(run: Run, config: dict, vocab, manifest: dict, features_dir: Path) -> bool:
     """Create the run directory, or check that an existing one is this run. Returns True to resume."""
     if run.is_run():
+        old = run.manifest()
+        if (old.get("weights", {}).get("sha256"), old.get("encoder")) != (manifest["weights"]["sha256"], manifest["encoder"]):
+            raise UserError(f"{run.path} was trained on features of another encoder ({_encoder_words(old)}); "
+                            f"{features_dir} holds {_encoder_words(manifest)} features. Resume with the run's own "
+                            f"feature cache ({old.get('request', {}).get('encoder', '?')}) or choose a new --out")
         run.check_resume(config, vocab, RESUMABLE_CHANGES)
         if run.config() != config:                   # epochs / max_steps may have been extended
             run.commit({CONFIG: lambda p: write_json_atomic(p, config)})
@@ -59,6 +64,12 @@ def _open_run(run: Run, config: dict, vocab, manifest: dict, features_dir: Path)
         raise UserError(f"{run.path} exists and is not a run directory (no config.json); choose a new --out")
     run.create(config, vocab, manifest, features_dir / manifest["weights"]["file"])
     return False
+
+
+def _encoder_words(manifest: dict) -> str:
+    from extract.encoder import spec_of_manifest
+    w = manifest.get("weights", {})
+    return f"{spec_of_manifest(manifest).title}, {w.get('source', {}).get('kind', '?')} weights {str(w.get('sha256'))[:12]}"
 
 
 def masked_token_loss(model, features, ids, training=False):
