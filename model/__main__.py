@@ -1,4 +1,4 @@
-"""python -m model train | finetune | bench  (each has --help)"""
+"""python -m model train | finetune | bench  (each has --help; flags come from the typed configs)"""
 from __future__ import annotations
 
 import argparse
@@ -10,20 +10,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from prepare.util import run_cli  # noqa: E402
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        b = argparse.ArgumentParser(prog="python -m model bench", description="decoder training throughput")
-        b.add_argument("--vocab", type=int, default=12000)
-        b.add_argument("--size", type=int, default=512, help="embedding and LSTM size")
-        b.add_argument("--batch-size", type=int, default=32)
-        b.add_argument("--max-len", type=int, default=20)
-        b.add_argument("--mean-len", type=float, default=12.5)
-        b.add_argument("--steps", type=int, default=12)
-        a = b.parse_args(argv[1:])
-        from model import bench
-        bench.run(a.vocab, a.size, a.batch_size, a.max_len, a.mean_len, a.steps)
-        return 0
+def build_parser() -> argparse.ArgumentParser:
+    from model.config import ModelConfig, TrainConfig, add_flags
+    from model.finetune import FinetuneConfig
     p = argparse.ArgumentParser(prog="python -m model", description="train the Show and Tell decoder")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="stage 1: train the decoder on cached features")
@@ -31,66 +20,39 @@ def main(argv=None) -> int:
     t.add_argument("--captions", help="captions.h5 (default DATA/captions.h5)")
     t.add_argument("--features", help="feature cache folder (default DATA/features)")
     t.add_argument("--out", required=True, help="run directory (created; an existing run is resumed)")
-    for name, typ, hlp in [
-        ("epochs", int, "passes over the training captions (default 20)"),
-        ("batch-size", int, "captions per step (default 32)"),
-        ("optimizer", str, "adam (default) or sgd (im2txt's recipe)"),
-        ("lr", float, "initial learning rate (default by optimizer: adam 1e-3, sgd 2.0)"),
-        ("lr-decay-factor", float, "multiply the learning rate by this ... (default 0.5)"),
-        ("lr-decay-epochs", float, "... every this many epochs (default 8)"),
-        ("clip-norm", float, "gradient clipping by global norm (default 5.0)"),
-        ("seed", int, "initialisation and data order"),
-        ("checkpoint-every", int, "steps between checkpoints (default 200; also every epoch)"),
-        ("max-steps", int, "stop after this many steps in all (resume later with more)"),
-        ("strategy", str, "default | mirrored (all GPUs of this machine)"),
-        ("embedding-size", int, "image and word embedding size (default 512)"),
-        ("lstm-units", int, "LSTM size (default 512)"),
-        ("dropout", float, "dropout on LSTM input and output (default 0.3)"),
-    ]:
-        t.add_argument(f"--{name}", type=typ, help=hlp)
+    add_flags(t, ModelConfig, skip=("vocab_size", "feature_dim"))
+    add_flags(t, TrainConfig)
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     f = sub.add_parser("finetune", help="stage 2: train the CNN and the decoder jointly, from images")
     f.add_argument("--run", required=True, help="a trained stage-1 run directory (never modified)")
     f.add_argument("--data", required=True, help="the dataset folder it was trained on (captions.h5, images)")
     f.add_argument("--out", required=True, help="new run directory (an existing fine-tune is resumed)")
-    for name, typ, hlp in [
-        ("epochs", int, "passes over the training images (default 2)"),
-        ("max-steps", int, "stop after this many steps in all"),
-        ("batch-size", int, "images per step (default 32)"),
-        ("captions-per-image", int, "captions of each image per step (default 5)"),
-        ("lr", float, "decoder learning rate (Adam; default 2e-4 after a pretrained encoder, 1e-3 after a random one)"),
-        ("cnn-lr", float, "Inception learning rate (default 5e-4, im2txt's, after a pretrained encoder; 1e-3 after a random one)"),
-        ("cnn-optimizer", str, "sgd or adam for Inception (default sgd after a pretrained encoder, adam after a random one)"),
-        ("bn", str, "train (BatchNorm batch statistics in training, re-estimated before each evaluation), "
-                    "frozen (inference mode, only the convolutions learn) or auto (default: the recipe's)"),
-        ("clip-norm", float, "gradient clipping by global norm (default 5.0)"),
-        ("seed", int, "data order and augmentation"),
-        ("checkpoint-every", int, "steps between checkpoints (default 100)"),
-    ]:
-        f.add_argument(f"--{name}", type=typ, help=hlp)
-    f.add_argument("--no-augment", dest="augment", action="store_false", default=None,
-                   help="no random crops / brightness-contrast jitter")
-    f.add_argument("--flip", action="store_true", default=None, help="random horizontal flips (off by default: "
-                   "they make 'left of'/'right of' captions false)")
-    f.add_argument("--mixed-precision", action="store_true", default=None, help="Inception in bfloat16 (GPUs)")
+    add_flags(f, FinetuneConfig, skip=("recipe",))
     f.add_argument("--force", action="store_true", help="fine-tune even an untrained decoder (not advised)")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
-    a = p.parse_args(argv)
+    b = sub.add_parser("bench", help="decoder training throughput on random data (im2txt sizes by default)")
+    b.add_argument("--vocab", type=int, default=12000, help="vocabulary size (default 12000)")
+    b.add_argument("--size", type=int, default=512, help="embedding and LSTM size (default 512)")
+    b.add_argument("--batch-size", type=int, default=32, help="captions per step (default 32)")
+    b.add_argument("--max-len", type=int, default=20, help="longest caption in tokens (default 20)")
+    b.add_argument("--mean-len", type=float, default=12.5, help="mean caption length (default 12.5)")
+    b.add_argument("--steps", type=int, default=12, help="timed steps per variant (default 12)")
+    return p
+
+
+def main(argv=None) -> int:
+    from model.config import ModelConfig, TrainConfig, flags_of
+    a = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if a.cmd == "train":
         from model.train import train
-        v = vars(a)
-        model_keys = ("embedding_size", "lstm_units", "dropout")
-        train_keys = ("epochs", "batch_size", "optimizer", "lr", "lr_decay_factor", "lr_decay_epochs", "clip_norm",
-                      "seed", "checkpoint_every", "max_steps", "strategy")
-        train(a.data, a.out, features=a.features, captions=a.captions,
-              model_overrides={k: v[k] for k in model_keys}, train_overrides={k: v[k] for k in train_keys},
-              progress=not a.quiet)
+        train(a.data, a.out, features=a.features, captions=a.captions, model_overrides=flags_of(a, ModelConfig),
+              train_overrides=flags_of(a, TrainConfig), progress=not a.quiet)
     elif a.cmd == "finetune":
-        from model.finetune import finetune
-        keys = ("epochs", "max_steps", "batch_size", "captions_per_image", "lr", "cnn_lr", "cnn_optimizer", "bn", "clip_norm", "seed",
-                "checkpoint_every", "augment", "flip", "mixed_precision")
-        finetune(a.run, a.data, a.out, overrides={k: getattr(a, k) for k in keys}, force=a.force,
-                 progress=not a.quiet)
+        from model.finetune import FinetuneConfig, finetune
+        finetune(a.run, a.data, a.out, overrides=flags_of(a, FinetuneConfig), force=a.force, progress=not a.quiet)
+    else:
+        from model import bench
+        bench.run(a.vocab, a.size, a.batch_size, a.max_len, a.mean_len, a.steps)
     return 0
 
 

@@ -90,3 +90,43 @@ def override(cfg, updates: dict, where: str = "flags"):
     new = from_dict(type(cfg), d, where)
     validate(new)
     return new
+
+
+# ---- command-line flags generated from the configs (one source of truth for defaults and help) ----
+def field_help(cls) -> dict[str, str]:
+    """Each field's comment in the class source (continuation comment lines included)."""
+    import inspect
+    import re
+    helps, last = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):[^#]*#\s*(.*)", line)
+        if m:
+            last = m.group(1)
+            helps[last] = m.group(2)
+        elif last and re.match(r"\s+#\s*(.*)", line):
+            helps[last] += " " + line.strip()[1:].strip()
+        else:
+            last = None
+    return helps
+
+
+def add_flags(parser, cls, skip=(), defaults: dict | None = None) -> None:
+    """One --flag per config field (underscores -> dashes), its comment and default as help.
+    Every flag defaults to None ("not given"), so the config's own default applies."""
+    import argparse
+    helps = field_help(cls)
+    shown = {f.name: f.default for f in dataclasses.fields(cls)} | (defaults or {})
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        name, d = "--" + f.name.replace("_", "-"), shown[f.name]
+        text = f"{helps.get(f.name, '')} (default: {d})".replace("%", "%%")
+        if isinstance(f.default, bool):
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            parser.add_argument(name, type=type(f.default), default=None, help=text)
+
+
+def flags_of(args, cls) -> dict:
+    """The values given on the command line for `cls`'s fields (None: not given)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
