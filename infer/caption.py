@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from infer.annotate import annotate
-from prepare.util import UserError, check_range, sha256_file, write_json_atomic
+from prepare.util import UserError, exclusive_lock, check_range, sha256_file, write_json_atomic
 
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_MAX_LEN = 30    # --max-len when the run holds no record of its training captions' lengths
@@ -118,26 +118,46 @@ def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: 
         log(f"warning: {display_name(m)}: no such file, folder or matching images; skipped")
     if not paths:
         raise UserError("no images to caption: pass image files, folders or globs")
+    names = _output_names(paths)
+    with exclusive_lock(out):                  # one process writes this --out at a time
+        targets = [out / "captions.jsonl", out / "results.json"] + [out / "annotated" / n for n in names]
+        clash = [t for t in targets if t.exists()]
+        if clash and not overwrite:
+            raise UserError(f"{display_name(clash[0])} already exists ({len(clash)} output files would be replaced); "
+                            "pass --overwrite or choose another --out")
+        if max_len is None:
+            max_len, why = run_max_len(run)
+            log(f"--max-len {max_len}: {why}")
+        cap = Captioner(run, beam_size=max(beam_size, top), max_len=max_len, length_norm=length_norm)
+        t0 = time.time()
+        results = cap.caption_files(paths, batch_size, progress)
+        seconds = time.time() - t0
+        rows, coco, bad, not_annotated = _annotate_all(cap, results, names, out, top, log)
+        write_jsonl(out / "captions.jsonl", rows)
+        write_results = _write_results(out / "results.json", rows, coco, log)
+    log(f"captioned {len(rows)} images in {seconds:.1f}s ({len(rows) / max(seconds, 1e-9):.1f} img/s); "
+        f"{len(bad)} unreadable, {len(not_annotated)} without annotated copy, {len(missing)} inputs not found")
+    log(f"wrote {display_name(out / 'annotated')}/, {display_name(out / 'captions.jsonl')}" +
+        (f", {display_name(out / 'results.json')}" if write_results else ""))
+    return {"captioned": len(rows), "unreadable": bad, "not_annotated": not_annotated, "missing": missing,
+            "seconds": seconds, "results_json": write_results, "max_len": max_len}
+
+
+def _output_names(paths: list[Path]) -> list[str]:
+    """Unique output names even for same-named files from different folders."""
     names, seen = [], set()
-    for p in paths:           # unique output names even for same-named files from different folders
+    for p in paths:
         base = display_name(p.stem)
         stem, k = base, 1
         while stem in seen:
             stem, k = f"{base}-{k}", k + 1
         seen.add(stem)
         names.append(f"{stem}.jpg")
-    targets = [out / "captions.jsonl", out / "results.json"] + [out / "annotated" / n for n in names]
-    clash = [t for t in targets if t.exists()]
-    if clash and not overwrite:
-        raise UserError(f"{display_name(clash[0])} already exists ({len(clash)} output files would be replaced); "
-                        "pass --overwrite or choose another --out")
-    if max_len is None:
-        max_len, why = run_max_len(run)
-        log(f"--max-len {max_len}: {why}")
-    cap = Captioner(run, beam_size=max(beam_size, top), max_len=max_len, length_norm=length_norm)
-    t0 = time.time()
-    results = cap.caption_files(paths, batch_size, progress)
-    seconds = time.time() - t0
+    return names
+
+
+def _annotate_all(cap, results, names: list[str], out: Path, top: int, log):
+    """Print each image's captions, write its annotated copy; -> (rows, coco, unreadable, not annotated)."""
     rows, coco, bad, not_annotated = [], [], [], []
     for r, name in zip(results, names):
         shown = display_name(r.path)
@@ -162,8 +182,11 @@ def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: 
                      "captions": [{"caption": cap.text(c), "logprob": c.logprob} for c in best]})
         if iid is not None:
             coco.append({"image_id": iid, "caption": cap.text(best[0]), "file": shown})
-    write_jsonl(out / "captions.jsonl", rows)
-    results_json = out / "results.json"
+    return rows, coco, bad, not_annotated
+
+
+def _write_results(results_json: Path, rows: list[dict], coco: list[dict], log) -> bool:
+    """COCO results (one caption per image id) when every file carries a distinct id; never a stale one."""
     by_id: dict[int, list[str]] = {}
     for c in coco:
         by_id.setdefault(c["image_id"], []).append(c["file"])
@@ -178,9 +201,4 @@ def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: 
                 f"(id {i}: {', '.join(files)}); COCO results need one caption per image id")
         if results_json.exists():              # only possible with --overwrite: never leave a stale one
             results_json.unlink()
-    log(f"captioned {len(rows)} images in {seconds:.1f}s ({len(rows) / max(seconds, 1e-9):.1f} img/s); "
-        f"{len(bad)} unreadable, {len(not_annotated)} without annotated copy, {len(missing)} inputs not found")
-    log(f"wrote {display_name(out / 'annotated')}/, {display_name(out / 'captions.jsonl')}" +
-        (f", {display_name(results_json)}" if write_results else ""))
-    return {"captioned": len(rows), "unreadable": bad, "not_annotated": not_annotated, "missing": missing,
-            "seconds": seconds, "results_json": write_results, "max_len": max_len}
+    return write_results

@@ -13,7 +13,7 @@ import numpy as np
 from infer.captioner import Captioner
 from prepare import captions_h5
 from prepare.synth import content_accuracy  # noqa: F401  (re-exported: part of evaluate's API)
-from prepare.util import UserError, sha256_file, write_json_atomic
+from prepare.util import UserError, exclusive_lock, sha256_file, write_json_atomic
 
 METRICS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
 
@@ -125,24 +125,24 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
     for text, row in zip(sp.texts, sp.image_index):
         if row < n and row in beams:
             refs[int(sp.image_ids[row])].append(text)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").unlink(missing_ok=True)       # never an old metrics.json beside new results
-    write_json_atomic(out / "results.json", [{"image_id": i, "caption": c} for i, c in hyp.items()])
-    log(f"captioned {len(hyp)} {split} images from the {source} in {seconds:.1f}s "
-        f"({len(hyp) / max(seconds, 1e-9):.1f} captions/s); scoring...")
-    model_scores = coco_scores(dict(refs), {i: [c] for i, c in hyp.items()})
-    ceiling = human_ceiling(dict(refs))
-    model_loo = model_leave_one_out(dict(refs), hyp)
-    truth = {int(sp.image_ids[r]): json.loads(sp.objects[r])["objects"] for r in beams if sp.objects[r]}
-    content = content_accuracy({i: hyp[i] for i in truth}, truth) if truth else None
-    metrics = {"split": split, "images": len(hyp), "failed_images": len(failed), "beam_size": beam_size,
-               "max_len": max_len, "results_sha256": sha256_file(out / "results.json"), "source": source,
-               "model": model_scores, "model_leave_one_out": model_loo,
-               "human_ceiling": ceiling, "content": content,
-               "java": java_available(),
-               "notes": ["SPICE is left out: it needs Stanford CoreNLP models downloaded at run time"] +
-                        ([] if java_available() else ["METEOR left out and a simple tokenizer used: no Java found"])}
-    write_json_atomic(out / "metrics.json", metrics)
+    with exclusive_lock(out):                  # one process writes this --out at a time
+        (out / "metrics.json").unlink(missing_ok=True)       # never an old metrics.json beside new results
+        write_json_atomic(out / "results.json", [{"image_id": i, "caption": c} for i, c in hyp.items()])
+        log(f"captioned {len(hyp)} {split} images from the {source} in {seconds:.1f}s "
+            f"({len(hyp) / max(seconds, 1e-9):.1f} captions/s); scoring...")
+        model_scores = coco_scores(dict(refs), {i: [c] for i, c in hyp.items()})
+        ceiling = human_ceiling(dict(refs))
+        model_loo = model_leave_one_out(dict(refs), hyp)
+        truth = {int(sp.image_ids[r]): json.loads(sp.objects[r])["objects"] for r in beams if sp.objects[r]}
+        content = content_accuracy({i: hyp[i] for i in truth}, truth) if truth else None
+        metrics = {"split": split, "images": len(hyp), "failed_images": len(failed), "beam_size": beam_size,
+                   "max_len": max_len, "results_sha256": sha256_file(out / "results.json"), "source": source,
+                   "model": model_scores, "model_leave_one_out": model_loo,
+                   "human_ceiling": ceiling, "content": content,
+                   "java": java_available(),
+                   "notes": ["SPICE is left out: it needs Stanford CoreNLP models downloaded at run time"] +
+                            ([] if java_available() else ["METEOR left out and a simple tokenizer used: no Java found"])}
+        write_json_atomic(out / "metrics.json", metrics)
     log(format_table(metrics))
     log(f"wrote {out / 'metrics.json'} and {out / 'results.json'}")
     return metrics

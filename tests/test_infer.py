@@ -307,6 +307,8 @@ def test_max_len_defaults_to_the_runs_own(tiny_dataset, tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["train_max_length"] == longest                         # recorded by train
+    del cfg["data"]["train_max_length"]                                        # as in an older run
     cfg["data"]["captions"] = str(tmp_path / "gone.h5")
     (run / "config.json").write_text(json.dumps(cfg))
     assert run_max_len(run) == (DEFAULT_MAX_LEN, "default (the run's training captions.h5 is not at hand)")
