@@ -40,3 +40,21 @@ def tiny_run(tiny_dataset, tiny_features, tmp_path_factory):
           train_overrides={"epochs": 4, "batch_size": 16, "lr": 5e-3, "samples": 0}, progress=False,
           log=lambda *a: None)
     return run
+
+
+@pytest.fixture
+def killed_after_saves():
+    """Run `call` (Python source, after `from model import checkpoint`) in a fresh process that dies
+    like kill -9 right after its n-th checkpoint.save: the shared kill-and-resume harness."""
+    import signal
+    import subprocess
+
+    def run(call: str, n: int) -> None:
+        code = (f"import os, signal, sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom model import checkpoint\n"
+                f"orig, count = checkpoint.save, [0]\n"
+                f"def save(*a, **k):\n    orig(*a, **k)\n    count[0] += 1\n"
+                f"    if count[0] == {n}:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+                f"checkpoint.save = save\n{call}\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True)
+        assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
+    return run

@@ -90,30 +90,14 @@ def test_finetune_does_not_collapse_and_infer_uses_the_finetuned_encoder(tiny_da
 
 
 @pytest.mark.slow
-def test_finetune_resumes_after_a_kill(tiny_dataset, tiny_run, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    root = Path(__file__).resolve().parents[1]
+def test_finetune_resumes_after_a_kill(tiny_dataset, tiny_run, tmp_path, killed_after_saves):
     # BatchNorm in training mode (calibration on resume included) with SGD on Inception: Adam on a
     # random-init CNN magnifies CPU float-reduction noise (two uninterrupted runs differed by 1.6%)
     kw = {**FAST, "max_steps": 6, "augment": False, "bn": "train", "cnn_optimizer": "sgd", "cnn_lr": 5e-3}
     ref = finetune(tiny_run, tiny_dataset, tmp_path / "ref", overrides=kw, **quiet)
-    code = f"""
-import os, signal, sys
-sys.path.insert(0, {str(root)!r})
-from model import checkpoint, finetune as F
-orig, n = checkpoint.save, [0]
-def save(*a, **k):
-    orig(*a, **k)
-    n[0] += 1
-    if n[0] == 3:        # saves: initial best, step 2, step 4 -> die after step 4
-        os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.save = save
-F.finetune({str(tiny_run)!r}, {str(tiny_dataset)!r}, {str(tmp_path / 'ft')!r}, overrides={kw!r}, progress=False)
-"""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True)
-    assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
+    # saves: initial best, step 2, step 4 -> die after step 4
+    killed_after_saves(f"from model.finetune import finetune\nfinetune({str(tiny_run)!r}, {str(tiny_dataset)!r}, "
+                       f"{str(tmp_path / 'ft')!r}, overrides={kw!r}, progress=False)", 3)
     lines = []
     res = finetune(tiny_run, tiny_dataset, tmp_path / "ft", overrides=kw, progress=False, log=lines.append)
     assert any(x.startswith("resuming") and "step 4" in x for x in lines)
