@@ -64,6 +64,13 @@ def load(path, model, optimizer=None) -> dict:
                             "was it made with another config?")
         for i, w in enumerate(weights):
             a = g[str(i)][()]
+            saved = g[str(i)].attrs.get("name", "")
+            if isinstance(saved, bytes):
+                saved = saved.decode()
+            # Keras auto-numbers some layer names (conv2d_93), so the variable's own name is compared
+            if saved and saved.split("/")[-1] != w.path.split("/")[-1]:
+                raise UserError(f"{path}: weight {i} is {saved}, the model expects {w.path} here; the checkpoint "
+                                "was made by another model or version")
             if tuple(a.shape) != tuple(w.shape):
                 raise UserError(f"{path}: weight {w.path} has shape {a.shape}, the model expects {tuple(w.shape)}")
             w.assign(a)

@@ -65,8 +65,12 @@ class ShowAndTell(keras.Model):
         self.logits = layers.Dense(c.vocab_size, kernel_initializer=init("logits"), name="logits")
 
     def set_feature_stats(self, mean, std) -> None:
-        std = np.asarray(std, np.float32)
-        inv = np.where(std > 0, 1.0 / np.maximum(std, 1e-30), 0.0).astype(np.float32)  # dead dims -> 0
+        std = np.asarray(std, np.float64)
+        live = std[std > 0]
+        # An epsilon relative to the features' own scale (random-init Inception's are ~1e-4): a
+        # near-constant dimension cannot blow up by 1/std; a constant (dead) one is ignored.
+        eps = 1e-3 * float(np.median(live)) if live.size else 1.0
+        inv = np.where(std > 0, 1.0 / (std + eps), 0.0).astype(np.float32)
         self.feat_mean.assign(np.asarray(mean, np.float32))
         self.feat_inv_std.assign(inv)
 

@@ -199,3 +199,25 @@ print(json.dumps({{"replicas": tf.distribute.MirroredStrategy().num_replicas_in_
     assert out["replicas"] == 2
     assert out["history"][0]["val_loss"] == pytest.approx(ref["history"][0]["val_loss"], rel=2e-3)
     assert out["history"][0]["train_loss"] == pytest.approx(ref["history"][0]["train_loss"], rel=2e-3)
+
+
+def test_feature_normalisation_has_a_scale_relative_epsilon():
+    m = ShowAndTell(ModelConfig(vocab_size=10, feature_dim=4, embedding_size=8, lstm_units=8))
+    m.build_all()
+    m.set_feature_stats([0, 0, 0, 0], [1e-3, 1e-3, 1e-15, 0.0])
+    inv = m.feat_inv_std.numpy()
+    assert inv[0] == pytest.approx(1 / (1e-3 + 1e-6), rel=1e-5)       # eps = 1e-3 x median live std
+    assert inv[2] == pytest.approx(1e6, rel=1e-3) and inv[3] == 0.0    # near-constant bounded, dead ignored
+
+
+def test_checkpoint_refuses_weights_in_another_order(tmp_path):
+    import h5py
+    from model import checkpoint
+    m = ShowAndTell(ModelConfig(vocab_size=10, embedding_size=8, lstm_units=8))
+    m.build_all()
+    checkpoint.save(tmp_path / "c.h5", m)
+    with h5py.File(tmp_path / "c.h5", "r+") as f:
+        f["model"]["2"].attrs["name"] = "show_and_tell/image_embedding/bias"      # kernel expected here
+    with pytest.raises(UserError, match=r"weight 2 is show_and_tell/image_embedding/bias, the model expects "
+                                        r"show_and_tell/image_embedding/kernel"):
+        checkpoint.load(tmp_path / "c.h5", m)
