@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from infer.annotate import annotate
-from prepare.util import UserError, exclusive_lock, check_range, sha256_file, write_json_atomic
+from prepare.util import UserError, check_range, exclusive_lock, fault_point, sha256_file, write_json_atomic
 
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_MAX_LEN = 30    # --max-len when the run holds no record of its training captions' lengths
@@ -122,25 +122,33 @@ def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: 
     with exclusive_lock(out):                  # one process writes this --out at a time
         targets = [out / "captions.jsonl", out / "results.json"] + [out / "annotated" / n for n in names]
         clash = [t for t in targets if t.exists()]
-        if clash and not overwrite:
+        marker = out / INCOMPLETE          # a run of ours that a kill interrupted: finish it
+        if clash and marker.exists():
+            log(f"finishing the interrupted run in {display_name(out)} (its outputs are replaced)")
+        elif clash and not overwrite:
             raise UserError(f"{display_name(clash[0])} already exists ({len(clash)} output files would be replaced); "
                             "pass --overwrite or choose another --out")
         if max_len is None:
             max_len, why = run_max_len(run)
             log(f"--max-len {max_len}: {why}")
         cap = Captioner(run, beam_size=max(beam_size, top), max_len=max_len, length_norm=length_norm)
+        marker.touch()
         t0 = time.time()
         results = cap.caption_files(paths, batch_size, progress)
         seconds = time.time() - t0
         rows, coco, bad, not_annotated = _annotate_all(cap, results, names, out, top, log)
         write_jsonl(out / "captions.jsonl", rows)
         write_results = _write_results(out / "results.json", rows, coco, log)
+        marker.unlink()
     log(f"captioned {len(rows)} images in {seconds:.1f}s ({len(rows) / max(seconds, 1e-9):.1f} img/s); "
         f"{len(bad)} unreadable, {len(not_annotated)} without annotated copy, {len(missing)} inputs not found")
     log(f"wrote {display_name(out / 'annotated')}/, {display_name(out / 'captions.jsonl')}" +
         (f", {display_name(out / 'results.json')}" if write_results else ""))
     return {"captioned": len(rows), "unreadable": bad, "not_annotated": not_annotated, "missing": missing,
             "seconds": seconds, "results_json": write_results, "max_len": max_len}
+
+
+INCOMPLETE = ".caption-incomplete"   # present while a caption run writes its --out
 
 
 def _output_names(paths: list[Path]) -> list[str]:
@@ -177,6 +185,7 @@ def _annotate_all(cap, results, names: list[str], out: Path, top: int, log):
             not_annotated.append((shown, why))
             log(f"warning: {shown}: no annotated copy ({why}); its captions are kept")
             dst = None
+        fault_point("caption:annotated")
         iid = image_id_from_name(r.path)
         rows.append({"file": shown, "image_id": iid, "annotated": None if dst is None else display_name(dst),
                      "captions": [{"caption": cap.text(c), "logprob": c.logprob} for c in best]})

@@ -158,7 +158,8 @@ def exclusive_lock(folder: str | os.PathLike, flag: str = "--out") -> Iterator[P
     """Hold an exclusive lock on `folder` (created if missing) while the block runs.
 
     A second process asking for the same folder is refused at once with a message naming the
-    holder (pid, command, start time). The lock is the OS's (flock), so a killed holder releases
+    holder (pid, command, start time). Temporary files a killed writer left (`.tmp-*`, in the
+    folder and its subfolders) are removed once the lock is held. The lock is the OS's (flock), so a killed holder releases
     it: a stale `.lock` file never blocks a re-run.
     """
     import fcntl
@@ -178,6 +179,8 @@ def exclusive_lock(folder: str | os.PathLike, flag: str = "--out") -> Iterator[P
           f"since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     os.ftruncate(fd, 0)
     os.pwrite(fd, me.encode("utf-8", "replace"), 0)
+    for tmp in [*folder.glob(".tmp-*"), *folder.glob("*/.tmp-*")]:   # left by a killed writer: ours now
+        tmp.unlink(missing_ok=True)
     try:
         yield folder
     finally:

@@ -105,3 +105,37 @@ def test_images_outside_the_h5_folder_get_a_recorded_root_not_absolute_names(tin
         captions_h5.read_split(tmp_path / "c.h5", "train")
     # next to its images: no recorded root, names relative to its own folder
     assert captions_h5.images_root(tiny_dataset / "captions.h5") == tiny_dataset
+
+
+def test_the_lock_holder_removes_temp_files_a_killed_writer_left(tmp_path):
+    from prepare.util import exclusive_lock
+    (tmp_path / "checkpoints").mkdir()
+    left = [tmp_path / ".tmp-best.weights.h5.abc", tmp_path / "checkpoints" / ".tmp-latest.h5.x"]
+    for p in left:
+        p.write_bytes(b"half")
+    (tmp_path / "keep.txt").write_text("mine")
+    with exclusive_lock(tmp_path):
+        assert not any(p.exists() for p in left)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_a_killed_caption_run_is_finished_by_the_same_command(tiny_run, tiny_dataset, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    images = sorted(str(p) for p in (tiny_dataset / "images" / "test").glob("*.jpg"))[:3]
+    cmd = [sys.executable, "-m", "infer", "caption", "--run", str(tiny_run), "--out", str(tmp_path / "o"),
+           "--quiet", *images]
+    r = subprocess.run(cmd, cwd=root, capture_output=True, env={**os.environ, "SHOWTELL_FAULT": "caption:annotated"})
+    assert r.returncode == -signal.SIGKILL
+    assert not (tmp_path / "o" / "captions.jsonl").exists() and len(list((tmp_path / "o" / "annotated").iterdir())) == 1
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True)          # no --overwrite needed
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "finishing the interrupted run" in r.stdout
+    assert len((tmp_path / "o" / "captions.jsonl").read_text().splitlines()) == 3
+    assert not (tmp_path / "o" / ".caption-incomplete").exists()
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True)          # a finished run is protected
+    assert r.returncode == 2 and "pass --overwrite" in r.stderr
