@@ -50,7 +50,7 @@ python -m infer evaluate --run "$RUN" --data "$DATA" --features "$FEATURES" --sp
 
 if [ -n "${FINETUNE:-}" ]; then
   echo "== 5b fine-tune $ENCODER + decoder jointly -> $RUN-ft (FINETUNE=1)"
-  python -m model finetune --run "$RUN" --data "$DATA" --out "$RUN-ft" --epochs "${FT_EPOCHS:-2}"
+  python -m model finetune --run "$RUN" --data "$DATA" --out "$RUN-ft" --epochs "${FT_EPOCHS:-5}"
   python -m infer evaluate --run "$RUN-ft" --data "$DATA" --split test --overwrite
   RUN="$RUN-ft"
 fi

@@ -54,7 +54,8 @@ ENCODERS: dict[str, EncoderSpec] = {
         {"lr": 2e-4, "cnn_lr": 5e-4, "cnn_optimizer": "sgd", "bn": "train"}),
     "efficientnet_lite0": EncoderSpec(
         "efficientnet_lite0", "EfficientNet-Lite0", 1280, 224, 32, 1 / 128, -127 / 128, "(x - 127) / 128",
-        {"lr": 2e-4, "cnn_lr": 1e-4, "cnn_optimizer": "adam", "bn": "frozen"}),
+        # measured on the built-in dataset: Adam 3e-5 on the CNN, BatchNorm frozen (README, results)
+        {"lr": 2e-4, "cnn_lr": 3e-5, "cnn_optimizer": "adam", "bn": "frozen"}),
 }
 
 

@@ -19,7 +19,7 @@ Choices (see the README for the measurements behind them):
   saturates on ~1000x larger features and the CNN gets exactly zero gradient.
 * Two optimisers with their own learning rates, from a recipe chosen by where the stage-1 encoder's
   weights came from (resolve_recipe): after ImageNet weights, the encoder's own recipe from the
-  registry (Inception v3: im2txt's SGD 0.0005, BatchNorm training; EfficientNet-Lite0: Adam 1e-4,
+  registry (Inception v3: im2txt's SGD 0.0005, BatchNorm training; EfficientNet-Lite0: Adam 3e-5,
   BatchNorm frozen); after random init, Adam 1e-3 on both, which has to learn from scratch.
   Gradient clipping per optimiser.
 * Augmentation: random crops and brightness/contrast jitter only; no hue or saturation changes
