@@ -4,7 +4,6 @@ import re
 import signal
 import subprocess
 import sys
-import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -164,21 +163,23 @@ def test_bad_images_are_counted_recorded_and_never_crash(tmp_path):
     assert rot[10, 37, 0] > 200 and rot[65, 37, 0] < 50
 
 
-def test_offline_imagenet_gives_one_clear_message(monkeypatch, tmp_path):
-    import socket
-
-    import keras.src.backend.config as kconfig
-    import keras.src.utils.file_utils as fu
-    monkeypatch.setattr(kconfig, "_KERAS_DIR", str(tmp_path / "keras_home"))
-
-    def no_network(*a, **k):
-        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
-    monkeypatch.setattr(fu, "urlretrieve", no_network)
-    with pytest.raises(UserError) as e:
-        enc.build_encoder("inception_v3", "imagenet", 75)
-    msg = str(e.value)
-    assert str(tmp_path / "keras_home" / "models" / enc.IMAGENET_FILE) in msg
-    assert "--weights FILE" in msg and "name resolution" in msg and "\n" not in msg
+def test_offline_imagenet_gives_one_clear_message(tmp_path):
+    """A real offline download (proxies pointing at a closed local port), not a patched function."""
+    keras_home = tmp_path / "keras_home"
+    env = {**os.environ, "KERAS_HOME": str(keras_home), "https_proxy": "http://127.0.0.1:9",
+           "http_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+           "no_proxy": "", "NO_PROXY": ""}
+    r = subprocess.run([sys.executable, "-m", "extract", "--captions", str(tmp_path / "x.h5"), "--out",
+                        str(tmp_path / "f")], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 2, r.stderr[-2000:]       # the missing captions.h5 is named first: no download yet
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from prepare.util import run_cli; "
+            "from extract import encoder as enc; run_cli(lambda a: enc.build_encoder('inception_v3', 'imagenet', 75))")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    msg = r.stderr.strip().splitlines()
+    assert len(msg) == 1 and msg[0].startswith("error: could not download the ImageNet weights for Inception v3")
+    assert str(keras_home / "models" / enc.IMAGENET_FILE) in msg[0]
+    assert "--weights FILE" in msg[0] and "--encoder efficientnet_lite0" in msg[0]
 
 
 def test_wrong_weights_file_and_small_size_are_refused(tmp_path):

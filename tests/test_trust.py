@@ -139,3 +139,17 @@ def test_a_killed_caption_run_is_finished_by_the_same_command(tiny_run, tiny_dat
     assert not (tmp_path / "o" / ".caption-incomplete").exists()
     r = subprocess.run(cmd, cwd=root, capture_output=True, text=True)          # a finished run is protected
     assert r.returncode == 2 and "pass --overwrite" in r.stderr
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    import os
+    from prepare.util import write_json_atomic
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "a.json", {"x": 1})
+        os.umask(0o077)
+        write_json_atomic(tmp_path / "b.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
