@@ -126,3 +126,19 @@ def test_sgd_defaults_to_im2txt_learning_rate(tiny_dataset, tiny_features, tmp_p
     train(tiny_dataset, tmp_path / "run", model_overrides=TINY,
           train_overrides={"optimizer": "sgd", "max_steps": 1, "samples": 0}, **quiet)
     assert json.loads((tmp_path / "run" / CONFIG).read_text())["train"]["lr"] == 2.0
+
+
+@pytest.mark.slow
+def test_model_cli_trains_a_run_and_refuses_bad_flags_in_one_line(tiny_dataset, tiny_features, tmp_path):
+    base = [sys.executable, "-m", "model", "train", "--data", str(tiny_dataset), "--quiet",
+            "--embedding-size", "8", "--lstm-units", "8", "--epochs", "1", "--samples", "0"]
+    r = subprocess.run(base + ["--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "I0000" not in r.stderr and "oneDNN" not in r.stderr      # TensorFlow's start-up notices filtered
+    Run(tmp_path / "run").verify()
+    r = subprocess.run(base + ["--out", str(tmp_path / "bad"), "--dropout", "1.5"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --dropout 1.5: must be in [0, 1)"
+    assert not (tmp_path / "bad").exists()
+    r = subprocess.run([sys.executable, "-m", "model", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert "{train,finetune,bench}" in r.stdout
