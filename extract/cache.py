@@ -26,7 +26,7 @@ import numpy as np
 from extract import encoder as enc
 from extract.images import image_dataset
 from prepare import captions_h5
-from prepare.util import UserError, exclusive_lock, fault_point, sha256_file, write_json_atomic
+from prepare.util import UserError, differences, exclusive_lock, fault_point, sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
 WEIGHTS = "encoder.weights.h5"
@@ -42,8 +42,7 @@ def _request(captions: Path, spec: enc.EncoderSpec, weights: str, image_size: in
 
 
 def _differences(a: dict, b: dict) -> str:
-    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return "; ".join(f"{k}: cache has {a.get(k)!r}, now {b.get(k)!r}" for k in keys)
+    return "; ".join(differences(a, b, was="cache has"))
 
 
 def read_manifest(features_dir: str | os.PathLike) -> dict:

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from prepare.util import UserError, exclusive_lock, fault_point, is_empty_folder, sha256_file, write_json_atomic
+from prepare.util import UserError, differences, exclusive_lock, fault_point, is_empty_folder, sha256_file, write_json_atomic
 
 _HELD: set[str] = set()       # run directories whose lock this process holds
 
@@ -42,20 +42,6 @@ HISTORY = "history.json"
 CURVE = "training_curve.png"
 TENSORBOARD = "tb"
 REQUIRED = (CONFIG, VOCAB, MANIFEST, ENCODER, DECODER)
-
-
-def differences(old: dict, new: dict, ignore: set = frozenset(), prefix: str = "") -> list[str]:
-    """Saved settings vs now, nested dicts flattened to dotted keys: ['train.lr: run has 0.1, now 0.2']."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if k in ignore:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += differences(a, b, ignore, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: run has {a!r}, now {b!r}")
-    return out
 
 
 def read_json(path: Path, what: str, fix: str) -> dict:

@@ -134,6 +134,20 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
             tmp.unlink()
 
 
+def differences(old: dict, new: dict, ignore: set = frozenset(), prefix: str = "", was: str = "run has") -> list[str]:
+    """Saved settings vs now, nested dicts flattened to dotted keys: ['train.lr: run has 0.1, now 0.2']."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if k in ignore:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, ignore, f"{prefix}{k}.", was)
+        elif a != b:
+            out.append(f"{prefix}{k}: {was} {a!r}, now {b!r}")
+    return out
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
