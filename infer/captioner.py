@@ -12,7 +12,6 @@ from extract import encoder as enc
 from extract.images import image_dataset
 from infer.beam_search import Caption, beam_search_batch
 from model.run import Run, load_run
-from prepare.util import UserError, sha256_file
 from prepare.vocabulary import END_ID, START_ID
 
 
@@ -40,7 +39,8 @@ def numpy_decoding(model):
 class Captioner:
     def __init__(self, run_dir, beam_size: int = 3, max_len: int = 20, length_norm: float = 0.0):
         self.run_dir = Path(run_dir)
-        self.model, self.vocab, self.config, self.manifest = load_run(self.run_dir)
+        self.model, self.vocab, self.config, self.manifest = load_run(self.run_dir)   # every file verified
+        self._encoder_sha256 = Run(self.run_dir).encoder_sha256() or self.manifest["weights"]["sha256"]
         self.beam_size, self.max_len, self.length_norm = beam_size, max_len, length_norm
         self._init, self._step = numpy_decoding(self.model)
         self._encoder = None
@@ -51,16 +51,12 @@ class Captioner:
         return self.run_dir / "encoder.weights.h5"
 
     def encoder_sha256(self) -> str:
-        return Run(self.run_dir).encoder_sha256() or self.manifest["weights"]["sha256"]
+        return self._encoder_sha256
 
     def encoder(self):
+        """The run's own encoder (its file's checksum was verified by load_run)."""
         if self._encoder is None:
             f = self.encoder_file
-            if not f.is_file():
-                raise UserError(f"{f}: missing; the run directory is incomplete (copy it again from training)")
-            if sha256_file(f) != self.encoder_sha256():
-                raise UserError(f"{f}: checksum differs from the one recorded at training; the run directory "
-                                "was modified. Restore the file or retrain")
             model, _ = enc.build_encoder(enc.spec_of_manifest(self.manifest).name, "none", self.image_size)
             enc.load_encoder_weights(model, f)
             self._encoder = enc.compiled_forward(model)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from extract.cache import MANIFEST, read_manifest
 from infer.captioner import Captioner
 from prepare import captions_h5
 from prepare.synth import content_accuracy  # noqa: F401  (re-exported: part of evaluate's API)
@@ -100,9 +101,8 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
     n = len(sp.image_ids) if not limit else min(limit, len(sp.image_ids))
     feats_dir = Path(features) if features else data / "features"
     source = "images"
-    mf = feats_dir / "manifest.json"
-    if mf.is_file():
-        m = json.loads(mf.read_text())
+    if (feats_dir / MANIFEST).is_file():
+        m = read_manifest(feats_dir)
         if (m["weights"]["sha256"] == cap.encoder_sha256() and m["image_size"] == cap.image_size
                 and m["captions"]["sha256"] == sha256_file(captions) and (feats_dir / f"{split}.npy").is_file()):
             source = "cache"
