@@ -37,6 +37,8 @@ def main(argv=None) -> int:
                    "offline demos only), or a weights FILE of the encoder's backbone")
     p.add_argument("--image-size", type=int, help="square input side (default: the encoder's native size, "
                    "299 or 224)")
+    p.add_argument("--features", default="pooled", help="pooled (default: one vector an image, for the Show "
+                   "and Tell decoder) or grid (the last feature map, float16, for --decoder attention)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--splits", help="comma-separated (default: all splits in captions.h5)")
     p.add_argument("--force", action="store_true", help="recompute even if a cache exists")
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
     extract_features(a.captions, a.out, encoder=a.encoder, images_root=a.images_root, weights=a.weights,
                      image_size=a.image_size,
                      batch_size=a.batch_size, splits=a.splits.split(",") if a.splits else None, force=a.force,
-                     progress=not a.quiet)
+                     progress=not a.quiet, features=a.features)
     return 0
 
 

@@ -3,6 +3,10 @@
 Outputs in OUT:
     <split>.npy          float32 [num_images, D], row i = /<split>/image_ids[i] of captions.h5
                          (D from the encoder: Inception v3 2048, EfficientNet-Lite0 1280)
+    <split>.grid.npy     instead, with --features grid: float16 [num_images, h*w, D], the last
+                         feature map before pooling, positions row-major (Lite0 at 224 px: 7x7,
+                         125 KB an image; Inception v3 at 299 px: 8x8, 262 KB, so MS-COCO's 123k
+                         images take 32 GB: readers memory-map it, never load it whole)
     encoder.weights.h5   the exact backbone weights that made the features
     manifest.json        written last: its presence means the cache is complete
 
@@ -34,11 +38,25 @@ WORK = ".work"
 MISSING_LIMIT = 0.5          # a split with more missing image files than this is an error, not a skip
 
 
-def _request(captions: Path, spec: enc.EncoderSpec, weights: str, image_size: int, splits: list[str]) -> dict:
+DTYPES = {"pooled": np.float32, "grid": np.float16}
+
+
+def feature_kind(manifest: dict) -> str:
+    """"pooled" or "grid" (manifests from before grid features are pooled)."""
+    return manifest.get("features", "pooled")
+
+
+def feature_file(features_dir: str | os.PathLike, split: str, kind: str = "pooled") -> Path:
+    return Path(features_dir) / (f"{split}.grid.npy" if kind == "grid" else f"{split}.npy")
+
+
+def _request(captions: Path, spec: enc.EncoderSpec, weights: str, image_size: int, splits: list[str],
+             kind: str) -> dict:
     w = weights if weights in ("imagenet", "none") else {"file": str(Path(weights).resolve()),
                                                          "sha256": sha256_file(weights)}
-    return {"encoder": f"{spec.name}/avg_pool", "weights": w, "image_size": image_size,
-            "captions_sha256": sha256_file(captions), "splits": splits, "dtype": "float32"}
+    return {"encoder": f"{spec.name}/{'avg_pool' if kind == 'pooled' else 'grid'}", "weights": w,
+            "image_size": image_size, "captions_sha256": sha256_file(captions), "splits": splits,
+            "dtype": np.dtype(DTYPES[kind]).name}
 
 
 def _differences(a: dict, b: dict) -> str:
@@ -56,7 +74,10 @@ def read_manifest(features_dir: str | os.PathLike) -> dict:
         raise UserError(f"{p}: not a valid feature manifest ({e}); re-run extract with --force") from None
 
 
-def _check_args(captions: Path, spec, weights: str, image_size: int, batch_size: int, splits, available):
+def _check_args(captions: Path, spec, weights: str, image_size: int, batch_size: int, splits, available, kind):
+    if kind not in DTYPES:
+        raise UserError(f"--features {kind!r}: choose pooled (one vector an image) or grid (the feature map, "
+                        f"for --decoder attention)")
     for s in splits:
         if s not in available:
             raise UserError(f"--splits: {captions} has no split '{s}' (has: {', '.join(available)})")
@@ -81,7 +102,7 @@ def _check_images_present(captions: Path, root: Path, splits: list[str]) -> None
 def extract_features(captions: str | os.PathLike, out: str | os.PathLike, *, encoder: str = enc.DEFAULT_ENCODER,
                      images_root=None, weights: str = "imagenet", image_size: int | None = None,
                      batch_size: int = 32, splits: list[str] | None = None, force: bool = False,
-                     progress: bool = True, chunk_batches: int = 4, log=print) -> dict:
+                     progress: bool = True, chunk_batches: int = 4, features: str = "pooled", log=print) -> dict:
     """Compute (or resume, or reuse) the feature cache; returns the manifest."""
     captions, out = Path(captions), Path(out)
     spec = enc.get_spec(encoder)
@@ -89,13 +110,13 @@ def extract_features(captions: str | os.PathLike, out: str | os.PathLike, *, enc
     root = Path(images_root) if images_root else captions_h5.images_root(captions)
     available = captions_h5.split_names(captions)
     splits = splits or available
-    _check_args(captions, spec, weights, image_size, batch_size, splits, available)
-    request = _request(captions, spec, weights, image_size, splits)
+    _check_args(captions, spec, weights, image_size, batch_size, splits, available, features)
+    request = _request(captions, spec, weights, image_size, splits, features)
     if not force and (out / MANIFEST).exists() and not (out / WORK).exists():
         return _reuse(out, request, log)             # a complete cache is only read: no lock needed
     with exclusive_lock(out):
         if force:
-            for p in [out / MANIFEST, out / WEIGHTS, *[out / f"{s}.npy" for s in available]]:
+            for p in [out / MANIFEST, out / WEIGHTS, *[feature_file(out, s, k) for s in available for k in DTYPES]]:
                 p.unlink(missing_ok=True)
             shutil.rmtree(out / WORK, ignore_errors=True)
         if (out / MANIFEST).exists():                 # complete; a kill may have left the work folder
@@ -103,16 +124,18 @@ def extract_features(captions: str | os.PathLike, out: str | os.PathLike, *, enc
             shutil.rmtree(out / WORK, ignore_errors=True)
             return m
         _check_images_present(captions, root, splits)
-        model, source = _start_or_resume(out, spec, request, weights, image_size, log)
+        model, source, scale = _start_or_resume(out, spec, request, weights, image_size, features, log)
         forward = enc.compiled_forward(model)
+        row_shape = tuple(int(d) for d in model.output.shape[1:])      # (D,) or (h*w, D)
         counts, failed, timing = {}, {}, {}
         for split in splits:
             t0 = time.time()
-            counts[split], failed[split] = _extract_split(captions, root, out, split, forward, spec.feature_dim,
-                                                          image_size, batch_size, chunk_batches, progress)
+            counts[split], failed[split] = _extract_split(captions, root, out, split, forward, row_shape, features,
+                                                          scale, image_size, batch_size, chunk_batches, progress)
             timing[split] = time.time() - t0
-        manifest = _write_manifest(out, captions, root, spec, request, source, counts, failed, timing)
-    _report(out, splits, counts, failed, timing, log)
+        manifest = _write_manifest(out, captions, root, spec, request, source, counts, failed, timing, features,
+                                   row_shape, scale)
+    _report(out, splits, counts, failed, timing, features, log)
     return manifest
 
 
@@ -125,7 +148,7 @@ def _reuse(out: Path, request: dict, log) -> dict:
     return m
 
 
-def _start_or_resume(out: Path, spec, request: dict, weights: str, image_size: int, log):
+def _start_or_resume(out: Path, spec, request: dict, weights: str, image_size: int, kind: str, log):
     """-> (encoder model, weights source dict). The work folder keeps the exact weights, so a resumed
     run uses the encoder the first part was made with."""
     work = out / WORK
@@ -137,40 +160,81 @@ def _start_or_resume(out: Path, spec, request: dict, weights: str, image_size: i
             raise UserError(f"{out} holds an unfinished extraction with other settings "
                             f"({_differences(old['request'], request)}); rerun with those settings to "
                             f"finish it, or pass --force to start over")
-        model, _ = enc.build_encoder(spec.name, "none", image_size)
+        model, _ = enc.build_encoder(spec.name, "none", image_size, output=kind)
         enc.load_encoder_weights(model, work / WEIGHTS)
-        source = old["source"]
+        source, scale = old["source"], old.get("scale", 1.0)
         log(f"resuming the unfinished extraction in {out}")
     else:
         for split in request["splits"]:        # finished splits of some other, abandoned extraction
-            (out / f"{split}.npy").unlink(missing_ok=True)
-        model, src = enc.build_encoder(spec.name, weights, image_size)
+            for k in DTYPES:
+                feature_file(out, split, k).unlink(missing_ok=True)
+        model, src = enc.build_encoder(spec.name, weights, image_size, output=kind)
         source = src.__dict__
         enc.save_encoder_weights(model, work / WEIGHTS)
         fault_point("extract:weights-saved")
-        write_json_atomic(settings_path, {"request": request, "source": source})
+        scale = storage_scale(model, image_size) if kind == "grid" else 1.0
+        write_json_atomic(settings_path, {"request": request, "source": source, "scale": scale})
     if source["kind"] == "none":
         log(f"WARNING: --weights none: {spec.title} has RANDOM weights. Its features still separate "
             "colours and shapes (fine for the built-in dataset and tests) but captions of real photos "
             "will be meaningless. Use --weights imagenet (or FILE) for real data.")
-    return model, source
+    return model, source, scale
 
 
-def _extract_split(captions: Path, root: Path, out: Path, split: str, forward, dim: int, image_size: int,
-                   batch_size: int, chunk_batches: int, progress: bool) -> tuple[int, list[dict]]:
-    """Fill (or finish) OUT/<split>.npy; -> (image count, failed images)."""
+def storage_scale(encoder, image_size: int) -> float:
+    """The power of two that float16 grid features are stored multiplied by: it brings the largest
+    feature of a few probe images to about 256 (float16 holds up to 65504 and has full precision
+    down to 6e-5). Random-init encoders' features are ~1e-4 (Inception v3) or ~1e-12 (Lite0): stored
+    as they are, float16 would round them to 0. A power of two is exact, and readers divide it out
+    (FeatureArray), so every consumer sees the encoder's own values."""
+    rng = np.random.default_rng(0)
+    probe = np.stack([np.full((image_size, image_size, 3), 128.0),
+                      rng.uniform(0, 255, (image_size, image_size, 3)),
+                      np.broadcast_to(np.linspace(0, 255, image_size)[None, :, None], (image_size, image_size, 3))])
+    peak = float(np.max(np.abs(np.asarray(encoder(probe.astype(np.float32), training=False)))))
+    if not np.isfinite(peak) or peak == 0.0:
+        return 1.0
+    return float(2.0 ** np.clip(np.round(np.log2(256.0 / peak)), -60, 120))
+
+
+class FeatureArray:
+    """A split's cached features as the encoder made them: float32 rows of the memory-mapped (or
+    loaded) array, the storage scale divided out. rows: anything numpy indexes the first axis with."""
+
+    def __init__(self, features_dir: str | os.PathLike, split: str, manifest: dict, in_memory_limit: int = 4 << 30):
+        self.path = feature_file(features_dir, split, feature_kind(manifest))
+        mmap = "r" if self.path.stat().st_size > in_memory_limit else None
+        self.array = np.load(self.path, mmap_mode=mmap)
+        self.scale = float(manifest.get("storage_scale", 1.0))
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @property
+    def shape(self) -> tuple:
+        return self.array.shape
+
+    def __getitem__(self, rows) -> np.ndarray:
+        x = np.asarray(self.array[rows], np.float32)
+        return x / np.float32(self.scale) if self.scale != 1.0 else x
+
+
+def _extract_split(captions: Path, root: Path, out: Path, split: str, forward, row_shape: tuple, kind: str,
+                   scale: float, image_size: int, batch_size: int, chunk_batches: int, progress: bool) -> tuple[int, list[dict]]:
+    """Fill (or finish) OUT/<split>.npy (or .grid.npy); -> (image count, failed images)."""
     from tqdm import tqdm
     sp = captions_h5.read_split(captions, split)
     paths = sp.image_paths(root)
-    n, work, final = len(paths), out / WORK, out / f"{split}.npy"
+    final = feature_file(out, split, kind)
+    n, work = len(paths), out / WORK
     prog_path = work / f"{split}.progress.json"
     prog = json.loads(prog_path.read_text()) if prog_path.exists() else {"done": 0, "failed": {}}
     if not final.exists():
-        arr_path = work / f"{split}.npy"
+        arr_path = work / final.name
         if not (arr_path.exists() and prog["done"] > 0):
             prog = {"done": 0, "failed": {}}
         arr = (np.lib.format.open_memmap(arr_path, mode="r+") if prog["done"] > 0
-               else np.lib.format.open_memmap(arr_path, mode="w+", dtype=np.float32, shape=(n, dim)))
+               else np.lib.format.open_memmap(arr_path, mode="w+", dtype=DTYPES[kind], shape=(n, *row_shape)))
         start = row = prog["done"]
         if start % batch_size and start != n:
             raise UserError(f"{prog_path}: progress {start} is not a multiple of --batch-size {batch_size}; "
@@ -178,6 +242,8 @@ def _extract_split(captions: Path, root: Path, out: Path, split: str, forward, d
         bar = tqdm(total=n, initial=start, desc=f"extract {split}", unit="img", disable=not progress, smoothing=0.1)
         for k, (imgs, ok, why) in enumerate(image_dataset(paths[start:], image_size, batch_size)):
             feats, okn = forward(imgs).numpy(), ok.numpy()
+            if scale != 1.0:
+                feats = np.clip(feats * np.float32(scale), -65504, 65504)     # float16's range
             feats[~okn] = 0.0
             arr[row:row + len(feats)] = feats
             for j in np.flatnonzero(~okn):
@@ -199,15 +265,17 @@ def _extract_split(captions: Path, root: Path, out: Path, split: str, forward, d
     return n, failed
 
 
-def _train_stats(out: Path, failed: list[dict]) -> dict:
-    """Per-dimension mean/std of the usable train features (the decoder's normalisation)."""
-    feats = np.load(out / "train.npy", mmap_mode="r")
+def _train_stats(out: Path, failed: list[dict], kind: str, scale: float) -> dict:
+    """Per-channel mean/std of the usable train features (the decoder's normalisation); for a grid
+    over every position of every image."""
+    feats = np.load(feature_file(out, "train", kind), mmap_mode="r")
     good = np.ones(len(feats), bool)
     good[[f["row"] for f in failed]] = False
-    dim = feats.shape[1]
+    dim = feats.shape[-1]
+    rows = max(1, (32 << 20) // (8 * int(np.prod(feats.shape[1:]))))     # ~32 MB of float64 at a time
     acc, acc2, m = np.zeros(dim), np.zeros(dim), 0
-    for i in range(0, len(feats), 4096):
-        x = np.asarray(feats[i:i + 4096], np.float64)[good[i:i + 4096]]
+    for i in range(0, len(feats), rows):
+        x = np.asarray(feats[i:i + rows], np.float64)[good[i:i + rows]].reshape(-1, dim) / scale
         acc += x.sum(0)
         acc2 += (x * x).sum(0)
         m += len(x)
@@ -216,7 +284,8 @@ def _train_stats(out: Path, failed: list[dict]) -> dict:
     return {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist(), "rows": int(m)}
 
 
-def _write_manifest(out, captions, root, spec, request, source, counts, failed, timing) -> dict:
+def _write_manifest(out, captions, root, spec, request, source, counts, failed, timing, kind, row_shape,
+                    scale) -> dict:
     """Publish the cache: weights (copied, so a kill here leaves the work folder resumable), then
     the manifest (its presence marks the cache complete), then remove the work folder."""
     shutil.copyfile(out / WORK / WEIGHTS, out / (".tmp-" + WEIGHTS))
@@ -224,14 +293,17 @@ def _write_manifest(out, captions, root, spec, request, source, counts, failed, 
     fault_point("extract:weights-published")
     manifest = {
         "request": request, "encoder": spec.name, "encoder_title": spec.title,
-        "feature_dim": spec.feature_dim, "dtype": "float32", "image_size": request["image_size"],
+        "features": kind, "feature_dim": spec.feature_dim, "dtype": request["dtype"],
+        "grid_positions": int(row_shape[0]) if kind == "grid" else None,
+        "storage_scale": scale,         # stored values = features x this (a power of two; FeatureArray divides it out)
+        "image_size": request["image_size"],
         "preprocessing": "PIL decode, EXIF transpose, RGB (alpha over white), bilinear resize to "
                          f"image_size x image_size, {spec.preprocessing}",
         "weights": {"source": source, "file": WEIGHTS, "sha256": sha256_file(out / WEIGHTS)},
         "captions": {"path": str(captions.resolve()), "sha256": request["captions_sha256"]},
         "images_root": str(root.resolve()),
         "counts": counts, "failed": failed,
-        "train_stats": _train_stats(out, failed["train"]) if "train" in counts else None,
+        "train_stats": _train_stats(out, failed["train"], kind, scale) if "train" in counts else None,
         "seconds": {k: round(v, 2) for k, v in timing.items()},
     }
     write_json_atomic(out / MANIFEST, manifest)
@@ -240,7 +312,7 @@ def _write_manifest(out, captions, root, spec, request, source, counts, failed, 
     return manifest
 
 
-def _report(out: Path, splits, counts, failed, timing, log) -> None:
+def _report(out: Path, splits, counts, failed, timing, kind, log) -> None:
     for split in splits:
         rate = counts[split] / timing[split] if timing[split] > 0 else 0.0
         log(f"  {split:5s}: {counts[split]} images, {len(failed[split])} failed, {timing[split]:.1f}s "
@@ -249,4 +321,4 @@ def _report(out: Path, splits, counts, failed, timing, log) -> None:
             log(f"      failed: {f['file']}: {f['reason']}")
         if len(failed[split]) > 5:
             log(f"      ... and {len(failed[split]) - 5} more (all listed in {out / MANIFEST})")
-    log(f"wrote {out} ({', '.join(f'{s}.npy' for s in splits)}, {MANIFEST})")
+    log(f"wrote {out} ({', '.join(feature_file(out, s, kind).name for s in splits)}, {MANIFEST})")

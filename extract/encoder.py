@@ -2,8 +2,10 @@
 
     ENCODERS[name] -> EncoderSpec     feature size, input scaling, default/minimum image size,
                                       where its ImageNet weights come from, fine-tuning recipe
-    build_encoder(name, weights, image_size) -> (keras.Model, WeightsSource)
-        float32 [B, S, S, 3] in 0..255 -> pooled features [B, D]
+    build_encoder(name, weights, image_size, output) -> (keras.Model, WeightsSource)
+        float32 [B, S, S, 3] in 0..255 -> pooled features [B, D]          (output "pooled")
+                                       -> grid features [B, h*w, D]       (output "grid": the last
+                                          feature map, positions row-major, what attention reads)
         (the input scaling is the model's first layer, so no caller can forget it)
 
 Entries:
@@ -143,9 +145,15 @@ def check_image_size(spec: EncoderSpec, image_size: int) -> None:
         raise UserError(f"--image-size {image_size} is below {spec.title}'s minimum of {spec.min_image_size}")
 
 
+FEATURE_KINDS = ("pooled", "grid")
+
+
 def build_encoder(name: str = DEFAULT_ENCODER, weights: str = "imagenet", image_size: int | None = None,
-                  trainable: bool = False, seed: int = 0):
-    """-> (keras.Model float32 0..255 images [B, S, S, 3] -> pooled features [B, D], WeightsSource)."""
+                  trainable: bool = False, seed: int = 0, output: str = "pooled"):
+    """-> (keras.Model float32 0..255 images [B, S, S, 3] -> pooled features [B, D] or grid
+    features [B, h*w, D], WeightsSource)."""
+    if output not in FEATURE_KINDS:
+        raise UserError(f"--features {output!r}: choose pooled or grid")
     import keras
     from keras import layers
     spec = get_spec(name)
@@ -167,8 +175,18 @@ def build_encoder(name: str = DEFAULT_ENCODER, weights: str = "imagenet", image_
     inputs = keras.Input(shape, name="image")                          # float32 0..255, RGB
     x = layers.Rescaling(spec.scale, offset=spec.offset, name="input_scaling")(inputs)
     fmap = backbone(x)                                                  # [B, h, w, D]
-    pooled = layers.GlobalAveragePooling2D(name="avg_pool")(fmap)      # [B, D]
-    return keras.Model(inputs, pooled, name="encoder"), source
+    if output == "grid":
+        h, w, d = fmap.shape[1:]
+        out = layers.Reshape((h * w, d), name="grid")(fmap)             # [B, h*w, D]
+    else:
+        out = layers.GlobalAveragePooling2D(name="avg_pool")(fmap)     # [B, D]
+    return keras.Model(inputs, out, name="encoder"), source
+
+
+def grid_side(encoder) -> int:
+    """h (= w) of a grid encoder's feature map."""
+    import math
+    return math.isqrt(int(encoder.output.shape[1]))
 
 
 def backbone_of(encoder):

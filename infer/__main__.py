@@ -25,6 +25,8 @@ def main(argv=None) -> int:
     c.add_argument("--top", type=int, default=3, help="at most this many captions printed and kept per image "
                    "(fewer when fewer complete), 1-100 (default 3)")
     c.add_argument("--batch-size", type=int, default=32, help="images per batch, 1-4096 (default 32)")
+    c.add_argument("--attention", action="store_true", help="attention-decoder runs: also write "
+                   "OUT/attention/<name>.png, the image with a heat map of where it looked for each word")
     c.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     c.add_argument("--quiet", action="store_true")
     e = sub.add_parser("evaluate", help="COCO metrics, human ceiling and content accuracy on a split")
@@ -37,6 +39,8 @@ def main(argv=None) -> int:
     e.add_argument("--batch-size", type=int, default=32, help="images per batch, 1-4096 (default 32)")
     e.add_argument("--limit", type=int, default=0, help="only the first N images (default 0: all)")
     e.add_argument("--out", help="output folder (default RUN/eval-SPLIT)")
+    e.add_argument("--attention-maps", type=int, default=0, help="attention-decoder runs: write attention strips "
+                   "of the first N images into OUT/attention/ (default 0)")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--quiet", action="store_true")
     b = sub.add_parser("bench", help="captions/s: batched beam search vs one image at a time")
@@ -51,11 +55,13 @@ def main(argv=None) -> int:
     if a.cmd == "caption":
         from infer.caption import caption_images
         caption_images(a.run, a.images, a.out, beam_size=a.beam_size, max_len=a.max_len, top=a.top,
-                       batch_size=a.batch_size, length_norm=a.length_norm, overwrite=a.overwrite, progress=not a.quiet)
+                       batch_size=a.batch_size, length_norm=a.length_norm, overwrite=a.overwrite,
+                       attention=a.attention, progress=not a.quiet)
     elif a.cmd == "evaluate":
         from infer.evaluate import evaluate
         evaluate(a.run, a.data, split=a.split, beam_size=a.beam_size, max_len=a.max_len, features=a.features,
-                 out=a.out, batch_size=a.batch_size, limit=a.limit, overwrite=a.overwrite, progress=not a.quiet)
+                 out=a.out, batch_size=a.batch_size, limit=a.limit, overwrite=a.overwrite, progress=not a.quiet,
+                 attention_maps=a.attention_maps)
     else:
         from infer import bench
         from infer.caption import check_flags

@@ -101,9 +101,10 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
 
 def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: int | None = None, top: int = 3,
                    batch_size: int = 32, length_norm: float = 0.0, overwrite: bool = False,
-                   progress: bool = True, log=print) -> dict:
+                   attention: bool = False, progress: bool = True, log=print) -> dict:
     """Caption files, folders and globs; write OUT/annotated/<name>.jpg, OUT/captions.jsonl and,
-    when every captioned file's name carries a distinct COCO image id, OUT/results.json.
+    when every captioned file's name carries a distinct COCO image id, OUT/results.json; with
+    `attention` (attention-decoder runs) also OUT/attention/<name>.png, a heat map per word.
 
     max_len None: the run's own (run_max_len). Every flag and --out are checked before anything is
     read or written. File names need not be UTF-8: they are shown, stored and used for output
@@ -120,7 +121,8 @@ def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: 
         raise UserError("no images to caption: pass image files, folders or globs")
     names = _output_names(paths)
     with exclusive_lock(out):                  # one process writes this --out at a time
-        targets = [out / "captions.jsonl", out / "results.json"] + [out / "annotated" / n for n in names]
+        targets = [out / "captions.jsonl", out / "results.json"] + [out / "annotated" / n for n in names] + \
+            ([out / "attention" / strip_name(n) for n in names] if attention else [])
         clash = [t for t in targets if t.exists()]
         marker = out / INCOMPLETE          # a run of ours that a kill interrupted: finish it
         if clash and marker.exists():
@@ -132,9 +134,11 @@ def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: 
             max_len, why = run_max_len(run)
             log(f"--max-len {max_len}: {why}")
         cap = Captioner(run, beam_size=max(beam_size, top), max_len=max_len, length_norm=length_norm)
+        if attention:
+            cap.check_attention()
         marker.touch()
         t0 = time.time()
-        results = cap.caption_files(paths, batch_size, progress)
+        results = cap.caption_files(paths, batch_size, progress, attention=attention)
         seconds = time.time() - t0
         rows, coco, bad, not_annotated = _annotate_all(cap, results, names, out, top, log)
         write_jsonl(out / "captions.jsonl", rows)
@@ -186,12 +190,33 @@ def _annotate_all(cap, results, names: list[str], out: Path, top: int, log):
             log(f"warning: {shown}: no annotated copy ({why}); its captions are kept")
             dst = None
         fault_point("caption:annotated")
+        strip = _attention_strip(cap, r, out / "attention" / strip_name(name), shown, not_annotated, log)
         iid = image_id_from_name(r.path)
         rows.append({"file": shown, "image_id": iid, "annotated": None if dst is None else display_name(dst),
-                     "captions": [{"caption": cap.text(c), "logprob": c.logprob} for c in best]})
+                     "captions": [{"caption": cap.text(c), "logprob": c.logprob} for c in best]} |
+                    ({"attention": display_name(strip)} if strip else {}))
         if iid is not None:
             coco.append({"image_id": iid, "caption": cap.text(best[0]), "file": shown})
     return rows, coco, bad, not_annotated
+
+
+def strip_name(annotated_name: str) -> str:
+    return Path(annotated_name).stem + ".png"
+
+
+def _attention_strip(cap, r, dst: Path, shown: str, not_annotated: list, log) -> Path | None:
+    """The best caption's attention strip, when computed; a picture that fails is listed, never fatal."""
+    if r.attention is None:
+        return None
+    from infer.attention_maps import attention_strip, caption_words
+    try:
+        attention_strip(r.path, caption_words(cap.vocab, r.captions[0].ids, len(r.attention)), r.attention, dst)
+    except Exception as e:  # noqa: BLE001 - one picture must never stop the batch
+        why = f"{type(e).__name__}: {e}"
+        not_annotated.append((shown, f"attention strip: {why}"))
+        log(f"warning: {shown}: no attention strip ({why})")
+        return None
+    return dst
 
 
 def _write_results(results_json: Path, rows: list[dict], coco: list[dict], log) -> bool:

@@ -12,6 +12,7 @@ from extract import encoder as enc
 from extract.images import image_dataset
 from infer.beam_search import Caption, beam_search_batch
 from model.run import Run, load_run
+from prepare.util import UserError
 from prepare.vocabulary import END_ID, START_ID
 
 
@@ -20,6 +21,7 @@ class ImageCaptions:
     path: str
     captions: list[Caption]     # best first
     error: str | None = None    # set when the image could not be read
+    attention: np.ndarray | None = None   # attention decoder, when asked: the best caption's maps [words, P]
 
 
 def numpy_decoding(model):
@@ -44,6 +46,36 @@ class Captioner:
         self.beam_size, self.max_len, self.length_norm = beam_size, max_len, length_norm
         self._init, self._step = numpy_decoding(self.model)
         self._encoder = None
+        self._attention = None
+
+    @property
+    def features_kind(self) -> str:
+        """"pooled" or "grid": what this run's decoder reads."""
+        from extract.cache import feature_kind
+        return feature_kind(self.manifest)
+
+    @property
+    def has_attention(self) -> bool:
+        return hasattr(self.model, "attention")
+
+    def check_attention(self) -> None:
+        if not self.has_attention:
+            raise UserError(f"--attention: {self.run_dir} holds a {self.config['model'].get('decoder', 'show_and_tell')} "
+                            f"decoder, which has no attention to show; train one with `python -m model train "
+                            f"--decoder attention` on grid features")
+
+    def attention_maps(self, features: np.ndarray, captions: list[Caption]) -> list[np.ndarray]:
+        """Per image, the attention of each word of its caption: [len(ids) - 1, P] (the last row is <end>'s
+        when the caption is complete)."""
+        import tensorflow as tf
+        if self._attention is None:
+            self._attention = tf.function(lambda f, ids: self.model.attention(f, ids), reduce_retracing=True)
+        T = max(len(c.ids) for c in captions) - 1
+        ids = np.zeros((len(captions), max(T, 1)), np.int32)
+        for i, c in enumerate(captions):
+            ids[i, :len(c.ids) - 1] = c.ids[:-1]
+        maps = self._attention(np.asarray(features, np.float32), ids).numpy()
+        return [maps[i, :len(c.ids) - 1] for i, c in enumerate(captions)]
 
     # ---- the encoder this run was trained with --------------------------------------------
     @property
@@ -57,7 +89,8 @@ class Captioner:
         """The run's own encoder (its file's checksum was verified by load_run)."""
         if self._encoder is None:
             f = self.encoder_file
-            model, _ = enc.build_encoder(enc.spec_of_manifest(self.manifest).name, "none", self.image_size)
+            model, _ = enc.build_encoder(enc.spec_of_manifest(self.manifest).name, "none", self.image_size,
+                                         output=self.features_kind)
             enc.load_encoder_weights(model, f)
             self._encoder = enc.compiled_forward(model)
         return self._encoder
@@ -75,8 +108,11 @@ class Captioner:
                                      max_len=self.max_len, length_norm=self.length_norm)
         return out
 
-    def caption_files(self, paths: list[Path], batch_size: int = 32, progress: bool = True) -> list[ImageCaptions]:
+    def caption_files(self, paths: list[Path], batch_size: int = 32, progress: bool = True,
+                      attention: bool = False) -> list[ImageCaptions]:
         from tqdm import tqdm
+        if attention:
+            self.check_attention()
         forward = self.encoder()
         results: list[ImageCaptions] = []
         bar = tqdm(total=len(paths), desc="caption", unit="img", disable=not progress)
@@ -84,11 +120,16 @@ class Captioner:
         for b, (imgs, ok, why) in enumerate(image_dataset(paths, self.image_size, batch_size)):
             batch_paths = paths[b * batch_size:(b + 1) * batch_size]
             okn = ok.numpy()
-            caps = self.caption_features(forward(imgs).numpy()[okn], batch_size) if okn.any() else []
-            it = iter(caps)
+            feats = forward(imgs).numpy()[okn]
+            caps = self.caption_features(feats, batch_size) if okn.any() else []
+            maps = self.attention_maps(feats, [c[0] for c in caps]) if attention and caps else [None] * len(caps)
+            it = iter(zip(caps, maps))
             for p, good, reason in zip(batch_paths, okn, why.numpy()):
-                results.append(ImageCaptions(str(p), next(it)) if good else
-                               ImageCaptions(str(p), [], reason.decode()))
+                if good:
+                    c, m = next(it)
+                    results.append(ImageCaptions(str(p), c, attention=m))
+                else:
+                    results.append(ImageCaptions(str(p), [], reason.decode()))
             bar.update(len(batch_paths))
             bar.set_postfix(img_s=f"{len(results) / max(time.time() - t0, 1e-9):.1f}")
         bar.close()

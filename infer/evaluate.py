@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from extract.cache import MANIFEST, read_manifest
+from extract.cache import MANIFEST, FeatureArray, feature_file, feature_kind, read_manifest
+from extract.images import image_dataset
 from infer.captioner import Captioner
 from prepare import captions_h5
 from prepare.synth import content_accuracy  # noqa: F401  (re-exported: part of evaluate's API)
@@ -81,12 +82,14 @@ def model_leave_one_out(refs: dict[int, list[str]], hyp: dict[int, str]) -> dict
 
 def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int | None = None, features=None,
              out=None, batch_size: int = 32, overwrite: bool = False, limit: int = 0, progress: bool = True,
-             log=print) -> dict:
+             attention_maps: int = 0, log=print) -> dict:
     """Caption a split and score it; writes OUT/results.json and OUT/metrics.json (metrics.json last:
     it exists only beside the results.json it scored, even after a kill during --overwrite).
     max_len None: the run's own (infer.caption.run_max_len)."""
     from infer.caption import check_flags, check_out_folder, run_max_len
     check_flags(beam_size=beam_size, max_len=max_len, batch_size=batch_size, limit=limit)
+    if attention_maps < 0:
+        raise UserError(f"--attention-maps {attention_maps}: must be 0 (none) or more")
     data, run = Path(data), Path(run)
     captions = data / "captions.h5"
     out = Path(out) if out else run / f"eval-{split}"
@@ -98,28 +101,35 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
         max_len, why = run_max_len(run, captions)
         log(f"--max-len {max_len}: {why}")
     cap = Captioner(run, beam_size=beam_size, max_len=max_len)
+    if attention_maps:
+        cap.check_attention()
     n = len(sp.image_ids) if not limit else min(limit, len(sp.image_ids))
     feats_dir = Path(features) if features else data / "features"
     source = "images"
     if (feats_dir / MANIFEST).is_file():
         m = read_manifest(feats_dir)
         if (m["weights"]["sha256"] == cap.encoder_sha256() and m["image_size"] == cap.image_size
-                and m["captions"]["sha256"] == sha256_file(captions) and (feats_dir / f"{split}.npy").is_file()):
+                and feature_kind(m) == cap.features_kind and m["captions"]["sha256"] == sha256_file(captions)
+                and feature_file(feats_dir, split, cap.features_kind).is_file()):
             source = "cache"
     t0 = time.time()
     failed: set[int] = set()
+    root = Path(cap.manifest.get("images_root") or captions.parent)
+    feats = None
     if source == "cache":
-        feats = np.load(feats_dir / f"{split}.npy", mmap_mode="r")[:n]
+        feats = FeatureArray(feats_dir, split, m)
         failed = {f["row"] for f in m["failed"].get(split, []) if f["row"] < n}
         good = [r for r in range(n) if r not in failed]
-        beams = dict(zip(good, cap.caption_features(np.asarray(feats[good], np.float32), batch_size)))
+        beams = dict(zip(good, cap.caption_features(feats[good], batch_size)))
     else:
-        log(f"the run's encoder differs from the one that made {feats_dir}: captioning from the images")
-        root = cap.manifest.get("images_root") or captions.parent
+        log(f"{feats_dir} does not hold this run's features ({cap.features_kind}, from its encoder): captioning "
+            f"from the images")
         res = cap.caption_files(sp.image_paths(root)[:n], batch_size, progress)
         beams = {r: x.captions for r, x in enumerate(res) if not x.error}
         failed = {r for r, x in enumerate(res) if x.error}
     seconds = time.time() - t0
+    if attention_maps:
+        _write_attention_maps(cap, beams, feats, sp.image_paths(root), out, attention_maps, log)
     hyp = {int(sp.image_ids[r]): cap.text(b[0]) for r, b in beams.items()}
     refs: dict[int, list[str]] = defaultdict(list)
     for text, row in zip(sp.texts, sp.image_index):
@@ -146,6 +156,27 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
     log(format_table(metrics))
     log(f"wrote {out / 'metrics.json'} and {out / 'results.json'}")
     return metrics
+
+
+def _write_attention_maps(cap, beams: dict, feats, paths: list, out: Path, count: int, log) -> None:
+    """OUT/attention/<image>.png for the first `count` captioned images (features from the cache,
+    or recomputed from the image files)."""
+    from infer.attention_maps import attention_strip, caption_words
+    rows = sorted(beams)[:count]
+    if feats is not None:
+        f = feats[rows]
+    else:
+        f = np.concatenate([cap.encoder()(im).numpy() for im, _, _ in
+                            image_dataset([paths[r] for r in rows], cap.image_size, 32)])
+    maps = cap.attention_maps(f, [beams[r][0] for r in rows])
+    with exclusive_lock(out):
+        for r, m in zip(rows, maps):
+            try:
+                attention_strip(paths[r], caption_words(cap.vocab, beams[r][0].ids, len(m)), m,
+                                out / "attention" / f"{Path(paths[r]).stem}.png")
+            except Exception as e:  # noqa: BLE001 - a picture that fails is reported, never fatal
+                log(f"warning: {paths[r]}: no attention strip ({type(e).__name__}: {e})")
+    log(f"wrote {len(rows)} attention strips to {out / 'attention'}")
 
 
 def format_table(m: dict) -> str:

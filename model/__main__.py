@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--captions", help="captions.h5 (default DATA/captions.h5)")
     t.add_argument("--features", help="feature cache folder (default DATA/features)")
     t.add_argument("--out", required=True, help="run directory (created; an existing run is resumed)")
-    add_flags(t, ModelConfig, skip=("vocab_size", "feature_dim"))
+    add_flags(t, ModelConfig, skip=("vocab_size", "feature_dim", "grid_positions"))
     add_flags(t, TrainConfig)
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     f = sub.add_parser("finetune", help="stage 2: train the CNN and the decoder jointly, from images")
@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-len", type=int, default=20, help="longest caption in tokens (default 20)")
     b.add_argument("--mean-len", type=float, default=12.5, help="mean caption length (default 12.5)")
     b.add_argument("--steps", type=int, default=12, help="timed steps per variant (default 12)")
+    b.add_argument("--decoder", default="show_and_tell", choices=("show_and_tell", "attention"),
+                   help="attention: also time the attention decoder beside the pooled one (same sizes)")
+    b.add_argument("--positions", type=int, default=49, help="attention: grid positions (default 49: 7x7)")
+    b.add_argument("--grid-dim", type=int, default=1280, help="attention: grid channels (default 1280: Lite0)")
     return p
 
 
@@ -52,7 +56,7 @@ def main(argv=None) -> int:
         finetune(a.run, a.data, a.out, overrides=flags_of(a, FinetuneConfig), force=a.force, progress=not a.quiet)
     else:
         from model import bench
-        bench.run(a.vocab, a.size, a.batch_size, a.max_len, a.mean_len, a.steps)
+        bench.run(a.vocab, a.size, a.batch_size, a.max_len, a.mean_len, a.steps, a.decoder, a.positions, a.grid_dim)
     return 0
 
 

@@ -45,19 +45,22 @@ def needed_flops(n_real: int, batch: int, E: int, H: int, V: int) -> float:
 
 
 def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20, mean_len: float = 12.5,
-        steps: int = 12, log=print) -> dict:
+        steps: int = 12, decoder: str = "show_and_tell", positions: int = 49, grid_dim: int = 1280,
+        log=print) -> dict:
+    """decoder "attention": also times the attention decoder (same sizes, our step) on random grids
+    of `positions` x `grid_dim` (EfficientNet-Lite0 at 224 px: 49 x 1280)."""
     import keras
     import tensorflow as tf
 
     from model.config import ModelConfig
-    from model.decoder import ShowAndTell
+    from model.decoder import ShowAndTell, build_decoder
     from model.train import make_steps
     rng = np.random.default_rng(0)
     strategy = tf.distribute.get_strategy()
 
     peak = measure_matmul_flops(batch * 13, size, vocab)     # the step's largest product
 
-    def batches(fixed: bool):
+    def batches(fixed: bool, grid: bool = False):
         out = []
         for _ in range(steps + 2):
             lens = _lengths(rng, batch, max_len, mean_len)
@@ -66,15 +69,24 @@ def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20,
             for i, n in enumerate(lens):
                 ids[i, 0], ids[i, n - 1] = 1, 2
                 ids[i, 1:n - 1] = rng.integers(4, vocab, n - 2)
-            out.append((rng.normal(size=(batch, 2048)).astype(np.float32), ids, int((lens - 1).sum())))
+            shape = (batch, positions, grid_dim) if grid else (batch, 2048)
+            out.append((rng.normal(size=shape).astype(np.float32), ids, int((lens - 1).sum())))
         return out
 
     results = {}
-    for name, fixed in (("ours: dynamic padding, real-token logits", False),
-                        ("baseline: fixed padding, logits at every position", True)):
+    variants = [("ours: dynamic padding, real-token logits", False, False),
+                ("baseline: fixed padding, logits at every position", True, False)]
+    if decoder == "attention":
+        variants.append((f"attention decoder ({positions} positions x {grid_dim}), ours", False, True))
+    for name, fixed, grid in variants:
         keras.utils.set_random_seed(0)
-        model = ShowAndTell(ModelConfig(vocab_size=vocab, embedding_size=size, lstm_units=size))
-        model.build_all()
+        if grid:
+            model = build_decoder(ModelConfig(vocab_size=vocab, embedding_size=size, lstm_units=size,
+                                              decoder="attention", feature_dim=grid_dim, grid_positions=positions,
+                                              attention_units=size))
+        else:
+            model = ShowAndTell(ModelConfig(vocab_size=vocab, embedding_size=size, lstm_units=size))
+            model.build_all()
         opt = keras.optimizers.Adam(1e-3)
         opt.build(model.trainable_variables)
         if fixed:
@@ -91,7 +103,7 @@ def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20,
                 return loss
         else:
             step, _ = make_steps(model, opt, strategy, 5.0)
-        data = batches(fixed)
+        data = batches(fixed, grid)
         for f, ids, _ in data[:2]:
             float(step((tf.constant(f), tf.constant(ids))))       # trace / warm up
         times, toks = [], []
@@ -117,5 +129,9 @@ def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20,
                 f"{r['real_tokens_s']:7.0f} real tokens/s  {100 * r['limit_ratio']:5.1f}% of the matmul limit")
     ours, base = (results[k] for k in list(results)[:2])
     log(f"  speed-up over the baseline: {ours['real_tokens_s'] / base['real_tokens_s']:.2f}x real tokens/s")
+    if decoder == "attention":
+        att = results[variants[2][0]]
+        log(f"  attention decoder / pooled decoder: {att['real_tokens_s'] / ours['real_tokens_s']:.2f}x real tokens/s "
+            f"(the FLOP limit ratio counts the LSTM and logits only)")
     log(f"  peak memory (RSS): {results['peak_rss_mib']:.0f} MiB")
     return results

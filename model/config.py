@@ -11,11 +11,18 @@ from prepare.util import UserError
 @dataclass
 class ModelConfig:
     vocab_size: int                  # words incl. the 4 special tokens (from captions.h5)
+    decoder: str = "show_and_tell"   # "show_and_tell" (im2txt: the pooled vector as the first input;
+    # features from `extract --features pooled`) or "attention" (Show, Attend and Tell: attention
+    # over the feature map at every word; features from `extract --features grid`)
     feature_dim: int = 2048          # encoder output size (Inception v3 avg pool)
+    grid_positions: int = 0          # positions of the grid the attention decoder reads (from the cache)
     embedding_size: int = 512        # image and word embedding size (im2txt: 512)
     lstm_units: int = 512            # LSTM state size (im2txt: 512)
     dropout: float = 0.3             # dropout on LSTM input and output (im2txt keeps 0.7, i.e. 0.3)
     init_scale: float = 0.08         # weights start uniform in [-init_scale, init_scale] (im2txt)
+    attention_units: int = 256       # attention decoder: size of the additive (Bahdanau) scoring layer
+    attention_reg: float = 0.0       # attention decoder: weight of the doubly stochastic regularisation
+    # (Show, Attend and Tell: every position's attention summed over the caption pushed towards 1)
 
 
 @dataclass
@@ -37,11 +44,17 @@ class TrainConfig:
 
 DEFAULT_LR = {"adam": 1e-3, "sgd": 2.0}
 STRATEGIES = ("default", "mirrored")
+DECODERS = ("show_and_tell", "attention")
+FEATURES_OF_DECODER = {"show_and_tell": "pooled", "attention": "grid"}   # what `extract --features` feeds each
 
 # Valid values, checked before anything is written: field -> (test, what it must be)
 RULES = {
     "vocab_size": (lambda v: v >= 5, "at least 5 (4 special tokens and a word)"),
     "feature_dim": (lambda v: v >= 1, "at least 1"),
+    "decoder": (lambda v: v in DECODERS, " or ".join(DECODERS)),
+    "grid_positions": (lambda v: v >= 0, "0 or more"),
+    "attention_units": (lambda v: v >= 1, "at least 1"),
+    "attention_reg": (lambda v: v >= 0, "0 (off) or more"),
     "embedding_size": (lambda v: v >= 1, "at least 1"),
     "lstm_units": (lambda v: v >= 1, "at least 1"),
     "dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),

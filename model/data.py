@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from extract.cache import read_manifest
+from extract.cache import FeatureArray, feature_file, feature_kind, read_manifest
 from prepare import captions_h5
 from prepare.util import UserError, sha256_file
 
@@ -15,16 +15,15 @@ IN_MEMORY_LIMIT = 4 << 30   # feature arrays up to 4 GiB are loaded; larger ones
 
 
 class CaptionSet:
-    """One split: features [M, F] (memory or mmap), caption ids [N, L], image row per caption."""
+    """One split: features [M, F] or grid [M, P, F] (memory or mmap), caption ids [N, L], image row per caption."""
 
     def __init__(self, captions_path, features_dir, split: str, manifest: dict):
         sp = captions_h5.read_split(captions_path, split)
-        fpath = Path(features_dir) / f"{split}.npy"
+        fpath = feature_file(features_dir, split, feature_kind(manifest))
         if not fpath.is_file():
             raise UserError(f"{fpath}: missing; the feature cache has no '{split}' split (extract it with "
                             f"--splits including {split})")
-        mmap = "r" if fpath.stat().st_size > IN_MEMORY_LIMIT else None
-        self.features = np.load(fpath, mmap_mode=mmap)
+        self.features = FeatureArray(features_dir, split, manifest, IN_MEMORY_LIMIT)
         if self.features.shape[0] != len(sp.image_ids):
             raise UserError(f"{fpath}: {self.features.shape[0]} rows but {captions_path} has "
                             f"{len(sp.image_ids)} '{split}' images; re-run extract for this captions.h5")
@@ -43,9 +42,9 @@ class CaptionSet:
         return len(self.ids)
 
     def batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """-> features [B, F] float32, ids [B, T+1] int32 trimmed to the batch's longest caption."""
+        """-> features [B, F] (or [B, P, F]) float32, ids [B, T+1] int32 trimmed to the batch's longest caption."""
         t = int(self.lengths[rows].max())
-        return np.asarray(self.features[self.image_index[rows]], np.float32), self.ids[rows, :t]
+        return self.features[self.image_index[rows]], self.ids[rows, :t]
 
     def epoch_batches(self, epoch: int, batch_size: int, seed: int, start: int = 0, shuffle: bool = True):
         """Batches of epoch `epoch` from batch number `start` on; the order depends on (seed, epoch) only."""

@@ -1,4 +1,5 @@
-"""The Show and Tell decoder (im2txt's model without the CNN).
+"""The Show and Tell decoder (im2txt's model without the CNN), and what every decoder shares
+(the attention decoder over grid features is model/attention.py).
 
 Two faces that share every weight:
   call(features, input_ids)   teacher forcing: log-probs [B, T, V] (or `hidden` + `project` for real tokens)
@@ -26,43 +27,40 @@ from model.config import ModelConfig
 INIT_WEIGHTS = ("image_embedding", "word_embedding", "lstm_kernel", "lstm_recurrent", "logits")
 
 
-def init_seeds(seed: int) -> dict[str, int]:
+def init_seeds(seed: int, names=INIT_WEIGHTS) -> dict[str, int]:
     """One integer seed per randomly initialised weight, all derived from `seed` (deterministic)."""
-    draws = np.random.default_rng(seed).integers(0, 2**31 - 1, size=len(INIT_WEIGHTS))
-    return {name: int(x) for name, x in zip(INIT_WEIGHTS, draws)}
+    draws = np.random.default_rng(seed).integers(0, 2**31 - 1, size=len(names))
+    return {name: int(x) for name, x in zip(names, draws)}
 
 
-class ShowAndTell(keras.Model):
-    """`seed`: initialisation seed. None draws it from Python's `random` module, which
-    keras.utils.set_random_seed(s) seeds: models built after the same set_random_seed are identical.
-    Each weight gets its own RandomUniform draw (Keras 3: an initializer with seed=None, or one
-    instance shared by several weights, gives the same values on every call, so with
-    embedding_size == lstm_units the LSTM's kernel would start equal to its recurrent kernel)."""
+class Decoder(keras.Model):
+    """What every decoder shares: per-weight seeded initialisation, the feature normalisation
+    (train mean / inverse std per channel, from the feature manifest; not trained), and the
+    decoding interface beam search, infer, evaluate and fine-tuning use:
 
-    def __init__(self, config: ModelConfig, seed: int | None = None, **kwargs):
-        super().__init__(name="show_and_tell", **kwargs)
+        feature_shape            one image's features: (F,) pooled or (P, F) grid
+        initial_state(features)  -> state, a tuple of arrays with one row per image
+        step(word_ids, state)    -> (log_probs [N, V], new state)
+        state_shapes()           the shape of each state array without its row axis
+        hidden / project         teacher forcing (training's real-token loss)
+    """
+    INIT_WEIGHTS: tuple = ()
+
+    def __init__(self, config: ModelConfig, seed: int | None = None, name: str = "decoder", **kwargs):
+        super().__init__(name=name, **kwargs)
         self.config = config
-        c = config
         self.init_seed = random.randrange(2**31 - 1) if seed is None else int(seed)
-        seeds = init_seeds(self.init_seed)
-
-        def init(weight: str):
-            return keras.initializers.RandomUniform(-c.init_scale, c.init_scale, seed=seeds[weight])
-
-        # Feature normalisation (train mean / inverse std from the feature manifest); not trained.
-        self.feat_mean = self.add_weight(shape=(c.feature_dim,), initializer="zeros", trainable=False,
+        self._seeds = init_seeds(self.init_seed, self.INIT_WEIGHTS)
+        self.feat_mean = self.add_weight(shape=(config.feature_dim,), initializer="zeros", trainable=False,
                                          name="feature_mean")
-        self.feat_inv_std = self.add_weight(shape=(c.feature_dim,), initializer="ones", trainable=False,
+        self.feat_inv_std = self.add_weight(shape=(config.feature_dim,), initializer="ones", trainable=False,
                                             name="feature_inv_std")
-        self.image_embedding = layers.Dense(c.embedding_size, kernel_initializer=init("image_embedding"),
-                                            name="image_embedding")
-        self.word_embedding = layers.Embedding(c.vocab_size, c.embedding_size,
-                                               embeddings_initializer=init("word_embedding"), name="word_embedding")
-        self.lstm = layers.LSTM(c.lstm_units, return_sequences=True, kernel_initializer=init("lstm_kernel"),
-                                recurrent_initializer=init("lstm_recurrent"), name="lstm")
-        self.drop_in = layers.Dropout(c.dropout)
-        self.drop_out = layers.Dropout(c.dropout)
-        self.logits = layers.Dense(c.vocab_size, kernel_initializer=init("logits"), name="logits")
+
+    def init(self, weight: str):
+        """Weight `weight`'s own initializer (Keras 3: an initializer with seed=None, or one instance
+        shared by several weights, gives the same values on every call)."""
+        c = self.config
+        return keras.initializers.RandomUniform(-c.init_scale, c.init_scale, seed=self._seeds[weight])
 
     def set_feature_stats(self, mean, std) -> None:
         std = np.asarray(std, np.float64)
@@ -74,8 +72,47 @@ class ShowAndTell(keras.Model):
         self.feat_mean.assign(np.asarray(mean, np.float32))
         self.feat_inv_std.assign(inv)
 
+    def normalise(self, features):
+        return (features - self.feat_mean) * self.feat_inv_std
+
+    @property
+    def feature_shape(self) -> tuple:
+        return (self.config.feature_dim,)
+
+    def call(self, features, input_ids, training=False):
+        return ops.log_softmax(self.project(self.hidden(features, input_ids, training)), axis=-1)  # [B, T, V]
+
+    def build_all(self) -> None:
+        """Create every weight (call once before loading weights)."""
+        f = np.zeros((1, *self.feature_shape), np.float32)
+        self(f, np.ones((1, 2), np.int32))
+        self.step(np.ones((1,), np.int32), self.initial_state(f))
+
+
+class ShowAndTell(Decoder):
+    """`seed`: initialisation seed. None draws it from Python's `random` module, which
+    keras.utils.set_random_seed(s) seeds: models built after the same set_random_seed are identical."""
+    INIT_WEIGHTS = INIT_WEIGHTS
+
+    def __init__(self, config: ModelConfig, seed: int | None = None, **kwargs):
+        super().__init__(config, seed, name="show_and_tell", **kwargs)
+        c, init = config, self.init
+        self.image_embedding = layers.Dense(c.embedding_size, kernel_initializer=init("image_embedding"),
+                                            name="image_embedding")
+        self.word_embedding = layers.Embedding(c.vocab_size, c.embedding_size,
+                                               embeddings_initializer=init("word_embedding"), name="word_embedding")
+        self.lstm = layers.LSTM(c.lstm_units, return_sequences=True, kernel_initializer=init("lstm_kernel"),
+                                recurrent_initializer=init("lstm_recurrent"), name="lstm")
+        self.drop_in = layers.Dropout(c.dropout)
+        self.drop_out = layers.Dropout(c.dropout)
+        self.logits = layers.Dense(c.vocab_size, kernel_initializer=init("logits"), name="logits")
+
+    def state_shapes(self) -> tuple:
+        H = self.config.lstm_units
+        return ((H,), (H,))
+
     def embed_image(self, features):                                   # [B, F] -> [B, E]
-        return self.image_embedding((features - self.feat_mean) * self.feat_inv_std)
+        return self.image_embedding(self.normalise(features))
 
     # ---- teacher forcing ----------------------------------------------------------------
     def hidden(self, features, input_ids, training=False):
@@ -89,9 +126,6 @@ class ShowAndTell(keras.Model):
     def project(self, h):
         """[..., H] -> logits [..., V]. Training calls it on real (non-pad) positions only."""
         return self.logits(h)
-
-    def call(self, features, input_ids, training=False):
-        return ops.log_softmax(self.project(self.hidden(features, input_ids, training)), axis=-1)  # [B, T, V]
 
     # ---- decoding -----------------------------------------------------------------------
     def initial_state(self, features):
@@ -107,26 +141,32 @@ class ShowAndTell(keras.Model):
         out, (h, c) = self.lstm.cell(x, list(state), training=False)   # [N, H]
         return ops.log_softmax(self.project(out), axis=-1), (h, c)
 
-    def build_all(self) -> None:
-        """Create every weight (call once before loading weights)."""
-        f = np.zeros((1, self.config.feature_dim), np.float32)
-        self(f, np.ones((1, 2), np.int32))
 
-
-def compiled_decoding(model: ShowAndTell):
+def compiled_decoding(model: Decoder):
     """tf.function versions of initial_state and step (never Model.predict per step)."""
     import tensorflow as tf
-    F, H = model.config.feature_dim, model.config.lstm_units
+    state_spec = tuple(tf.TensorSpec([None, *shape], tf.float32) for shape in model.state_shapes())
 
-    @tf.function(input_signature=[tf.TensorSpec([None, F], tf.float32)])
+    @tf.function(input_signature=[tf.TensorSpec([None, *model.feature_shape], tf.float32)])
     def init(features):
-        return model.initial_state(features)
+        return tuple(model.initial_state(features))
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32),
-                                  (tf.TensorSpec([None, H], tf.float32), tf.TensorSpec([None, H], tf.float32))])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32), state_spec])
     def step(word_ids, state):
-        return model.step(word_ids, state)
+        logp, new = model.step(word_ids, state)
+        return logp, tuple(new)
     return init, step
+
+
+def build_decoder(config: ModelConfig, seed: int | None = None) -> Decoder:
+    """The decoder a config names, with every weight created."""
+    if config.decoder == "attention":
+        from model.attention import AttendAndTell
+        m = AttendAndTell(config, seed)
+    else:
+        m = ShowAndTell(config, seed)
+    m.build_all()
+    return m
 
 
 def greedy_decode(init, step, features: np.ndarray, start_id: int, end_id: int, max_len: int) -> list[list[int]]:

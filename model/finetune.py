@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from extract import encoder as enc
+from extract.cache import feature_kind
 from extract.images import image_dataset
 from model import checkpoint
 from model.config import override
@@ -149,6 +150,7 @@ def calibrate_batchnorm(encoder, batches) -> int:
 def fit_feature_normalisation(decoder, forward, batches) -> None:
     """Re-fit the decoder's per-dimension feature mean/std to what `forward` now produces."""
     f = np.concatenate([forward(images).numpy() for images in batches]).astype(np.float64)
+    f = f.reshape(-1, f.shape[-1])                    # a grid: every position of every image
     decoder.set_feature_stats(f.mean(0), f.std(0))
 
 
@@ -193,12 +195,13 @@ def _open_run(out: Run, config: dict, vocab, manifest: dict, stage1: Run) -> boo
     return False
 
 
-def _trainable_encoder(spec, size: int, cfg: FinetuneConfig, weights: Path):
+def _trainable_encoder(spec, size: int, cfg: FinetuneConfig, weights: Path, kind: str = "pooled"):
+    """The stage-1 encoder, trainable; kind "grid" (attention decoder): its last feature map."""
     import keras
     if cfg.mixed_precision:
         keras.config.set_dtype_policy("mixed_bfloat16")
     try:
-        encoder, _ = enc.build_encoder(spec.name, "none", size, trainable=True)
+        encoder, _ = enc.build_encoder(spec.name, "none", size, trainable=True, output=kind)
     finally:
         keras.config.set_dtype_policy("float32")
     enc.load_encoder_weights(encoder, weights)
@@ -271,7 +274,7 @@ class _Joint:
         import keras
         self.out, self.config, self.cfg, self.decoder, self.vocab, self.log = out, config, cfg, decoder, vocab, log
         self.spec, self.size = enc.spec_of_manifest(manifest), int(manifest["image_size"])
-        self.encoder = _trainable_encoder(self.spec, self.size, cfg, stage1.file(ENCODER))
+        self.encoder = _trainable_encoder(self.spec, self.size, cfg, stage1.file(ENCODER), feature_kind(manifest))
         self.bn_train = cfg.bn == "train"
         self.trainset = ImageCaptionSet(captions, "train", manifest)
         self.valset = ImageCaptionSet(captions, "val", manifest)
@@ -297,7 +300,7 @@ class _Joint:
             if cfg.augment:
                 x = augment(x, seed, self.size, cfg.flip)
             with tf.GradientTape() as tape:
-                f = tf.cast(self.encoder(x, training=self.bn_train), tf.float32)        # [B, D]
+                f = tf.cast(self.encoder(x, training=self.bn_train), tf.float32)        # [B, D] or [B, P, D]
                 loss_sum, n = masked_token_loss(self.decoder, tf.gather(f, cap_img), ids, True)
                 loss = loss_sum / n
             g = tape.gradient(loss, self.dec_vars + self.cnn_vars)

@@ -199,8 +199,8 @@ def load_run(path: str | os.PathLike):
 
 
 def build_decoder(mcfg, manifest: dict):
-    from model.decoder import ShowAndTell
-    m = ShowAndTell(mcfg)
-    m.build_all()
+    """The decoder of a config, normalising features with the cache's train statistics."""
+    from model import decoder
+    m = decoder.build_decoder(mcfg)
     m.set_feature_stats(manifest["train_stats"]["mean"], manifest["train_stats"]["std"])
     return m

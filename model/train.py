@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from model import checkpoint
-from model.config import DEFAULT_LR, ModelConfig, TrainConfig, override
+from model.config import DEFAULT_LR, FEATURES_OF_DECODER, ModelConfig, TrainConfig, override
 from model.data import CaptionSet, open_data
 from model.loop import Stage, fit, new_state, perplexity
 from model.run import CHECKPOINT, CONFIG, DECODER, Run, build_decoder
@@ -81,10 +81,16 @@ def masked_token_loss(model, features, ids, training=False):
     import tensorflow as tf
     inp, tgt = ids[:, :-1], ids[:, 1:]                                          # [B, T], [B, T]
     mask = tgt > 0
-    h = tf.boolean_mask(model.hidden(features, inp, training=training), mask)   # [n, H]
+    penalty = 0.0
+    if training and getattr(model.config, "attention_reg", 0) and hasattr(model, "attention_penalty"):
+        out, alphas = model.hidden(features, inp, training=training, return_attention=True)
+        penalty = model.attention_penalty(alphas, mask)         # added in training only: val loss stays NLL
+    else:
+        out = model.hidden(features, inp, training=training)
+    h = tf.boolean_mask(out, mask)                                              # [n, H]
     logits = model.project(h)                                                   # [n, V]
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.boolean_mask(tgt, mask), logits)
-    return tf.reduce_sum(ce), tf.cast(tf.shape(ce)[0], tf.float32)
+    return tf.reduce_sum(ce) + penalty, tf.cast(tf.shape(ce)[0], tf.float32)
 
 
 def make_steps(model, optimizer, strategy, clip_norm: float):
@@ -120,12 +126,23 @@ def make_steps(model, optimizer, strategy, clip_norm: float):
 
 def _configs(vocab, manifest: dict, model_overrides: dict | None, train_overrides: dict | None):
     """Typed configs from defaults + flags, every value checked (before anything is written)."""
-    mcfg = override(ModelConfig(vocab_size=len(vocab), feature_dim=manifest["feature_dim"]),
+    mcfg = override(ModelConfig(vocab_size=len(vocab), feature_dim=manifest["feature_dim"],
+                                grid_positions=int(manifest.get("grid_positions") or 0)),
                     model_overrides or {}, "model config")
     tcfg = override(TrainConfig(), train_overrides or {}, "train config")
     if not tcfg.lr:
         tcfg = dataclasses.replace(tcfg, lr=DEFAULT_LR[tcfg.optimizer])
     return mcfg, tcfg
+
+
+def check_features_fit(decoder: str, manifest: dict, features_dir) -> None:
+    """The attention decoder reads grid features, the Show and Tell decoder pooled ones."""
+    from extract.cache import feature_kind
+    need, have = FEATURES_OF_DECODER[decoder], feature_kind(manifest)
+    if need != have:
+        raise UserError(f"--decoder {decoder} reads {need} features but {features_dir} holds {have} features; "
+                        f"extract a cache with `python -m extract ... --features {need}` (into another --out) "
+                        f"or pass --decoder {next(d for d, k in FEATURES_OF_DECODER.items() if k == have)}")
 
 
 def train(data, out, *, features=None, captions=None, model_overrides: dict | None = None,
@@ -134,6 +151,7 @@ def train(data, out, *, features=None, captions=None, model_overrides: dict | No
     captions, features_dir, manifest = open_data(data, features, captions)
     vocab = captions_h5.read_vocab(captions)
     mcfg, tcfg = _configs(vocab, manifest, model_overrides, train_overrides)
+    check_features_fit(mcfg.decoder, manifest, features_dir)
     config = {"model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg),
               "data": {"captions": str(captions.resolve()), "features": str(features_dir.resolve()),
                        "captions_sha256": manifest["captions"]["sha256"],
@@ -174,7 +192,7 @@ def _stage(run: Run, model, optimizer, strategy, tcfg: TrainConfig, trainset, va
     import keras
     import tensorflow as tf
     from model.decoder import compiled_decoding, greedy_decode
-    spec = (tf.TensorSpec([None, model.config.feature_dim], tf.float32), tf.TensorSpec([None, None], tf.int32))
+    spec = (tf.TensorSpec([None, *model.feature_shape], tf.float32), tf.TensorSpec([None, None], tf.int32))
     train_step, eval_step = make_steps(model, optimizer, strategy, tcfg.clip_norm)
 
     def distributed(gen):
