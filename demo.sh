@@ -2,6 +2,7 @@
 # The whole pipeline on the built-in synthetic dataset. Re-running reuses (or resumes) what is done.
 #   DATA=data/synth RUN=runs/synth EPOCHS=8 ./demo.sh
 #   ENCODER=inception_v3 WEIGHTS=none ./demo.sh   pick the encoder / weights yourself
+#   DECODER=show_and_tell ./demo.sh   im2txt's pooled-vector decoder instead of the attention decoder
 #   FINETUNE=1 ./demo.sh     also runs a short stage-2 fine-tune of the CNN (slow on CPU)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -25,9 +26,18 @@ else WHY="ENCODER=$ENCODER"; fi
 WEIGHTS="${WEIGHTS:-imagenet}"
 # Extraction size for the 128 px built-in images (measured: see the README's results)
 case "$ENCODER" in efficientnet_lite0) FEAT_SIZE="${FEAT_SIZE:-224}" ;; *) FEAT_SIZE="${FEAT_SIZE:-$SIZE}" ;; esac
-FEATURES="$DATA/features-$ENCODER-$WEIGHTS-$FEAT_SIZE"
-RUN="${RUN:-runs/synth-$ENCODER}"
+# The decoder: attention over the encoder's grid (default: measured best, see the README) or im2txt's
+# pooled-vector Show and Tell decoder.
+DECODER="${DECODER:-attention}"
+case "$DECODER" in
+  attention) KIND=grid; SHOW=(--attention); MAPS=(--attention-maps 6) ;;
+  show_and_tell) KIND=pooled; SHOW=(); MAPS=() ;;
+  *) echo "DECODER=$DECODER: choose attention or show_and_tell" >&2; exit 2 ;;
+esac
+FEATURES="$DATA/features-$ENCODER-$WEIGHTS-$FEAT_SIZE-$KIND"
+RUN="${RUN:-runs/synth-$ENCODER-$DECODER}"
 echo "encoder: $ENCODER ($WEIGHTS weights, $FEAT_SIZE px): $WHY"
+echo "decoder: $DECODER (reads $KIND features)"
 
 echo "== 1/6 built-in dataset -> $DATA"
 if [ -f "$DATA/annotations/captions_test.json" ]; then echo "exists, reused"
@@ -37,28 +47,28 @@ echo "== 2/6 prepare captions -> $DATA/captions.h5"
 if [ -f "$DATA/captions.h5" ]; then echo "exists, reused"
 else python -m prepare captions --dataset "$DATA" --max-len 28; fi
 
-echo "== 3/6 extract $ENCODER features -> $FEATURES"
+echo "== 3/6 extract $ENCODER $KIND features -> $FEATURES"
 python -m extract --captions "$DATA/captions.h5" --out "$FEATURES" --encoder "$ENCODER" --weights "$WEIGHTS" \
-  --image-size "$FEAT_SIZE"
+  --image-size "$FEAT_SIZE" --features "$KIND"
 
 echo "== 4/6 train the decoder -> $RUN"
 python -m model train --data "$DATA" --features "$FEATURES" --out "$RUN" --epochs "$EPOCHS" \
-  --lstm-units 256 --embedding-size 256
+  --lstm-units 256 --embedding-size 256 --decoder "$DECODER"
 
 echo "== 5/6 evaluate on the test split"
-python -m infer evaluate --run "$RUN" --data "$DATA" --features "$FEATURES" --split test --overwrite
+python -m infer evaluate --run "$RUN" --data "$DATA" --features "$FEATURES" --split test --overwrite "${MAPS[@]}"
 
 if [ -n "${FINETUNE:-}" ]; then
   echo "== 5b fine-tune $ENCODER + decoder jointly -> $RUN-ft (FINETUNE=1)"
   python -m model finetune --run "$RUN" --data "$DATA" --out "$RUN-ft" --epochs "${FT_EPOCHS:-5}"
-  python -m infer evaluate --run "$RUN-ft" --data "$DATA" --split test --overwrite
+  python -m infer evaluate --run "$RUN-ft" --data "$DATA" --split test --overwrite "${MAPS[@]}"
   RUN="$RUN-ft"
 fi
 
 echo "== 6/6 caption images: test images and real photos -> $OUT"
 PHOTOS="$(python -c 'import skimage, os; d = os.path.join(os.path.dirname(skimage.__file__), "data"); print(" ".join(os.path.join(d, f) for f in ("astronaut.png", "chelsea.png", "coffee.png")))')"
 # shellcheck disable=SC2046,SC2086
-python -m infer caption --run "$RUN" --out "$OUT" --overwrite --quiet \
+python -m infer caption --run "$RUN" --out "$OUT" --overwrite --quiet "${SHOW[@]}" \
   $(ls "$DATA"/images/test/*.jpg | head -n 6) $PHOTOS
 
 echo
@@ -68,5 +78,8 @@ echo "  features:       $FEATURES (manifest.json says which encoder and weights 
 echo "  run directory:  $RUN (training_curve.png, history.json, tb/ for TensorBoard)"
 echo "  metrics:        $RUN/eval-test/metrics.json"
 echo "  captions:       $OUT/annotated/*.jpg, $OUT/captions.jsonl"
+if [ "$DECODER" = attention ]; then
+  echo "  attention maps: $OUT/attention/*.png, $RUN/eval-test/attention/*.png (where it looked for each word)"
+fi
 echo "The model has only ever seen the built-in world of coloured shapes: captions of real photos are"
 echo "sentences about shapes."

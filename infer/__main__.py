@@ -43,6 +43,14 @@ def main(argv=None) -> int:
                    "of the first N images into OUT/attention/ (default 0)")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--quiet", action="store_true")
+    x = sub.add_parser("export", help="a TensorFlow SavedModel that captions encoded image bytes (all in-graph)")
+    x.add_argument("--run", required=True, help="run directory")
+    x.add_argument("--out", required=True, help="SavedModel folder (refused if it holds files, unless --overwrite)")
+    x.add_argument("--beam-size", type=int, default=3, help="1-100 (default 3)")
+    x.add_argument("--top", type=int, default=3, help="captions returned per image, 1..beam size (default 3)")
+    x.add_argument("--max-len", type=int, default=None, help=MAX_LEN_HELP)
+    x.add_argument("--length-norm", type=float, default=0.0, help="rank by logprob / length ** this")
+    x.add_argument("--overwrite", action="store_true", help="replace the SavedModel in --out")
     b = sub.add_parser("bench", help="captions/s: batched beam search vs one image at a time")
     b.add_argument("--vocab", type=int, default=12000)
     b.add_argument("--size", type=int, default=512)
@@ -57,6 +65,10 @@ def main(argv=None) -> int:
         caption_images(a.run, a.images, a.out, beam_size=a.beam_size, max_len=a.max_len, top=a.top,
                        batch_size=a.batch_size, length_norm=a.length_norm, overwrite=a.overwrite,
                        attention=a.attention, progress=not a.quiet)
+    elif a.cmd == "export":
+        from infer.export import export
+        export(a.run, a.out, beam_size=a.beam_size, top_k=a.top, max_len=a.max_len, length_norm=a.length_norm,
+               overwrite=a.overwrite)
     elif a.cmd == "evaluate":
         from infer.evaluate import evaluate
         evaluate(a.run, a.data, split=a.split, beam_size=a.beam_size, max_len=a.max_len, features=a.features,

@@ -85,14 +85,18 @@ class Captioner:
     def encoder_sha256(self) -> str:
         return self._encoder_sha256
 
+    def encoder_model(self):
+        """The run's own encoder as a Keras model (its file's checksum was verified by load_run):
+        float32 0..255 images -> the features its decoder reads (pooled or grid)."""
+        model, _ = enc.build_encoder(enc.spec_of_manifest(self.manifest).name, "none", self.image_size,
+                                     output=self.features_kind)
+        enc.load_encoder_weights(model, self.encoder_file)
+        return model
+
     def encoder(self):
-        """The run's own encoder (its file's checksum was verified by load_run)."""
+        """The run's own encoder, compiled (built once)."""
         if self._encoder is None:
-            f = self.encoder_file
-            model, _ = enc.build_encoder(enc.spec_of_manifest(self.manifest).name, "none", self.image_size,
-                                         output=self.features_kind)
-            enc.load_encoder_weights(model, f)
-            self._encoder = enc.compiled_forward(model)
+            self._encoder = enc.compiled_forward(self.encoder_model())
         return self._encoder
 
     @property
