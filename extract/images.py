@@ -3,6 +3,7 @@
     load_image(path, size) -> uint8 [size, size, 3]   PIL: EXIF rotation applied, any mode -> RGB
                                                       (grey, RGBA over white, CMYK, 16-bit),
                                                       resized to size x size (bilinear, aspect not kept)
+    load_image_bytes(data, size)                      the same for an encoded image in memory
     image_dataset(paths, size, batch) -> tf.data batches of (uint8 [B,S,S,3], ok [B], reason [B])
 
 A bad image (missing, empty, truncated, not an image, a decompression bomb, under 8 px a side)
@@ -32,9 +33,24 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
     try:
         if path.stat().st_size == 0:
             raise BadImage("empty file")
+    except FileNotFoundError:
+        raise BadImage("missing file")
+    return _decode(path, size)
+
+
+def load_image_bytes(data: bytes, size: int) -> np.ndarray:
+    """The same for an encoded image in memory (an upload)."""
+    import io
+    if not data:
+        raise BadImage("empty file")
+    return _decode(io.BytesIO(data), size)
+
+
+def _decode(source, size: int) -> np.ndarray:
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked just below
-            im = Image.open(path)
+            im = Image.open(source)
         with im:
             w, h = im.size
             if w * h > MAX_PIXELS:

@@ -51,6 +51,13 @@ def main(argv=None) -> int:
     x.add_argument("--max-len", type=int, default=None, help=MAX_LEN_HELP)
     x.add_argument("--length-norm", type=float, default=0.0, help="rank by logprob / length ** this")
     x.add_argument("--overwrite", action="store_true", help="replace the SavedModel in --out")
+    v = sub.add_parser("serve", help="a web page and JSON API captioning uploaded images")
+    v.add_argument("--run", required=True, help="run directory")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=8000, help="1-65535 (default 8000)")
+    v.add_argument("--beam-size", type=int, default=3, help="1-100 (default 3)")
+    v.add_argument("--max-mb", type=float, default=10.0, help="largest upload in MB (default 10): larger -> 413")
+    v.add_argument("--max-batch", type=int, default=16, help="images captioned together at most (default 16)")
     b = sub.add_parser("bench", help="captions/s: batched beam search vs one image at a time")
     b.add_argument("--vocab", type=int, default=12000)
     b.add_argument("--size", type=int, default=512)
@@ -69,6 +76,9 @@ def main(argv=None) -> int:
         from infer.export import export
         export(a.run, a.out, beam_size=a.beam_size, top_k=a.top, max_len=a.max_len, length_norm=a.length_norm,
                overwrite=a.overwrite)
+    elif a.cmd == "serve":
+        from infer.serve import serve
+        serve(a.run, a.host, a.port, beam_size=a.beam_size, max_mb=a.max_mb, max_batch=a.max_batch)
     elif a.cmd == "evaluate":
         from infer.evaluate import evaluate
         evaluate(a.run, a.data, split=a.split, beam_size=a.beam_size, max_len=a.max_len, features=a.features,

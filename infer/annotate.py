@@ -46,7 +46,14 @@ def fit(w: int, h: int, max_w: int = MAX_W, max_h: int = MAX_H) -> tuple[int, in
 
 
 def annotate(src: str | Path, captions: list[tuple[str, float]], dst: str | Path, width: int = MAX_W) -> None:
-    """captions: [(text, probability)] best first; the best is the title, the others listed small.
+    """Write the annotated copy of image file `src` to dst (JPEG, atomically); see render."""
+    with atomic_path(dst) as tmp:
+        render(src, captions, width).save(tmp, format="JPEG", quality=90)
+
+
+def render(src, captions: list[tuple[str, float]], width: int = MAX_W) -> Image.Image:
+    """The annotated copy of `src` (a path or a file object): captions [(text, probability)] best
+    first; the best is the title, the others listed small.
 
     The picture is scaled to fit `width` x 2*`width` (aspect kept, so a 10x1100 or 8x200000 picture
     stays a thin strip, never a huge image), converted to RGB by the same code as the encoder's input
@@ -77,5 +84,4 @@ def annotate(src: str | Path, captions: list[tuple[str, float]], dst: str | Path
     for ln in extra_lines:
         d.text((margin, y), ln, fill=(90, 90, 90), font=small)
         y += lh_small
-    with atomic_path(dst) as tmp:
-        canvas.save(tmp, format="JPEG", quality=90)
+    return canvas
