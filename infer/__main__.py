@@ -58,6 +58,11 @@ def main(argv=None) -> int:
     v.add_argument("--beam-size", type=int, default=3, help="1-100 (default 3)")
     v.add_argument("--max-mb", type=float, default=10.0, help="largest upload in MB (default 10): larger -> 413")
     v.add_argument("--max-batch", type=int, default=16, help="images captioned together at most (default 16)")
+    sb = sub.add_parser("serve-bench", help="bounded load on `infer serve` over localhost: captions/s, latency")
+    sb.add_argument("--run", required=True)
+    sb.add_argument("images", nargs="+", help="image files sent in turn (one per request)")
+    sb.add_argument("--requests", type=int, default=200, help="requests in all (default 200)")
+    sb.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     b = sub.add_parser("bench", help="captions/s: batched beam search vs one image at a time")
     b.add_argument("--vocab", type=int, default=12000)
     b.add_argument("--size", type=int, default=512)
@@ -79,6 +84,13 @@ def main(argv=None) -> int:
     elif a.cmd == "serve":
         from infer.serve import serve
         serve(a.run, a.host, a.port, beam_size=a.beam_size, max_mb=a.max_mb, max_batch=a.max_batch)
+    elif a.cmd == "serve-bench":
+        from pathlib import Path
+
+        from infer import serve_bench
+        check_range("--requests", a.requests, 1)
+        check_range("--clients", a.clients, 1, 256)
+        serve_bench.run(a.run, [Path(p) for p in a.images], a.requests, a.clients)
     elif a.cmd == "evaluate":
         from infer.evaluate import evaluate
         evaluate(a.run, a.data, split=a.split, beam_size=a.beam_size, max_len=a.max_len, features=a.features,

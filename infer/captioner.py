@@ -47,6 +47,7 @@ class Captioner:
         self._init, self._step = numpy_decoding(self.model)
         self._encoder = None
         self._attention = None
+        self._graph = None
 
     @property
     def features_kind(self) -> str:
@@ -105,12 +106,37 @@ class Captioner:
 
     # ---- captioning ------------------------------------------------------------------------
     def caption_features(self, features: np.ndarray, batch_size: int = 32) -> list[list[Caption]]:
+        """Captions (best first) of each row of features, by the in-graph beam search."""
+        out: list[list[Caption]] = []
+        for i in range(0, len(features), batch_size):
+            out += self._beam_search_graph(np.asarray(features[i:i + batch_size], np.float32))
+        return out
+
+    def caption_features_python(self, features: np.ndarray, batch_size: int = 32) -> list[list[Caption]]:
+        """The same by the reference beam search (infer/beam_search.py: one step call per word)."""
         out: list[list[Caption]] = []
         for i in range(0, len(features), batch_size):
             state = self._init(features[i:i + batch_size])
             out += beam_search_batch(self._step, state, start_id=START_ID, end_id=END_ID, beam_size=self.beam_size,
                                      max_len=self.max_len, length_norm=self.length_norm)
         return out
+
+    def _beam_search_graph(self, features: np.ndarray) -> list[list[Caption]]:
+        if self._graph is None:
+            import tensorflow as tf
+
+            from infer.beam_search_graph import beam_search_graph
+
+            @tf.function(input_signature=[tf.TensorSpec([None, *self.model.feature_shape], tf.float32)])
+            def search(f):
+                return beam_search_graph(self.model, f, beam_size=self.beam_size, max_len=self.max_len,
+                                         length_norm=self.length_norm)
+            self._graph = search
+        ids, lengths, lps, complete = (x.numpy() for x in self._graph(features))
+        return [[Caption([int(w) for w in ids[i, j, :lengths[i, j]]], float(lps[i, j]),
+                         float(lps[i, j]) / float(lengths[i, j]) ** self.length_norm if self.length_norm
+                         else float(lps[i, j]), bool(complete[i, j]))
+                 for j in range(ids.shape[1]) if np.isfinite(lps[i, j])] for i in range(len(ids))]
 
     def caption_files(self, paths: list[Path], batch_size: int = 32, progress: bool = True,
                       attention: bool = False) -> list[ImageCaptions]:

@@ -6,9 +6,7 @@ Signature `serving_default`:
     log_probs  float32   [N, k]     the sum of the words' log-probabilities (-inf where no caption)
 
 Everything runs in the graph: decoding, resizing, the run's encoder, the decoder and beam search
-(a tf.while_loop with im2txt's semantics, the same as infer/beam_search.py: each live beam expands
-with its k best words, the k best partial captions stay alive, those ending in <end> join the k best
-complete ones; if none completes within max_len, the partial ones are returned). So
+(infer/beam_search_graph.py: a tf.while_loop with im2txt's semantics). So
 `tf.saved_model.load(DIR)` captions images in any Python with TensorFlow, and TensorFlow Serving
 can load DIR. Beam size, k and max length are fixed at export and recorded in DIR/export.json.
 
@@ -28,98 +26,10 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
-
+from infer.beam_search_graph import beam_search_graph, ids_to_text
 from prepare.util import UserError, exclusive_lock
-from prepare.vocabulary import END_ID, PAD_ID, START_ID
 
 EXPORT_RECORD = "export.json"
-
-
-def beam_search_graph(decoder, features, *, beam_size: int, max_len: int, length_norm: float = 0.0):
-    """In-graph batched beam search over decoder.initial_state / decoder.step.
-
-    features [N, ...] -> (ids int32 [N, k, max_len] (<start> ... <end>, then <pad>), lengths [N, k],
-    log_probs [N, k], complete bool [N, k]), best first."""
-    import tensorflow as tf
-    k, L = beam_size, max_len
-    neg_inf = tf.constant(-np.inf, tf.float32)
-    n = tf.shape(features)[0]
-    state = tuple(tf.repeat(s, k, axis=0) for s in decoder.initial_state(features))     # rows n*k
-    ids = tf.concat([tf.fill([n, k, 1], START_ID), tf.fill([n, k, L - 1], PAD_ID)], axis=2)
-    live_lp = tf.tile(tf.concat([[0.0], tf.fill([k - 1], -np.inf)], 0)[None], [n, 1])   # one real beam
-    done_ids = tf.fill([n, k, L], PAD_ID)
-    done_lp = tf.fill([n, k], neg_inf)
-    done_score = tf.fill([n, k], neg_inf)
-    done_len = tf.zeros([n, k], tf.int32)
-    rows = tf.range(n)[:, None] * k                                                        # [n, 1]
-
-    def score(lp, length):
-        return lp / tf.cast(length, tf.float32) ** length_norm if length_norm else lp
-
-    def body(t, ids, live_lp, state, done_ids, done_lp, done_score, done_len):
-        words = tf.reshape(ids[:, :, t], [-1])                                  # [n*k] the last word
-        logp, new_state = decoder.step(words, state)
-        logp = tf.reshape(tf.cast(logp, tf.float32), [n, k, -1])
-        top_lp, top_w = tf.math.top_k(logp, k)                                  # [n, k, k] per beam
-        total = live_lp[:, :, None] + top_lp
-        total = tf.where(tf.math.is_finite(top_lp), total, neg_inf)             # a -inf word is never taken
-        flat_total, flat_w = tf.reshape(total, [n, k * k]), tf.reshape(top_w, [n, k * k])
-        is_end = tf.equal(flat_w, END_ID)
-        parent = tf.tile(tf.repeat(tf.range(k), k)[None], [n, 1])              # [n, k*k]
-        column = tf.one_hot(t + 1, L, dtype=tf.int32)                           # where the new word goes
-
-        def extend(sel_parent, sel_word):                                       # -> ids [n, m, L]
-            base = tf.gather(ids, sel_parent, batch_dims=1)
-            return base * (1 - column) + sel_word[:, :, None] * column
-        length = t + 2
-        # complete: the k best of the old ones and the new ones ending in <end>
-        end_lp = tf.where(is_end, flat_total, neg_inf)
-        all_score = tf.concat([done_score, score(end_lp, length)], axis=1)
-        best_score, pick = tf.math.top_k(all_score, k)
-        cand_ids = tf.concat([done_ids, extend(parent, flat_w)], axis=1)
-        cand_lp = tf.concat([done_lp, end_lp], axis=1)
-        cand_len = tf.concat([done_len, tf.fill([n, k * k], length)], axis=1)
-        done_ids = tf.gather(cand_ids, pick, batch_dims=1)
-        done_lp = tf.gather(cand_lp, pick, batch_dims=1)
-        done_len = tf.gather(cand_len, pick, batch_dims=1)
-        done_score = best_score
-        # live: the k best expansions that did not end
-        live_total = tf.where(is_end, neg_inf, flat_total)
-        new_live_lp, pick = tf.math.top_k(live_total, k)
-        sel_parent = tf.gather(parent, pick, batch_dims=1)
-        ids = extend(sel_parent, tf.gather(flat_w, pick, batch_dims=1))
-        state_rows = tf.reshape(rows + sel_parent, [-1])
-        state = tuple(tf.gather(s, state_rows) for s in new_state)
-        return t + 1, ids, new_live_lp, state, done_ids, done_lp, done_score, done_len
-
-    loop_vars = (tf.constant(0), ids, live_lp, state, done_ids, done_lp, done_score, done_len)
-    shapes = tuple(tf.TensorShape([None, *s.shape[1:]]) for s in state)
-    invariants = (tf.TensorShape([]), tf.TensorShape([None, k, L]), tf.TensorShape([None, k]), shapes,
-                  tf.TensorShape([None, k, L]), tf.TensorShape([None, k]), tf.TensorShape([None, k]),
-                  tf.TensorShape([None, k]))
-    _, ids, live_lp, _, done_ids, done_lp, done_score, done_len = tf.while_loop(
-        lambda t, *_: t < L - 1, body, loop_vars, shape_invariants=invariants)
-    any_done = tf.math.is_finite(done_score[:, :1])                             # [n, 1]
-    steps = L - 1 if L > 1 else 0
-    live_len = tf.fill([n, k], steps + 1)
-    # partial captions ranked like complete ones (all of the same length: by log-prob)
-    order = tf.argsort(score(live_lp, steps + 1), axis=1, direction="DESCENDING", stable=True)
-    live_ids, live_lp = tf.gather(ids, order, batch_dims=1), tf.gather(live_lp, order, batch_dims=1)
-    out_ids = tf.where(any_done[:, :, None], done_ids, live_ids)
-    out_lp = tf.where(any_done, done_lp, live_lp)
-    out_len = tf.where(any_done, done_len, live_len)
-    return out_ids, out_len, out_lp, tf.broadcast_to(any_done, tf.shape(out_lp))
-
-
-def ids_to_text(words, ids):
-    """[N, k, L] ids -> [N, k] strings, as Vocabulary.decode: stop at <end>, drop <start>/<pad>."""
-    import tensorflow as tf
-    ended = tf.cumsum(tf.cast(tf.equal(ids, END_ID), tf.int32), axis=-1) > 0
-    keep = tf.logical_not(ended) & tf.not_equal(ids, START_ID) & tf.not_equal(ids, PAD_ID)
-    tokens = tf.where(keep, tf.gather(words, ids), "")
-    joined = tf.strings.reduce_join(tokens, axis=-1, separator=" ")
-    return tf.strings.strip(tf.strings.regex_replace(joined, " +", " "))
 
 
 def decode_image_bytes(data, size: int):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import math
 import queue
 import threading
@@ -117,7 +118,7 @@ def create_app(run, *, beam_size: int = 3, max_len: int | None = None, max_bytes
 
     async def healthz(_request: Request):
         if state["model"] is not None:
-            return JSONResponse({"status": "ok"})
+            return JSONResponse({"status": "ok", "batches": state["model"].batches})
         return JSONResponse({"status": "error" if state["error"] else "loading", "error": state["error"]},
                             status_code=500 if state["error"] else 503)
 
@@ -182,6 +183,25 @@ def _annotated(render, data: bytes, best) -> str | None:
     except Exception:  # noqa: BLE001
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def post_images(url: str, files: list[tuple[str, bytes]], timeout: float = 300) -> tuple[int, dict]:
+    """A client: POST (name, bytes) pairs as multipart field `image` -> (HTTP status, JSON body)."""
+    import urllib.error
+    import urllib.request
+    import uuid
+    boundary = uuid.uuid4().hex.encode()
+    body = b"".join(b'--%s\r\nContent-Disposition: form-data; name="image"; filename="%s"\r\n'
+                    b"Content-Type: application/octet-stream\r\n\r\n%s\r\n"
+                    % (boundary, name.replace('"', "_").encode(), data) for name, data in files)
+    body += b"--%s--\r\n" % boundary
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary.decode()}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
 def serve(run, host: str = "127.0.0.1", port: int = 8000, *, beam_size: int = 3, max_mb: float = 10.0,

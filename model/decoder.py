@@ -73,7 +73,9 @@ class Decoder(keras.Model):
         self.feat_inv_std.assign(inv)
 
     def normalise(self, features):
-        return (features - self.feat_mean) * self.feat_inv_std
+        z = (features - self.feat_mean) * self.feat_inv_std
+        c = self.config.feature_clip
+        return ops.clip(z, -c, c) if c else z
 
     @property
     def feature_shape(self) -> tuple:

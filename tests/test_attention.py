@@ -231,9 +231,7 @@ def test_finetuning_an_attention_run_trains_the_grid_encoder(tiny_dataset, atten
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
     after = cap.encoder()(x).numpy()
     assert after.shape == (2, 4, 1280)
-    if json.loads((out / "config.json").read_text())["encoder"]["sha256"] != \
-            json.loads((attention_run / "run.json").read_text()).get("files", {}).get("encoder.weights.h5"):
-        assert not np.allclose(after, before(x).numpy())
+    assert not np.allclose(after, before(x).numpy())     # the CNN's feature map was trained
     img = sorted((tiny_dataset / "images" / "test").glob("*.jpg"))[:2]
     assert all(c.captions for c in cap.caption_files(img, progress=False, attention=True))
 

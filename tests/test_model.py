@@ -221,3 +221,24 @@ def test_checkpoint_refuses_weights_in_another_order(tmp_path):
     with pytest.raises(UserError, match=r"weight 2 is show_and_tell/image_embedding/bias, the model expects "
                                         r"show_and_tell/image_embedding/kernel"):
         checkpoint.load(tmp_path / "c.h5", m)
+
+
+@pytest.mark.parametrize("decoder", ["show_and_tell", "attention"])
+def test_features_far_outside_the_training_range_are_clipped(decoder):
+    """A photo for a model of shapes: channels nearly dead in training come out 1000x their range;
+    normalised features are clipped to +-feature_clip, so the decoder sees at most the edge of it."""
+    from model.decoder import build_decoder
+    shape = (4,) if decoder == "show_and_tell" else (3, 4)
+    m = build_decoder(ModelConfig(vocab_size=10, decoder=decoder, feature_dim=4, grid_positions=3,
+                                  embedding_size=8, lstm_units=8, attention_units=5, feature_clip=5.0), seed=1)
+    m.set_feature_stats([1.0, 0, 0, 0], [0.5, 1e-3, 1.0, 1.0])
+    z = m.normalise(np.array([[3.0, 6.0, -2.0, -400.0]], np.float32)).numpy()
+    np.testing.assert_allclose(z, [[4.0, 5.0, -2.0, -5.0]], rtol=3e-3)     # inside: unchanged; outside: the edge
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(1, *shape)).astype(np.float32)
+    far, edge = f.copy(), f.copy()
+    far[..., 1], edge[..., 1] = 6.0, 0.01        # z = 6000 and z = 10: both clipped to 5
+    ids = np.array([[1, 5, 6]], np.int32)
+    np.testing.assert_allclose(m(far, ids).numpy(), m(edge, ids).numpy(), atol=1e-6)
+    m.config.feature_clip = 0.0                  # off: the far value reaches the decoder
+    assert np.asarray(m.normalise(far)).max() > 1000

@@ -8,7 +8,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -65,7 +64,7 @@ def test_in_graph_beam_search_equals_the_python_one_on_the_same_features(tiny_ru
     from infer.export import beam_search_graph, ids_to_text
     cap = Captioner(tiny_run, beam_size=3, max_len=12)
     f = np.load(Path(json.loads((tiny_run / "config.json").read_text())["data"]["features"]) / "test.npy")
-    want = cap.caption_features(f)
+    want = cap.caption_features_python(f)
     ids, lengths, lp, complete = beam_search_graph(cap.model, tf.constant(f), beam_size=3, max_len=12)
     text = ids_to_text(tf.constant(cap.vocab.words), ids).numpy().astype(str)
     for i, caps in enumerate(want):
@@ -91,17 +90,8 @@ def _get(url: str):
 
 
 def _post(url: str, files: list[tuple[str, bytes]]):
-    boundary = uuid.uuid4().hex
-    body = b"".join(b"--%s\r\nContent-Disposition: form-data; name=\"image\"; filename=\"%s\"\r\n"
-                    b"Content-Type: application/octet-stream\r\n\r\n%s\r\n" % (boundary.encode(), n.encode(), d)
-                    for n, d in files) + b"--%s--\r\n" % boundary.encode()
-    req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    from infer.serve import post_images
+    return post_images(url, files, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -112,17 +102,12 @@ def server(tiny_run, tmp_path_factory):
                              "--max-mb", "0.05"], cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:                                   # wait for the condition (model loaded), not a fixed time
-        try:
-            if _get(base + "/healthz")[0] == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not come up: {proc.stdout.read().decode()[-3000:]}")
-        time.sleep(0.2)
+    from infer.serve_bench import wait_healthy
+    try:
+        wait_healthy(base, proc, timeout=180)          # polls the condition (model loaded), no fixed sleep
+    except RuntimeError as e:
+        proc.kill()
+        pytest.fail(str(e))
     yield base, tmp
     proc.terminate()
     proc.wait(timeout=30)

@@ -1,0 +1,80 @@
+"""Bounded load on `infer serve` over localhost: N requests from C concurrent clients, one image
+each (a cycle over the given images), against a server process started here.
+
+Prints captions/s, latency p50/p95/max, the server's peak memory (VmHWM) and how many batches the
+server ran (fewer batches than requests: concurrent requests were captioned together)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from infer.serve import post_images
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll /healthz until the model is loaded (or the server died)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stdout.read().decode()[-2000:] if proc.stdout else ''}")
+        try:
+            with urllib.request.urlopen(base + "/healthz", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the server did not become healthy in time")
+
+
+def run(run_dir, images: list[Path], requests: int = 200, clients: int = 8, log=print) -> dict:
+    root = Path(__file__).resolve().parents[1]
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "infer", "serve", "--run", str(run_dir), "--port", str(port)],
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc)
+        files = [(p.name, p.read_bytes()) for p in images]
+        post_images(base + "/api/caption", files[:1])                        # warm up (traces)
+
+        def one(i: int) -> tuple[int, float]:
+            t = time.perf_counter()
+            status, _ = post_images(base + "/api/caption", [files[i % len(files)]])
+            return status, time.perf_counter() - t
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(one, range(requests)))
+        wall = time.perf_counter() - t0
+        peak_kib = next((int(line.split()[1]) for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                         if line.startswith("VmHWM:")), 0)
+        with urllib.request.urlopen(base + "/healthz", timeout=5) as r:
+            batches = json.loads(r.read()).get("batches")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    lat = sorted(t for _, t in results)
+    ok = sum(s == 200 for s, _ in results)
+    out = {"requests": requests, "clients": clients, "ok": ok, "captions_s": ok / wall,
+           "p50_ms": 1000 * statistics.median(lat), "p95_ms": 1000 * lat[int(0.95 * (len(lat) - 1))],
+           "max_ms": 1000 * lat[-1], "server_peak_mib": peak_kib / 1024, "batches": batches}
+    log(f"infer serve under load ({requests} requests, {clients} clients, 1 image each, localhost):")
+    log(f"  {ok}/{requests} answered 200; {out['captions_s']:.1f} captions/s; latency p50 {out['p50_ms']:.0f} ms, "
+        f"p95 {out['p95_ms']:.0f} ms, max {out['max_ms']:.0f} ms; server peak memory {out['server_peak_mib']:.0f} MiB; "
+        f"{batches} batches")
+    return out
