@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 
 from infer.beam_search_graph import beam_search_graph, ids_to_text
-from prepare.util import UserError, exclusive_lock
+from prepare.util import UserError, exclusive_lock, fault_point
 
 EXPORT_RECORD = "export.json"
 
@@ -87,7 +87,7 @@ def export(run, out, *, beam_size: int = 3, top_k: int = 3, max_len: int | None 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {display_name(out)} is an existing file; --out names a folder")
-    interrupted = (out / ".tmp-export").exists() or (out / ".tmp-old").exists()     # a killed export: redo it
+    interrupted = (out / ".export-new").exists() or (out / ".export-old").exists()     # a killed export: redo it
     if out.exists() and any(p.name != ".lock" for p in out.iterdir()) and not (overwrite or interrupted):
         raise UserError(f"--out {display_name(out)} already holds files; pass --overwrite to replace them or "
                         f"choose another folder")
@@ -103,16 +103,18 @@ def export(run, out, *, beam_size: int = 3, top_k: int = 3, max_len: int | None 
                             "outputs": {"captions": "tf.string [N, top_k], best first",
                                         "log_probs": "float32 [N, top_k]"}}}
     with exclusive_lock(out):
-        tmp = out / ".tmp-export"
+        tmp = out / ".export-new"
         shutil.rmtree(tmp, ignore_errors=True)
         module.write_out(str(tmp), verbose=False)
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        old = out / ".tmp-old"
+        old = out / ".export-old"
         shutil.rmtree(old, ignore_errors=True)
         old.mkdir()
+        fault_point("export:saved")
         for p in out.iterdir():                      # the previous export (only with --overwrite)
-            if p.name not in (".lock", ".tmp-export", ".tmp-old"):
+            if p.name not in (".lock", ".export-new", ".export-old"):
                 os.replace(p, old / p.name)
+        fault_point("export:old-moved-aside")
         for p in tmp.iterdir():
             os.replace(p, out / p.name)
         shutil.rmtree(tmp, ignore_errors=True)

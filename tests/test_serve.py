@@ -57,6 +57,28 @@ def test_savedmodel_captions_image_bytes_like_infer_caption_without_the_project(
         export(tiny_run, tmp_path / "x", beam_size=3, top_k=4, log=lambda *a: None)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["export:saved", "export:old-moved-aside"])
+def test_a_killed_export_is_finished_by_the_rerun(tiny_run, tmp_path, fault):
+    import signal
+
+    from infer.export import export
+    out = tmp_path / "saved"
+    export(tiny_run, out, log=lambda *a: None)
+    first = (out / "saved_model.pb").read_bytes()
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from infer.export import export; "
+            "export(sys.argv[2], sys.argv[3], beam_size=2, top_k=1, overwrite=True, log=lambda *a: None)")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tiny_run), str(out)], capture_output=True,
+                       env={**os.environ, "SHOWTELL_FAULT": fault})
+    assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
+    rec = export(tiny_run, out, beam_size=2, top_k=1, log=lambda *a: None)      # no --overwrite needed: ours
+    assert json.loads((out / "export.json").read_text()) == json.loads(json.dumps(rec))
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        ["assets", "export.json", "fingerprint.pb", "saved_model.pb", "variables"]
+    assert not (out / ".export-new").exists() and not (out / ".export-old").exists()
+    assert (out / "saved_model.pb").read_bytes() != first          # the new export (beam 2, top 1)
+
+
 def test_in_graph_beam_search_equals_the_python_one_on_the_same_features(tiny_run):
     import tensorflow as tf
 
