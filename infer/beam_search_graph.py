@@ -37,9 +37,11 @@ def beam_search_graph(decoder, features, *, beam_size: int, max_len: int, length
 
     def body(t, ids, live_lp, state, done_ids, done_lp, done_score, done_len):
         words = tf.reshape(ids[:, :, t], [-1])                                  # [n*k] the last word
-        logp, new_state = decoder.step(words, state)
-        logp = tf.reshape(tf.cast(logp, tf.float32), [n, k, -1])
-        top_lp, top_w = tf.math.top_k(logp, k)                                  # [n, k, k] per beam
+        logits, new_state = decoder.step_logits(words, state)
+        logits = tf.reshape(tf.cast(logits, tf.float32), [n, k, -1])
+        # the k best words by logit are the k best by log-probability; only they are normalised
+        top_l, top_w = tf.math.top_k(logits, k)                                 # [n, k, k] per beam
+        top_lp = top_l - tf.reduce_logsumexp(logits, axis=-1, keepdims=True)
         total = live_lp[:, :, None] + top_lp
         total = tf.where(tf.math.is_finite(top_lp), total, neg_inf)             # a -inf word is never taken
         flat_total, flat_w = tf.reshape(total, [n, k * k]), tf.reshape(top_w, [n, k * k])

@@ -120,8 +120,8 @@ class AttendAndTell(Decoder):
         return self.config.attention_reg * ops.sum((1.0 - total) ** 2)
 
     # ---- decoding ----------------------------------------------------------------------------
-    def step(self, word_ids, state):
-        """word_ids [N], state (h, c, values, keys) -> (log_probs [N, V], new state)."""
+    def step_logits(self, word_ids, state):
+        """word_ids [N], state (h, c, values, keys) -> (logits [N, V], new state)."""
         h, c, values, keys = state
         h, c, out, _ = self._advance(self.word_embedding(word_ids), h, c, values, keys)
-        return ops.log_softmax(self.project(out), axis=-1), (h, c, values, keys)
+        return self.project(out), (h, c, values, keys)

@@ -40,7 +40,7 @@ class Decoder(keras.Model):
 
         feature_shape            one image's features: (F,) pooled or (P, F) grid
         initial_state(features)  -> state, a tuple of arrays with one row per image
-        step(word_ids, state)    -> (log_probs [N, V], new state)
+        step(word_ids, state)    -> (log_probs [N, V], new state)   (step_logits: the logits)
         state_shapes()           the shape of each state array without its row axis
         hidden / project         teacher forcing (training's real-token loss)
     """
@@ -83,6 +83,11 @@ class Decoder(keras.Model):
 
     def call(self, features, input_ids, training=False):
         return ops.log_softmax(self.project(self.hidden(features, input_ids, training)), axis=-1)  # [B, T, V]
+
+    def step(self, word_ids, state):
+        """word_ids [N] int, state -> (log_probs [N, V], new state)."""
+        logits, state = self.step_logits(word_ids, state)
+        return ops.log_softmax(logits, axis=-1), state
 
     def build_all(self) -> None:
         """Create every weight (call once before loading weights)."""
@@ -137,11 +142,11 @@ class ShowAndTell(Decoder):
         _, (h, c) = self.lstm.cell(img, [zeros, zeros], training=False)
         return h, c
 
-    def step(self, word_ids, state):
-        """word_ids [N] int, state (h, c) -> (log_probs [N, V], (h, c))."""
+    def step_logits(self, word_ids, state):
+        """word_ids [N] int, state (h, c) -> (logits [N, V], (h, c))."""
         x = self.word_embedding(word_ids)                              # [N, E]
         out, (h, c) = self.lstm.cell(x, list(state), training=False)   # [N, H]
-        return ops.log_softmax(self.project(out), axis=-1), (h, c)
+        return self.project(out), (h, c)
 
 
 def compiled_decoding(model: Decoder):
