@@ -231,7 +231,15 @@ def test_finetuning_an_attention_run_trains_the_grid_encoder(tiny_dataset, atten
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
     after = cap.encoder()(x).numpy()
     assert after.shape == (2, 4, 1280)
-    assert not np.allclose(after, before(x).numpy())     # the CNN's feature map was trained
+    # the run keeps the best pair (here possibly still the stage-1 one); the last checkpoint holds
+    # the trained grid encoder, which must differ from the stage-1 encoder
+    from model import checkpoint
+    from model.run import load_run
+    decoder = load_run(out)[0]
+    trained, _ = enc.build_encoder("efficientnet_lite0", "none", 64, trainable=True, output="grid")
+    checkpoint.load(out / "checkpoints" / "latest.h5", [decoder, trained])
+    assert trained(x).shape == (2, 4, 1280)
+    assert not np.allclose(trained(x).numpy(), before(x).numpy())     # the CNN's feature map was trained
     img = sorted((tiny_dataset / "images" / "test").glob("*.jpg"))[:2]
     assert all(c.captions for c in cap.caption_files(img, progress=False, attention=True))
 
