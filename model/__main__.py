@@ -56,6 +56,11 @@ def main(argv=None) -> int:
         finetune(a.run, a.data, a.out, overrides=flags_of(a, FinetuneConfig), force=a.force, progress=not a.quiet)
     else:
         from model import bench
+        from prepare.util import check_range
+        for flag, v, lo in (("--vocab", a.vocab, 5), ("--size", a.size, 1), ("--batch-size", a.batch_size, 1),
+                            ("--max-len", a.max_len, 5), ("--steps", a.steps, 1), ("--positions", a.positions, 1),
+                            ("--grid-dim", a.grid_dim, 1)):
+            check_range(flag, v, lo)
         bench.run(a.vocab, a.size, a.batch_size, a.max_len, a.mean_len, a.steps, a.decoder, a.positions, a.grid_dim)
     return 0
 
