@@ -81,5 +81,7 @@ echo "  captions:       $OUT/annotated/*.jpg, $OUT/captions.jsonl"
 if [ "$DECODER" = attention ]; then
   echo "  attention maps: $OUT/attention/*.png, $RUN/eval-test/attention/*.png (where it looked for each word)"
 fi
+echo "Use it elsewhere:  source env.sh; python -m infer export --run $RUN --out exported/   (a SavedModel)"
+echo "                   source env.sh; python -m infer serve --run $RUN   (a web page on http://127.0.0.1:8000/)"
 echo "The model has only ever seen the built-in world of coloured shapes: captions of real photos are"
 echo "sentences about shapes."
