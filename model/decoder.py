@@ -67,7 +67,8 @@ class Decoder(keras.Model):
         live = std[std > 0]
         # An epsilon relative to the features' own scale (random-init Inception's are ~1e-4): a
         # near-constant dimension cannot blow up by 1/std; a constant (dead) one is ignored.
-        eps = 1e-3 * float(np.median(live)) if live.size else 1.0
+        # feature_std_floor: the fraction of the median channel's std added to every std.
+        eps = self.config.feature_std_floor * float(np.median(live)) if live.size else 1.0
         inv = np.where(std > 0, 1.0 / (std + eps), 0.0).astype(np.float32)
         self.feat_mean.assign(np.asarray(mean, np.float32))
         self.feat_inv_std.assign(inv)

@@ -202,12 +202,16 @@ print(json.dumps({{"replicas": tf.distribute.MirroredStrategy().num_replicas_in_
 
 
 def test_feature_normalisation_has_a_scale_relative_epsilon():
-    m = ShowAndTell(ModelConfig(vocab_size=10, feature_dim=4, embedding_size=8, lstm_units=8))
+    m = ShowAndTell(ModelConfig(vocab_size=10, feature_dim=4, embedding_size=8, lstm_units=8, feature_std_floor=1e-3))
     m.build_all()
     m.set_feature_stats([0, 0, 0, 0], [1e-3, 1e-3, 1e-15, 0.0])
     inv = m.feat_inv_std.numpy()
     assert inv[0] == pytest.approx(1 / (1e-3 + 1e-6), rel=1e-5)       # eps = 1e-3 x median live std
     assert inv[2] == pytest.approx(1e6, rel=1e-3) and inv[3] == 0.0    # near-constant bounded, dead ignored
+    d = ShowAndTell(ModelConfig(vocab_size=10, feature_dim=4, embedding_size=8, lstm_units=8))   # default 0.3
+    d.build_all()
+    d.set_feature_stats([0, 0, 0, 0], [1.0, 2.0, 1e-6, 0.0])
+    np.testing.assert_allclose(d.feat_inv_std.numpy(), [1 / 1.3, 1 / 2.3, 1 / 0.3, 0.0], rtol=1e-5)
 
 
 def test_checkpoint_refuses_weights_in_another_order(tmp_path):
@@ -230,7 +234,8 @@ def test_features_far_outside_the_training_range_are_clipped(decoder):
     from model.decoder import build_decoder
     shape = (4,) if decoder == "show_and_tell" else (3, 4)
     m = build_decoder(ModelConfig(vocab_size=10, decoder=decoder, feature_dim=4, grid_positions=3,
-                                  embedding_size=8, lstm_units=8, attention_units=5, feature_clip=5.0), seed=1)
+                                  embedding_size=8, lstm_units=8, attention_units=5, feature_clip=5.0,
+                                  feature_std_floor=1e-3), seed=1)
     m.set_feature_stats([1.0, 0, 0, 0], [0.5, 1e-3, 1.0, 1.0])
     z = m.normalise(np.array([[3.0, 6.0, -2.0, -400.0]], np.float32)).numpy()
     np.testing.assert_allclose(z, [[4.0, 5.0, -2.0, -5.0]], rtol=3e-3)     # inside: unchanged; outside: the edge
