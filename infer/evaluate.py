@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from extract.cache import MANIFEST, FeatureArray, feature_file, feature_kind, read_manifest
-from extract.images import image_dataset
 from infer.captioner import Captioner
 from prepare import captions_h5
 from prepare.synth import content_accuracy  # noqa: F401  (re-exported: part of evaluate's API)
@@ -115,21 +114,24 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
     t0 = time.time()
     failed: set[int] = set()
     root = Path(cap.manifest.get("images_root") or captions.parent)
-    feats = None
+    paths = sp.image_paths(root)
     if source == "cache":
         feats = FeatureArray(feats_dir, split, m)
         failed = {f["row"] for f in m["failed"].get(split, []) if f["row"] < n}
         good = [r for r in range(n) if r not in failed]
         beams = dict(zip(good, cap.caption_features(feats[good], batch_size)))
+        shown = sorted(beams)[:attention_maps]
+        maps = dict(zip(shown, cap.attention_maps(feats[shown], [beams[r][0] for r in shown]))) if shown else {}
     else:
         log(f"{feats_dir} does not hold this run's features ({cap.features_kind}, from its encoder): captioning "
             f"from the images")
-        res = cap.caption_files(sp.image_paths(root)[:n], batch_size, progress)
+        res = cap.caption_files(paths[:n], batch_size, progress, attention=bool(attention_maps))
         beams = {r: x.captions for r, x in enumerate(res) if not x.error}
+        maps = {r: res[r].attention for r in sorted(beams)[:attention_maps]}
         failed = {r for r, x in enumerate(res) if x.error}
     seconds = time.time() - t0
-    if attention_maps:
-        _write_attention_maps(cap, beams, feats, sp.image_paths(root), out, attention_maps, log)
+    if maps:
+        _write_attention_maps(cap, beams, maps, paths, out, log)
     hyp = {int(sp.image_ids[r]): cap.text(b[0]) for r, b in beams.items()}
     refs: dict[int, list[str]] = defaultdict(list)
     for text, row in zip(sp.texts, sp.image_index):
@@ -158,25 +160,17 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
     return metrics
 
 
-def _write_attention_maps(cap, beams: dict, feats, paths: list, out: Path, count: int, log) -> None:
-    """OUT/attention/<image>.png for the first `count` captioned images (features from the cache,
-    or recomputed from the image files)."""
+def _write_attention_maps(cap, beams: dict, maps: dict, paths: list, out: Path, log) -> None:
+    """OUT/attention/<image>.png for the rows of `maps` (row -> the best caption's maps)."""
     from infer.attention_maps import attention_strip, caption_words
-    rows = sorted(beams)[:count]
-    if feats is not None:
-        f = feats[rows]
-    else:
-        f = np.concatenate([cap.encoder()(im).numpy() for im, _, _ in
-                            image_dataset([paths[r] for r in rows], cap.image_size, 32)])
-    maps = cap.attention_maps(f, [beams[r][0] for r in rows])
     with exclusive_lock(out):
-        for r, m in zip(rows, maps):
+        for r, m in maps.items():
             try:
                 attention_strip(paths[r], caption_words(cap.vocab, beams[r][0].ids, len(m)), m,
                                 out / "attention" / f"{Path(paths[r]).stem}.png")
             except Exception as e:  # noqa: BLE001 - a picture that fails is reported, never fatal
                 log(f"warning: {paths[r]}: no attention strip ({type(e).__name__}: {e})")
-    log(f"wrote {len(rows)} attention strips to {out / 'attention'}")
+    log(f"wrote {len(maps)} attention strips to {out / 'attention'}")
 
 
 def format_table(m: dict) -> str:

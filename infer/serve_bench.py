@@ -19,18 +19,21 @@ from pathlib import Path
 from infer.serve import post_images
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 300, log_path: Path | None = None) -> None:
     """Poll /healthz until the model is loaded (or the server died)."""
+    def tail() -> str:
+        return log_path.read_text(errors="replace")[-2000:] if log_path and log_path.exists() else ""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stdout.read().decode()[-2000:] if proc.stdout else ''}")
+            raise RuntimeError(f"the server exited: {tail()}")
         try:
             with urllib.request.urlopen(base + "/healthz", timeout=5) as r:
                 if r.status == 200:
@@ -38,18 +41,32 @@ def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 300) -> Non
         except OSError:
             pass
         time.sleep(0.2)
-    raise RuntimeError("the server did not become healthy in time")
+    raise RuntimeError(f"the server did not become healthy in time: {tail()}")
+
+
+def start_server(run_dir, *args: str, env: dict | None = None, timeout: float = 300):
+    """`python -m infer serve --run RUN ARGS` on a free localhost port, its output in a log file,
+    waited for until healthy -> (process, base URL). The caller terminates it."""
+    import tempfile
+    root = Path(__file__).resolve().parents[1]
+    port = free_port()
+    log_path = Path(tempfile.mkstemp(prefix="serve-", suffix=".log")[1])
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "infer", "serve", "--run", str(run_dir), "--port", str(port),
+                                 *args], cwd=root, env={**os.environ, "PYTHONPATH": str(root), **(env or {})},
+                                stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc, timeout, log_path)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc, base
 
 
 def run(run_dir, images: list[Path], requests: int = 200, clients: int = 8, log=print) -> dict:
-    root = Path(__file__).resolve().parents[1]
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "infer", "serve", "--run", str(run_dir), "--port", str(port)],
-                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_server(run_dir)
     try:
-        wait_healthy(base, proc)
         files = [(p.name, p.read_bytes()) for p in images]
         post_images(base + "/api/caption", files[:1])                        # warm up (traces)
 

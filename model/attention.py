@@ -97,8 +97,8 @@ class AttendAndTell(Decoder):
         import tensorflow as tf
         h0, c0, values, keys = self.initial_state(features)
         words = self.drop_in(self.word_embedding(input_ids), training=training)       # [B, T, E]
-        zeros_out = tf.zeros_like(ops.concatenate([h0, values[:, 0]], axis=-1))     # scan's output shapes
-        zeros_alpha = tf.zeros_like(values[:, :, 0])
+        zeros_out = tf.zeros_like(ops.concatenate([h0, values[:, 0]], axis=-1))     # [B, H + E]: scan's shapes
+        zeros_alpha = tf.zeros_like(values[:, :, 0])                                 # [B, P]
 
         def fn(carry, x):
             h, c, _, _ = carry
@@ -114,10 +114,14 @@ class AttendAndTell(Decoder):
         """Attention maps of a given caption: [B, P, F], [B, T] -> [B, T, P] (inference mode)."""
         return self.hidden(features, input_ids, training=False, return_attention=True)[1]
 
-    def attention_penalty(self, alphas, mask):
-        """Doubly stochastic regularisation, summed over captions: alphas [B, T, P], mask [B, T]."""
+    def hidden_and_penalty(self, features, input_ids, mask, training=False):
+        """With attention_reg > 0, in training: the doubly stochastic penalty, summed over captions
+        (mask [B, T] marks the real words)."""
+        if not (training and self.config.attention_reg):
+            return self.hidden(features, input_ids, training=training), 0.0
+        out, alphas = self.hidden(features, input_ids, training=training, return_attention=True)
         total = ops.sum(alphas * ops.cast(mask, alphas.dtype)[:, :, None], axis=1)      # [B, P]
-        return self.config.attention_reg * ops.sum((1.0 - total) ** 2)
+        return out, self.config.attention_reg * ops.sum((1.0 - total) ** 2)
 
     # ---- decoding ----------------------------------------------------------------------------
     def step_logits(self, word_ids, state):

@@ -53,7 +53,7 @@ def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20,
     import tensorflow as tf
 
     from model.config import ModelConfig
-    from model.decoder import ShowAndTell, build_decoder
+    from model.decoder import build_decoder
     from model.train import make_steps
     rng = np.random.default_rng(0)
     strategy = tf.distribute.get_strategy()
@@ -80,13 +80,9 @@ def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20,
         variants.append((f"attention decoder ({positions} positions x {grid_dim}), ours", False, True))
     for name, fixed, grid in variants:
         keras.utils.set_random_seed(0)
-        if grid:
-            model = build_decoder(ModelConfig(vocab_size=vocab, embedding_size=size, lstm_units=size,
-                                              decoder="attention", feature_dim=grid_dim, grid_positions=positions,
-                                              attention_units=size))
-        else:
-            model = ShowAndTell(ModelConfig(vocab_size=vocab, embedding_size=size, lstm_units=size))
-            model.build_all()
+        grid_cfg = dict(decoder="attention", feature_dim=grid_dim, grid_positions=positions, attention_units=size)
+        model = build_decoder(ModelConfig(vocab_size=vocab, embedding_size=size, lstm_units=size,
+                                          **(grid_cfg if grid else {})))
         opt = keras.optimizers.Adam(1e-3)
         opt.build(model.trainable_variables)
         if fixed:

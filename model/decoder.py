@@ -82,6 +82,11 @@ class Decoder(keras.Model):
     def feature_shape(self) -> tuple:
         return (self.config.feature_dim,)
 
+    def hidden_and_penalty(self, features, input_ids, mask, training=False):
+        """Teacher forcing for the loss: (outputs [B, T, H], a regularisation term summed over the
+        batch, added to the loss sum in training only). No penalty here."""
+        return self.hidden(features, input_ids, training=training), 0.0
+
     def call(self, features, input_ids, training=False):
         return ops.log_softmax(self.project(self.hidden(features, input_ids, training)), axis=-1)  # [B, T, V]
 

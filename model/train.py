@@ -81,12 +81,7 @@ def masked_token_loss(model, features, ids, training=False):
     import tensorflow as tf
     inp, tgt = ids[:, :-1], ids[:, 1:]                                          # [B, T], [B, T]
     mask = tgt > 0
-    penalty = 0.0
-    if training and getattr(model.config, "attention_reg", 0) and hasattr(model, "attention_penalty"):
-        out, alphas = model.hidden(features, inp, training=training, return_attention=True)
-        penalty = model.attention_penalty(alphas, mask)         # added in training only: val loss stays NLL
-    else:
-        out = model.hidden(features, inp, training=training)
+    out, penalty = model.hidden_and_penalty(features, inp, mask, training)     # penalty: training only
     h = tf.boolean_mask(out, mask)                                              # [n, H]
     logits = model.project(h)                                                   # [n, V]
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.boolean_mask(tgt, mask), logits)

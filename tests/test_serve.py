@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -97,12 +96,6 @@ def test_in_graph_beam_search_equals_the_python_one_on_the_same_features(tiny_ru
 
 
 # ---- serve: a real server process ----------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str):
     try:
         with urllib.request.urlopen(url, timeout=30) as r:
@@ -118,17 +111,11 @@ def _post(url: str, files: list[tuple[str, bytes]]):
 
 @pytest.fixture(scope="module")
 def server(tiny_run, tmp_path_factory):
-    port = _free_port()
+    from infer.serve_bench import start_server
     tmp = tmp_path_factory.mktemp("serve-tmp")
-    proc = subprocess.Popen([sys.executable, "-m", "infer", "serve", "--run", str(tiny_run), "--port", str(port),
-                             "--max-mb", "0.05"], cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    from infer.serve_bench import wait_healthy
-    try:
-        wait_healthy(base, proc, timeout=180)          # polls the condition (model loaded), no fixed sleep
+    try:                                   # waits on the condition (model loaded), no fixed sleep
+        proc, base = start_server(tiny_run, "--max-mb", "0.05", env={"TMPDIR": str(tmp)}, timeout=180)
     except RuntimeError as e:
-        proc.kill()
         pytest.fail(str(e))
     yield base, tmp
     proc.terminate()
