@@ -54,6 +54,7 @@ def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20,
 
     from model.config import ModelConfig
     from model.decoder import build_decoder
+    from model.optim import FusedAdam
     from model.train import make_steps
     rng = np.random.default_rng(0)
     strategy = tf.distribute.get_strategy()
@@ -78,12 +79,14 @@ def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20,
                 ("baseline: fixed padding, logits at every position", True, False)]
     if decoder == "attention":
         variants.append((f"attention decoder ({positions} positions x {grid_dim}), ours", False, True))
+    peaks = [peak]
     for name, fixed, grid in variants:
+        peaks.append(measure_matmul_flops(batch * 13, size, vocab))   # the machine's rate drifts: sample it
         keras.utils.set_random_seed(0)
         grid_cfg = dict(decoder="attention", feature_dim=grid_dim, grid_positions=positions, attention_units=size)
         model = build_decoder(ModelConfig(vocab_size=vocab, embedding_size=size, lstm_units=size,
                                           **(grid_cfg if grid else {})))
-        opt = keras.optimizers.Adam(1e-3)
+        opt = FusedAdam(1e-3)
         opt.build(model.trainable_variables)
         if fixed:
             @tf.function
@@ -100,6 +103,8 @@ def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20,
         else:
             step, _ = make_steps(model, opt, strategy, 5.0)
         data = batches(fixed, grid)
+        if name == variants[0][0]:
+            ours_data = data
         for f, ids, _ in data[:2]:
             float(step((tf.constant(f), tf.constant(ids))))       # trace / warm up
         times, toks = [], []
@@ -110,24 +115,41 @@ def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20,
             times.append(time.perf_counter() - t)
             toks.append(n)
         sec = statistics.median(times)
-        n_real = statistics.median(toks)
-        r = {"ms_per_step": 1000 * sec, "examples_s": batch / sec, "real_tokens_s": n_real / sec,
-             "limit_ratio": needed_flops(n_real, batch, size, size, vocab) / sec / peak}
-        results[name] = r
+        results[name] = {"ms_per_step": 1000 * sec, "examples_s": batch / sec,
+                         "real_tokens_s": statistics.median(toks) / sec, "n_real": statistics.median(toks)}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024        # before PyTorch loads
+    from model import bench_peer
+    peer_name = "PyTorch peer: packed sequences, real-token logits (same batches)"
+    if bench_peer.available():
+        keras.utils.set_random_seed(0)
+        results[peer_name] = r = bench_peer.run(ours_data, vocab, size, 2048)
+        r["examples_s"] = 1000 * batch / r["ms_per_step"]
+        r["n_real"] = statistics.median(n for *_, n in ours_data[2:])
+    peaks.append(measure_matmul_flops(batch * 13, size, vocab))
+    peak = statistics.median(peaks)
+    for r in results.values():
+        r["limit_ratio"] = needed_flops(r["n_real"], batch, size, size, vocab) / (r["ms_per_step"] / 1000) / peak
     results["matmul_gflops"] = peak / 1e9
-    results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results["matmul_gflops_samples"] = [round(p / 1e9, 1) for p in peaks]
+    results["peak_rss_mib"] = rss
     log(f"model train bench (TensorFlow {tf.__version__}, CPU; vocab {vocab}, embedding/LSTM {size}, batch {batch}, "
         f"lengths <= {max_len} with mean ~{mean_len}; medians of {steps} steps)")
-    log(f"  matmul: {peak / 1e9:.1f} GFLOP/s")
+    log(f"  matmul: {peak / 1e9:.1f} GFLOP/s (median of {len(peaks)} samples taken between the variants: "
+        f"{', '.join(map(str, results['matmul_gflops_samples']))})")
     for name, r in results.items():
         if isinstance(r, dict):
             log(f"  {name}:\n      {r['ms_per_step']:7.1f} ms/step  {r['examples_s']:7.1f} examples/s  "
                 f"{r['real_tokens_s']:7.0f} real tokens/s  {100 * r['limit_ratio']:5.1f}% of the matmul limit")
     ours, base = (results[k] for k in list(results)[:2])
     log(f"  speed-up over the baseline: {ours['real_tokens_s'] / base['real_tokens_s']:.2f}x real tokens/s")
+    if peer_name in results:
+        log(f"  ours / PyTorch {results[peer_name]['torch']} peer: "
+            f"{ours['real_tokens_s'] / results[peer_name]['real_tokens_s']:.2f}x real tokens/s")
+    else:
+        log(f"  PyTorch peer: not measured (PyTorch is not installed; {bench_peer.INSTALL})")
     if decoder == "attention":
         att = results[variants[2][0]]
         log(f"  attention decoder / pooled decoder: {att['real_tokens_s'] / ours['real_tokens_s']:.2f}x real tokens/s "
             f"(the FLOP limit ratio counts the LSTM and logits only)")
-    log(f"  peak memory (RSS): {results['peak_rss_mib']:.0f} MiB")
+    log(f"  peak memory (RSS, TensorFlow's variants): {results['peak_rss_mib']:.0f} MiB")
     return results

@@ -22,6 +22,7 @@ import numpy as np
 from keras import layers, ops
 
 from model.config import ModelConfig
+from model.fast_lstm import run_lstm
 
 
 INIT_WEIGHTS = ("image_embedding", "word_embedding", "lstm_kernel", "lstm_recurrent", "logits")
@@ -128,13 +129,21 @@ class ShowAndTell(Decoder):
         return self.image_embedding(self.normalise(features))
 
     # ---- teacher forcing ----------------------------------------------------------------
-    def hidden(self, features, input_ids, training=False):
-        """LSTM outputs for each input word: [B, T, H] (after output dropout)."""
+    def hidden(self, features, input_ids, training=False, lengths=None):
+        """LSTM outputs for each input word: [B, T, H] (after output dropout). lengths [B]
+        (optional): only row b's first lengths[b] outputs are needed (the rest may come back 0)."""
         img = self.embed_image(features)[:, None, :]                   # [B, 1, E]
         words = self.word_embedding(input_ids)                         # [B, T, E]
         seq = self.drop_in(ops.concatenate([img, words], axis=1), training=training)  # [B, T+1, E]
-        out = self.lstm(seq, training=training)                        # [B, T+1, H]
+        steps = None if lengths is None else lengths + 1               # the image's step too
+        out = run_lstm(self.lstm, seq, training, steps)                # [B, T+1, H]
         return self.drop_out(out[:, 1:], training=training)            # [B, T, H]
+
+    def hidden_and_penalty(self, features, input_ids, mask, training=False):
+        # the loss reads the outputs of real targets only: the LSTM skips the steps after a row's last
+        T = ops.shape(mask)[1]
+        lengths = ops.max(ops.cast(mask, "int32") * ops.arange(1, T + 1, dtype="int32")[None, :], axis=1)
+        return self.hidden(features, input_ids, training, lengths), 0.0
 
     def project(self, h):
         """[..., H] -> logits [..., V]. Training calls it on real (non-pad) positions only."""

@@ -44,7 +44,7 @@ from model import checkpoint
 from model.config import override
 from model.loop import Stage, fit, new_state, perplexity
 from model.run import CHECKPOINT, CONFIG, DECODER, ENCODER, HISTORY, Run, load_run
-from model.train import RESUMABLE_CHANGES, masked_token_loss
+from model.train import RESUMABLE_CHANGES, clip_by_global_norm, masked_token_loss
 from prepare import captions_h5
 from prepare.synth import content_accuracy
 from prepare.util import UserError, sha256_file, write_json_atomic
@@ -278,8 +278,9 @@ class _Joint:
         self.bn_train = cfg.bn == "train"
         self.trainset = ImageCaptionSet(captions, "train", manifest)
         self.valset = ImageCaptionSet(captions, "val", manifest)
-        opt_dec = keras.optimizers.Adam(cfg.lr)
-        opt_cnn = keras.optimizers.SGD(cfg.cnn_lr) if cfg.cnn_optimizer == "sgd" else keras.optimizers.Adam(cfg.cnn_lr)
+        from model.optim import FusedAdam
+        opt_dec = FusedAdam(cfg.lr)
+        opt_cnn = keras.optimizers.SGD(cfg.cnn_lr) if cfg.cnn_optimizer == "sgd" else FusedAdam(cfg.cnn_lr)
         self.dec_vars, self.cnn_vars = decoder.trainable_variables, self.encoder.trainable_variables
         opt_dec.build(self.dec_vars)
         opt_cnn.build(self.cnn_vars)
@@ -304,8 +305,8 @@ class _Joint:
                 loss_sum, n = masked_token_loss(self.decoder, tf.gather(f, cap_img), ids, True)
                 loss = loss_sum / n
             g = tape.gradient(loss, self.dec_vars + self.cnn_vars)
-            gd, _ = tf.clip_by_global_norm(g[:len(self.dec_vars)], cfg.clip_norm)
-            gc, _ = tf.clip_by_global_norm(g[len(self.dec_vars):], cfg.clip_norm)
+            gd, _ = clip_by_global_norm(g[:len(self.dec_vars)], cfg.clip_norm)
+            gc, _ = clip_by_global_norm(g[len(self.dec_vars):], cfg.clip_norm)
             opt_dec.apply_gradients(zip(gd, self.dec_vars))
             opt_cnn.apply_gradients(zip(gc, self.cnn_vars))
             return loss
