@@ -35,19 +35,22 @@ def beam_search_graph(decoder, features, *, beam_size: int, max_len: int, length
     def score(lp, length):
         return lp / tf.cast(length, tf.float32) ** length_norm if length_norm else lp
 
+    parent = tf.tile(tf.repeat(tf.range(k), k)[None], [n, 1])                  # [n, k*k] (loop-invariant)
+    pads = tf.zeros([n, k * k], tf.int32)
+
     def body(t, ids, live_lp, state, done_ids, done_lp, done_score, done_len):
         words = tf.reshape(ids[:, :, t], [-1])                                  # [n*k] the last word
         logits, new_state = decoder.step_logits(words, state)
-        logits = tf.reshape(tf.cast(logits, tf.float32), [n, k, logits.shape[-1] or -1])   # V stays static
+        logits = tf.cast(logits, tf.float32)                                    # [n*k, V]
         # the k best words by logit are the k best by log-probability; only they are normalised
-        top_l, top_w = top_k_words(logits, k)                                   # [n, k, k] per beam
-        peak = tf.where(tf.math.is_finite(top_l[..., :1]), top_l[..., :1], 0.0)  # the max, known from top-k
+        top_l, top_w = top_k_words(logits, k)                                   # [n*k, k]
+        peak = tf.where(tf.math.is_finite(top_l[:, :1]), top_l[:, :1], 0.0)    # the max, known from top-k
         top_lp = top_l - (peak + tf.math.log(tf.reduce_sum(tf.exp(logits - peak), axis=-1, keepdims=True)))
-        total = live_lp[:, :, None] + top_lp
-        total = tf.where(tf.math.is_finite(top_lp), total, neg_inf)             # a -inf word is never taken
-        flat_total, flat_w = tf.reshape(total, [n, k * k]), tf.reshape(top_w, [n, k * k])
+        flat_lp = tf.reshape(top_lp, [n, k * k])
+        flat_total = tf.repeat(live_lp, k, axis=1) + flat_lp                    # [n, k*k]
+        flat_total = tf.where(tf.math.is_finite(flat_lp), flat_total, neg_inf)  # a -inf word is never taken
+        flat_w = tf.reshape(top_w, [n, k * k])
         is_end = tf.equal(flat_w, END_ID)
-        parent = tf.tile(tf.repeat(tf.range(k), k)[None], [n, 1])              # [n, k*k]
         column = tf.one_hot(t + 1, L, dtype=tf.int32)                           # where the new word goes
 
         def extend(sel_parent, sel_word):                                       # -> ids [n, m, L]
@@ -60,7 +63,7 @@ def beam_search_graph(decoder, features, *, beam_size: int, max_len: int, length
         best_score, pick = tf.math.top_k(all_score, k)
         cand_ids = tf.concat([done_ids, extend(parent, flat_w)], axis=1)
         cand_lp = tf.concat([done_lp, end_lp], axis=1)
-        cand_len = tf.concat([done_len, tf.fill([n, k * k], length)], axis=1)
+        cand_len = tf.concat([done_len, pads + length], axis=1)
         done_ids = tf.gather(cand_ids, pick, batch_dims=1)
         done_lp = tf.gather(cand_lp, pick, batch_dims=1)
         done_len = tf.gather(cand_len, pick, batch_dims=1)
@@ -104,16 +107,19 @@ def top_k_words(x, k: int, block: int | None = None):
     block = block or _block_size(V, k)
     if V is None or not block:
         return tf.math.top_k(x, k)
-    lead = tf.shape(x)[:-1]
-    nd = len(x.shape) - 1
+    lead = None if len(x.shape) == 2 else tf.shape(x)[:-1]
+    x = tf.reshape(x, [-1, V]) if lead is not None else x                      # [rows, V]
     if V % block:                                       # -inf words at the end: never above a real one
-        x = tf.pad(x, [[0, 0]] * nd + [[0, block - V % block]], constant_values=-np.inf)
-    blocks = tf.reshape(x, tf.concat([lead, [-1, block]], 0))                  # [..., blocks, block]
-    _, best = tf.math.top_k(tf.reduce_max(blocks, axis=-1), k)                   # [..., k] block numbers
+        x = tf.pad(x, [[0, 0], [0, block - V % block]], constant_values=-np.inf)
+    blocks = tf.reshape(x, [-1, x.shape[-1] // block, block])                   # [rows, blocks, block]
+    _, best = tf.math.top_k(tf.reduce_max(blocks, axis=-1), k)                   # [rows, k] block numbers
     best = tf.sort(best, axis=-1)                       # in index order, so ties go to the lower word id
-    cand = tf.gather(blocks, best, batch_dims=nd)                               # [..., k, block]
-    vals, pos = tf.math.top_k(tf.reshape(cand, tf.concat([lead, [k * block]], 0)), k)
-    return vals, tf.gather(best, pos // block, batch_dims=nd) * block + pos % block
+    cand = tf.reshape(tf.gather(blocks, best, batch_dims=1), [-1, k * block])  # [rows, k * block]
+    vals, pos = tf.math.top_k(cand, k)
+    ids = tf.gather(best, pos // block, batch_dims=1) * block + pos % block
+    if lead is not None:
+        vals, ids = (tf.reshape(a, tf.concat([lead, [k]], 0)) for a in (vals, ids))
+    return vals, ids
 
 
 def _block_size(V, k: int) -> int:
