@@ -167,3 +167,23 @@ def test_top_k_by_blocks_equals_tf_top_k_ties_and_infinities_included():
             want, got = tf.math.top_k(x, k), top_k_words(tf.constant(x), k)
             np.testing.assert_array_equal(got[0], want[0])
             np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_attention_decoder_gradients_are_the_same_on_the_fast_path(monkeypatch):
+    from model.decoder import build_decoder
+    m = build_decoder(ModelConfig(vocab_size=13, decoder="attention", feature_dim=6, grid_positions=4,
+                                  embedding_size=8, lstm_units=5, attention_units=7, dropout=0.0), seed=3)
+    rng = np.random.default_rng(8)
+    f = rng.normal(size=(3, 4, 6)).astype(np.float32)
+    ids = np.array([[1, 5, 6, 7, 2], [1, 4, 2, 0, 0], [1, 9, 9, 2, 0]], np.int32)
+
+    def grads():
+        with tf.GradientTape() as tape:
+            s, n = masked_token_loss(m, f, ids)
+        return [s] + tape.gradient(s, m.trainable_variables)
+    fast = grads()
+    monkeypatch.setattr("model.attention.use_fast_lstm", lambda: False)
+    plain = grads()
+    assert len(fast) == len(m.trainable_variables) + 1
+    for a, b in zip(fast, plain):
+        _close(tf.convert_to_tensor(a), tf.convert_to_tensor(b), 1e-5)
