@@ -44,8 +44,11 @@ def beam_search_graph(decoder, features, *, beam_size: int, max_len: int, length
         logits = tf.cast(logits, tf.float32)                                    # [n*k, V]
         # the k best words by logit are the k best by log-probability; only they are normalised
         top_l, top_w = top_k_words(logits, k)                                   # [n*k, k]
-        peak = tf.where(tf.math.is_finite(top_l[:, :1]), top_l[:, :1], 0.0)    # the max, known from top-k
-        top_lp = top_l - (peak + tf.math.log(tf.reduce_sum(tf.exp(logits - peak), axis=-1, keepdims=True)))
+        # log-sum-exp of the row = best logit - log(best word's probability); that probability,
+        # 1 / sum(exp(logits - max)), is at least 1/V, so its log is precise; the softmax kernel
+        # (oneDNN's) takes a third of the time of tf.exp alone
+        best_p = tf.gather(tf.nn.softmax(logits), top_w[:, :1], batch_dims=1)      # [n*k, 1]
+        top_lp = top_l - (top_l[:, :1] - tf.math.log(best_p))
         flat_lp = tf.reshape(top_lp, [n, k * k])
         flat_total = tf.repeat(live_lp, k, axis=1) + flat_lp                    # [n, k*k]
         flat_total = tf.where(tf.math.is_finite(flat_lp), flat_total, neg_inf)  # a -inf word is never taken

@@ -91,20 +91,21 @@ def masked_token_loss(model, features, ids, training=False):
 
 def token_cross_entropy(logits, labels):
     """tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits) [n], with the same gradient
-    (softmax - one_hot), in fewer passes over the [n, V] logits: one exp, kept for the backward
-    pass, and the one-hot subtracted at n places only."""
+    (softmax - one_hot), in fewer passes over the [n, V] logits: the softmax kernel (oneDNN's,
+    a third of the time of tf.exp alone), kept for the backward pass, and the one-hot subtracted at
+    n places only. log-sum-exp = max logit - log(max probability): that probability,
+    1 / sum(exp(logits - max)), is at least 1/V, so its log is precise."""
     import tensorflow as tf
 
     @tf.custom_gradient
     def xent(logits):
-        top = tf.stop_gradient(tf.reduce_max(logits, axis=-1, keepdims=True))
-        e = tf.exp(logits - top)
-        total = tf.reduce_sum(e, axis=-1)
+        p = tf.nn.softmax(logits)
         rows = tf.stack([tf.range(tf.shape(labels)[0]), tf.cast(labels, tf.int32)], axis=1)
-        loss = tf.math.log(total) + top[:, 0] - tf.gather_nd(logits, rows)
+        lse = tf.reduce_max(logits, axis=-1) - tf.math.log(tf.reduce_max(p, axis=-1))
+        loss = lse - tf.gather_nd(logits, rows)
 
         def grad(dy):
-            return tf.tensor_scatter_nd_sub(e * (dy / total)[:, None], rows, dy)
+            return tf.tensor_scatter_nd_sub(p * dy[:, None], rows, dy)
         return loss, grad
     return xent(logits)
 
