@@ -7,7 +7,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from prepare.util import run_cli  # noqa: E402
+from prepare.cli import run_cli  # noqa: E402
 
 
 def main(argv=None) -> int:

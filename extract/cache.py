@@ -30,7 +30,8 @@ import numpy as np
 from extract import encoder as enc
 from extract.images import image_dataset
 from prepare import captions_h5
-from prepare.util import UserError, differences, exclusive_lock, fault_point, sha256_file, write_json_atomic
+from prepare.errors import UserError, differences
+from prepare.files import exclusive_lock, fault_point, sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
 WEIGHTS = "encoder.weights.h5"

@@ -27,7 +27,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prepare.util import UserError, atomic_path, sha256_file
+from prepare.errors import UserError
+from prepare.files import atomic_path, sha256_file
 
 DEFAULT_ENCODER = "inception_v3"
 IMAGENET_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"   # Keras' cache name

@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from prepare.util import UserError, atomic_path, sha256_file
+from prepare.errors import UserError
+from prepare.files import atomic_path, sha256_file
 
 FEATURE_DIM = 1280
 STEM_CHANNELS = 32

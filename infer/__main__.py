@@ -6,7 +6,8 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from prepare.util import check_range, run_cli  # noqa: E402
+from prepare.cli import run_cli  # noqa: E402
+from prepare.errors import check_range  # noqa: E402
 
 MAX_LEN_HELP = ("tokens per caption incl. <start>, 2-1000 (default: the run's longest training caption + 2, "
                 "when config.json records it or the run's captions.h5 is at hand; else 30)")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from prepare.util import atomic_path
+from prepare.files import atomic_path
 
 
 def pretty(text: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from prepare.util import atomic_path
+from prepare.files import atomic_path
 
 TILE = 112            # side of each small copy, pixels
 PER_ROW = 8           # tiles per row before the strip wraps

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from infer.annotate import annotate
-from prepare.util import UserError, check_range, exclusive_lock, fault_point, sha256_file, write_json_atomic
+from prepare.errors import UserError, check_range
+from prepare.files import exclusive_lock, fault_point, sha256_file, write_json_atomic
 
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_MAX_LEN = 30    # --max-len when the run holds no record of its training captions' lengths
@@ -77,7 +78,7 @@ def run_max_len(run, captions=None) -> tuple[int, str]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    from prepare.util import atomic_path
+    from prepare.files import atomic_path
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 

@@ -12,7 +12,7 @@ from extract import encoder as enc
 from extract.images import image_dataset
 from infer.beam_search import Caption, beam_search_batch
 from model.run import Run, load_run
-from prepare.util import UserError
+from prepare.errors import UserError
 from prepare.vocabulary import END_ID, START_ID
 
 
@@ -170,6 +170,6 @@ class Captioner:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    from prepare.util import atomic_path
+    from prepare.files import atomic_path
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -14,7 +14,8 @@ from extract.cache import MANIFEST, FeatureArray, feature_file, feature_kind, re
 from infer.captioner import Captioner
 from prepare import captions_h5
 from prepare.synth import content_accuracy  # noqa: F401  (re-exported: part of evaluate's API)
-from prepare.util import UserError, exclusive_lock, sha256_file, write_json_atomic
+from prepare.errors import UserError
+from prepare.files import exclusive_lock, sha256_file, write_json_atomic
 
 METRICS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
 

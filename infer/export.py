@@ -27,7 +27,8 @@ import shutil
 from pathlib import Path
 
 from infer.beam_search_graph import beam_search_graph, ids_to_text
-from prepare.util import UserError, exclusive_lock, fault_point
+from prepare.errors import UserError
+from prepare.files import exclusive_lock, fault_point
 
 EXPORT_RECORD = "export.json"
 

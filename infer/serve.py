@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prepare.util import UserError, check_range
+from prepare.errors import UserError, check_range
 
 MAX_FILES = 32          # images per request
 

@@ -7,7 +7,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from prepare.util import run_cli  # noqa: E402
+from prepare.cli import run_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         finetune(a.run, a.data, a.out, overrides=flags_of(a, FinetuneConfig), force=a.force, progress=not a.quiet)
     else:
         from model import bench
-        from prepare.util import check_range
+        from prepare.errors import check_range
         for flag, v, lo in (("--vocab", a.vocab, 5), ("--size", a.size, 1), ("--batch-size", a.batch_size, 1),
                             ("--max-len", a.max_len, 5), ("--steps", a.steps, 1), ("--positions", a.positions, 1),
                             ("--grid-dim", a.grid_dim, 1)):

@@ -8,7 +8,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from prepare.util import UserError, atomic_path
+from prepare.errors import UserError
+from prepare.files import atomic_path
 
 
 def _models(model) -> list:

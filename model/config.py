@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from prepare.util import UserError
+from prepare.errors import UserError
 
 
 @dataclass

@@ -9,7 +9,8 @@ import numpy as np
 
 from extract.cache import FeatureArray, feature_file, feature_kind, read_manifest
 from prepare import captions_h5
-from prepare.util import UserError, sha256_file
+from prepare.errors import UserError
+from prepare.files import sha256_file
 
 IN_MEMORY_LIMIT = 4 << 30   # feature arrays up to 4 GiB are loaded; larger ones are memory-mapped
 

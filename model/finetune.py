@@ -47,7 +47,8 @@ from model.run import CHECKPOINT, CONFIG, DECODER, ENCODER, HISTORY, Run, load_r
 from model.train import RESUMABLE_CHANGES, clip_by_global_norm, masked_token_loss
 from prepare import captions_h5
 from prepare.synth import content_accuracy
-from prepare.util import UserError, sha256_file, write_json_atomic
+from prepare.errors import UserError
+from prepare.files import sha256_file, write_json_atomic
 from prepare.vocabulary import END_ID, START_ID
 
 

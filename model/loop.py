@@ -24,7 +24,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from model.run import CURVE, HISTORY, TENSORBOARD, Run
-from prepare.util import UserError, atomic_path, write_json_atomic
+from prepare.errors import UserError
+from prepare.files import atomic_path, write_json_atomic
 
 
 @dataclass

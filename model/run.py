@@ -26,7 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from prepare.util import UserError, differences, exclusive_lock, fault_point, is_empty_folder, sha256_file, write_json_atomic
+from prepare.errors import UserError, differences
+from prepare.files import exclusive_lock, fault_point, is_empty_folder, sha256_file, write_json_atomic
 
 _HELD: set[str] = set()       # run directories whose lock this process holds
 

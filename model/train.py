@@ -17,7 +17,8 @@ from model.data import CaptionSet, open_data
 from model.loop import Stage, fit, new_state, perplexity
 from model.run import CHECKPOINT, CONFIG, DECODER, Run, build_decoder
 from prepare import captions_h5
-from prepare.util import UserError, write_json_atomic
+from prepare.errors import UserError
+from prepare.files import write_json_atomic
 from prepare.vocabulary import END_ID, START_ID
 
 # Training settings that may change when a run is resumed (the rest must match the run's config).

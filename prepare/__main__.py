@@ -5,7 +5,8 @@ import argparse
 import time
 from pathlib import Path
 
-from prepare.util import UserError, run_cli
+from prepare.cli import run_cli
+from prepare.errors import UserError
 
 
 def _synth(a) -> None:

@@ -26,7 +26,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from prepare.util import UserError, atomic_path, inside
+from prepare.errors import UserError
+from prepare.files import atomic_path, inside
 from prepare.vocabulary import Vocabulary
 
 FORMAT_VERSION = 1

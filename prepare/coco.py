@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from prepare.util import UserError, inside
+from prepare.errors import UserError
+from prepare.files import inside
 from prepare.vocabulary import tokenize
 
 

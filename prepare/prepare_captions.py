@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from prepare import captions_h5, coco
-from prepare.util import UserError, check_range, sha256_file
+from prepare.errors import UserError, check_range
+from prepare.files import sha256_file
 from prepare.vocabulary import SPECIALS, Vocabulary
 
 MAX_LEN = 1000   # tokens per caption; COCO's longest is ~60

@@ -260,7 +260,7 @@ MAX_IMAGES = 10_000_000
 
 def check_args(out: str | os.PathLike, counts: dict[str, int], size: int, seed: int, overwrite: bool) -> None:
     """UserError (naming the flag) for anything generate() would refuse; writes nothing."""
-    from prepare.util import UserError, check_range
+    from prepare.errors import UserError, check_range
     check_range("--size", size, MIN_SIZE, MAX_SIZE, "the side of each square image in pixels")
     check_range("--seed", seed, 0)
     for split in SPLITS:
@@ -288,7 +288,7 @@ def generate(out: str | os.PathLike, counts: dict[str, int], size: int = 128, se
 
     from tqdm import tqdm
 
-    from prepare.util import write_json_atomic
+    from prepare.files import write_json_atomic
     check_args(out, counts, size, seed, overwrite)
     out = Path(out)
     if out.is_dir() and overwrite:

@@ -116,7 +116,7 @@ class Vocabulary:
         return cls(list(obj["words"]), [int(c) for c in obj["counts"]])
 
     def save(self, path: str | Path) -> None:
-        from prepare.util import write_json_atomic
+        from prepare.files import write_json_atomic
         write_json_atomic(path, self.to_json())
 
     @classmethod

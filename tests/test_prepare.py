@@ -16,7 +16,7 @@ from PIL import Image
 
 from prepare import captions_h5, synth
 from prepare.prepare_captions import prepare_captions
-from prepare.util import UserError
+from prepare.errors import UserError
 from prepare.vocabulary import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary, tokenize
 
 ROOT = Path(__file__).resolve().parents[1]

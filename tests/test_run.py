@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from model.run import CONFIG, DECODER, ENCODER, RECORD, VOCAB, Run, load_run
-from prepare.util import UserError
+from prepare.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 quiet = dict(progress=False, log=lambda *a: None)
@@ -91,7 +91,7 @@ def test_a_kill_inside_a_commit_leaves_the_old_or_the_new_state_never_a_mix(tmp_
 
 def test_a_second_writer_is_refused_naming_the_holder(tiny_dataset, tiny_features, tmp_path):
     from model.train import train
-    from prepare.util import exclusive_lock
+    from prepare.files import exclusive_lock
     out = tmp_path / "run"
     with exclusive_lock(out):                  # as another process would hold it
         with pytest.raises(UserError, match=rf"in use by another process \(pid {os.getpid()} .*choose another --out"):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prepare.util import UserError
+from prepare.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 quiet = dict(progress=False, log=lambda *a: None)

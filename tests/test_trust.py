@@ -9,7 +9,8 @@ from PIL import Image
 from prepare import captions_h5
 from prepare.coco import OUTSIDE
 from prepare.prepare_captions import prepare_captions
-from prepare.util import UserError, inside
+from prepare.errors import UserError
+from prepare.files import inside
 
 BAD_NAMES = ["/etc/passwd", "../../../etc/hostname", "../secret.jpg", "sub/../ok.jpg", "sub/./../../secret.jpg"]
 
@@ -108,7 +109,7 @@ def test_images_outside_the_h5_folder_get_a_recorded_root_not_absolute_names(tin
 
 
 def test_the_lock_holder_removes_temp_files_a_killed_writer_left(tmp_path):
-    from prepare.util import exclusive_lock
+    from prepare.files import exclusive_lock
     (tmp_path / "checkpoints").mkdir()
     left = [tmp_path / ".tmp-best.weights.h5.abc", tmp_path / "checkpoints" / ".tmp-latest.h5.x"]
     for p in left:
@@ -143,7 +144,7 @@ def test_a_killed_caption_run_is_finished_by_the_same_command(tiny_run, tiny_dat
 
 def test_outputs_follow_the_umask(tmp_path):
     import os
-    from prepare.util import write_json_atomic
+    from prepare.files import write_json_atomic
     old = os.umask(0o022)
     try:
         write_json_atomic(tmp_path / "a.json", {"x": 1})

@@ -1,6 +1,6 @@
-"""Small helpers every stage shares: user-facing errors, atomic writes, checksums.
-
-Later stages import this module; it imports nothing from them.
+"""Files every stage writes the same way: paths kept inside their folder, atomic writes,
+checksums, one writer per output folder (a lock naming its holder) and the test hook that kills a
+process between two steps of a save.
 """
 from __future__ import annotations
 
@@ -8,79 +8,12 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, no traceback."""
-
-
-def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Run an entry point; turn UserError into `error: ...` on stderr and exit code 2.
-    TensorFlow's start-up notices (oneDNN, CUDA probing, CPU features) are filtered out of stderr."""
-    code = 2
-    with native_noise_filtered():
-        try:
-            code = main(argv)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            code = 2
-        except KeyboardInterrupt:
-            print("interrupted: partial outputs were kept as resumable work files (see above)", file=sys.stderr)
-            code = 130
-    raise SystemExit(code or 0)
-
-
-_NOISE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-                    rb"|[IWE]\d{4} [\d:.]+\s+\d+ (port|cudart_stub|cuda_platform|cpu_feature_guard|cuda_executor|"
-                    rb"cuda_diagnostics|gpu_device)\.cc:\d+\]"
-                    rb"|To enable the following instructions: )")
-_NOISE_STARTS = (b"WARNING: All log", b"I0000", b"W0000", b"E0000", b"To enable the following")
-
-
-@contextlib.contextmanager
-def native_noise_filtered() -> Iterator[None]:
-    """Pass fd 2 through a filter that drops TensorFlow's C++ start-up notices (which no log-level
-    variable silences in TF 2.21); everything else, progress bars included, goes through at once."""
-    import threading
-    sys.stderr.flush()
-    saved = os.dup(2)
-    r, w = os.pipe()
-    os.dup2(w, 2)
-    os.close(w)
-
-    def pump() -> None:
-        buf = b""
-        while True:
-            data = os.read(r, 65536)
-            if not data:
-                break
-            buf += data
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                if not _NOISE.match(line):
-                    os.write(saved, line + b"\n")
-            if buf and not any(p.startswith(buf[:len(p)]) for p in _NOISE_STARTS):
-                os.write(saved, buf)          # a progress bar's partial line: show it now
-                buf = b""
-        if buf and not _NOISE.match(buf):
-            os.write(saved, buf)
-        os.close(r)
-
-    t = threading.Thread(target=pump, daemon=True)
-    t.start()
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)                     # closes the pipe's last writer: the pump sees EOF
-        t.join(timeout=5)
-        os.close(saved)
-
+from prepare.errors import UserError
 
 def inside(folder: str | os.PathLike, name: str) -> Path | None:
     """folder/name if `name` (read from a user's file) is a relative path that stays inside
@@ -95,18 +28,6 @@ def inside(folder: str | os.PathLike, name: str) -> Path | None:
     if os.path.commonpath([base, full]) != base or full == base:
         return None
     return Path(full)
-
-
-def check_range(flag: str, value, lo=None, hi=None, why: str = "") -> None:
-    """UserError naming the flag and its valid range unless lo <= value <= hi (None: unbounded).
-
-    check_range("--top", 0, 1) -> "--top must be at least 1 (got 0)".
-    """
-    if (lo is None or value >= lo) and (hi is None or value <= hi):
-        return
-    rng = (f"between {lo} and {hi}" if lo is not None and hi is not None else
-           f"at least {lo}" if lo is not None else f"at most {hi}")
-    raise UserError(f"{flag} must be {rng} (got {value}){f'; {why}' if why else ''}")
 
 
 @contextlib.contextmanager
@@ -134,20 +55,6 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
             tmp.unlink()
 
 
-def differences(old: dict, new: dict, ignore: set = frozenset(), prefix: str = "", was: str = "run has") -> list[str]:
-    """Saved settings vs now, nested dicts flattened to dotted keys: ['train.lr: run has 0.1, now 0.2']."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if k in ignore:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += differences(a, b, ignore, f"{prefix}{k}.", was)
-        elif a != b:
-            out.append(f"{prefix}{k}: {was} {a!r}, now {b!r}")
-    return out
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -159,18 +66,11 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-# ---- one writer per output folder ---------------------------------------------------------
 LOCK_FILE = ".lock"
 
 
