@@ -94,7 +94,8 @@ def test_beam_search_carries_each_beams_attention_state(monkeypatch):
             i = int(image[r, 0])
             prefix = table.prefixes[int(nodes[r, 0])]
             fed = prefix if calls[0] else ()   # before the first step nothing is fed; then <start> and the words
-            np.testing.assert_array_equal(dec[2][r], init(feats[i:i + 1])[2].numpy()[0])   # its image's values
+            np.testing.assert_allclose(dec[2][r], init(feats[i:i + 1])[2].numpy()[0], atol=1e-6)   # its image's values
+            # (oneDNN's products may differ in the last bit between a batch of 2 and of 1 on some CPUs)
             np.testing.assert_allclose(dec[0][r], replay(i, fed), atol=1e-6)
             checked[0] += 1
         calls[0] += 1
