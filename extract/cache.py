@@ -223,7 +223,7 @@ class FeatureArray:
 def _extract_split(captions: Path, root: Path, out: Path, split: str, forward, row_shape: tuple, kind: str,
                    scale: float, image_size: int, batch_size: int, chunk_batches: int, progress: bool) -> tuple[int, list[dict]]:
     """Fill (or finish) OUT/<split>.npy (or .grid.npy); -> (image count, failed images)."""
-    from tqdm import tqdm
+    from prepare.cli import progress_bar
     sp = captions_h5.read_split(captions, split)
     paths = sp.image_paths(root)
     final = feature_file(out, split, kind)
@@ -240,7 +240,7 @@ def _extract_split(captions: Path, root: Path, out: Path, split: str, forward, r
         if start % batch_size and start != n:
             raise UserError(f"{prog_path}: progress {start} is not a multiple of --batch-size {batch_size}; "
                             "resume with the batch size it was started with, or pass --force")
-        bar = tqdm(total=n, initial=start, desc=f"extract {split}", unit="img", disable=not progress, smoothing=0.1)
+        bar = progress_bar(progress, total=n, initial=start, desc=f"extract {split}", unit="img", smoothing=0.1)
         for k, (imgs, ok, why) in enumerate(image_dataset(paths[start:], image_size, batch_size)):
             feats, okn = forward(imgs).numpy(), ok.numpy()
             if scale != 1.0:

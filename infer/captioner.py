@@ -140,12 +140,12 @@ class Captioner:
 
     def caption_files(self, paths: list[Path], batch_size: int = 32, progress: bool = True,
                       attention: bool = False) -> list[ImageCaptions]:
-        from tqdm import tqdm
+        from prepare.cli import progress_bar
         if attention:
             self.check_attention()
         forward = self.encoder()
         results: list[ImageCaptions] = []
-        bar = tqdm(total=len(paths), desc="caption", unit="img", disable=not progress)
+        bar = progress_bar(progress, total=len(paths), desc="caption", unit="img")
         t0 = time.time()
         for b, (imgs, ok, why) in enumerate(image_dataset(paths, self.image_size, batch_size)):
             batch_paths = paths[b * batch_size:(b + 1) * batch_size]

@@ -12,7 +12,7 @@ from prepare.cli import run_cli  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     from model.config import ModelConfig, TrainConfig, add_flags
-    from model.finetune import FinetuneConfig
+    from model.config import FinetuneConfig
     p = argparse.ArgumentParser(prog="python -m model", description="train the Show and Tell decoder")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="stage 1: train the decoder on cached features")
@@ -52,7 +52,8 @@ def main(argv=None) -> int:
         train(a.data, a.out, features=a.features, captions=a.captions, model_overrides=flags_of(a, ModelConfig),
               train_overrides=flags_of(a, TrainConfig), progress=not a.quiet)
     elif a.cmd == "finetune":
-        from model.finetune import FinetuneConfig, finetune
+        from model.config import FinetuneConfig
+        from model.finetune import finetune
         finetune(a.run, a.data, a.out, overrides=flags_of(a, FinetuneConfig), force=a.force, progress=not a.quiet)
     else:
         from model import bench

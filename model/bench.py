@@ -61,7 +61,7 @@ def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20,
     from model.config import ModelConfig
     from model.decoder import build_decoder
     from model.optim import FusedAdam
-    from model.train import make_steps
+    from model.steps import make_steps
     rng = np.random.default_rng(0)
     strategy = tf.distribute.get_strategy()
 

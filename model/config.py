@@ -1,49 +1,82 @@
-"""Typed configs. Every field has a comment; unknown keys are an error; both are saved in
-every run directory and the model is rebuilt from them (never from defaults)."""
+"""Typed configs of the training phases. Every field carries its help text (the CLI flags are
+generated from them); unknown keys are an error; the configs are saved in every run directory and
+the model is rebuilt from them (never from defaults)."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prepare.errors import UserError
 
 
+def setting(default, help: str = ""):
+    """A config field with its help text (what `--flag --help` prints) kept in the field's metadata;
+    `default` dataclasses.MISSING: a required field."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int                  # words incl. the 4 special tokens (from captions.h5)
-    decoder: str = "show_and_tell"   # "show_and_tell" (im2txt: the pooled vector as the first input;
-    # features from `extract --features pooled`) or "attention" (Show, Attend and Tell: attention
-    # over the feature map at every word; features from `extract --features grid`)
-    feature_dim: int = 2048          # encoder output size (Inception v3 avg pool)
-    grid_positions: int = 0          # positions of the grid the attention decoder reads (from the cache)
-    embedding_size: int = 512        # image and word embedding size (im2txt: 512)
-    lstm_units: int = 512            # LSTM state size (im2txt: 512)
-    dropout: float = 0.3             # dropout on LSTM input and output (im2txt keeps 0.7, i.e. 0.3)
-    init_scale: float = 0.08         # weights start uniform in [-init_scale, init_scale] (im2txt)
-    feature_std_floor: float = 0.3   # each channel's std plus this x the median channel's std divides it: a
-    # channel nearly constant in training is not blown up (measured: 0.3 beat 0.001 on the built-in data)
-    feature_clip: float = 5.0        # normalised features are clipped to +-this (0: off), so an image unlike
-    # the training ones (a photo, for a model of shapes) cannot feed the decoder values 1000x their range
-    attention_units: int = 256       # attention decoder: size of the additive (Bahdanau) scoring layer
-    attention_reg: float = 0.0       # attention decoder: weight of the doubly stochastic regularisation
-    # (Show, Attend and Tell: every position's attention summed over the caption pushed towards 1)
+    vocab_size: int = setting(dataclasses.MISSING, "words incl. the 4 special tokens (from captions.h5)")
+    decoder: str = setting("show_and_tell", "show_and_tell (im2txt: the pooled vector as the first input; features "
+                           "from `extract --features pooled`) or attention (Show, Attend and Tell: attention over "
+                           "the feature map at every word; features from `extract --features grid`)")
+    feature_dim: int = setting(2048, "encoder output size (Inception v3 avg pool)")
+    grid_positions: int = setting(0, "positions of the grid the attention decoder reads (from the cache)")
+    embedding_size: int = setting(512, "image and word embedding size (im2txt: 512)")
+    lstm_units: int = setting(512, "LSTM state size (im2txt: 512)")
+    dropout: float = setting(0.3, "dropout on LSTM input and output (im2txt keeps 0.7, i.e. 0.3)")
+    init_scale: float = setting(0.08, "weights start uniform in [-init_scale, init_scale] (im2txt)")
+    feature_std_floor: float = setting(0.3, "each channel's std plus this x the median channel's std divides it: a "
+                                       "channel nearly constant in training is not blown up (measured: 0.3 beat "
+                                       "0.001 on the built-in data)")
+    feature_clip: float = setting(5.0, "normalised features are clipped to +-this (0: off), so an image unlike the "
+                                  "training ones (a photo, for a model of shapes) cannot feed the decoder values "
+                                  "1000x their range")
+    attention_units: int = setting(256, "attention decoder: size of the additive (Bahdanau) scoring layer")
+    attention_reg: float = setting(0.0, "attention decoder: weight of the doubly stochastic regularisation (Show, "
+                                   "Attend and Tell: every position's attention summed over the caption pushed "
+                                   "towards 1)")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20                 # passes over the training captions
-    batch_size: int = 32             # captions per step (im2txt: 32)
-    optimizer: str = "adam"          # "adam" or "sgd" (im2txt's recipe: sgd, lr 2.0)
-    lr: float = 0.0                  # initial learning rate; 0: by optimizer (adam 1e-3; sgd 2.0, im2txt's)
-    lr_decay_factor: float = 0.5     # learning rate multiplied by this ...
-    lr_decay_epochs: float = 8.0     # ... every this many epochs (im2txt: halved every 8 epochs)
-    clip_norm: float = 5.0           # gradient clipping by global norm (im2txt: 5.0)
-    seed: int = 0                    # initialisation and data order (epoch e uses seed+e)
-    checkpoint_every: int = 200      # steps between checkpoints (one is also written every epoch)
-    max_steps: int = 0               # stop after this many steps in all (0: run all epochs)
-    samples: int = 3                 # validation images whose greedy captions print each epoch
-    sample_max_len: int = 30         # max tokens of those captions
-    strategy: str = "default"        # "default" or "mirrored" (all GPUs of one machine)
+    epochs: int = setting(20, "passes over the training captions")
+    batch_size: int = setting(32, "captions per step (im2txt: 32)")
+    optimizer: str = setting("adam", "adam or sgd (im2txt's recipe: sgd, lr 2.0)")
+    lr: float = setting(0.0, "initial learning rate; 0: by optimizer (adam 1e-3; sgd 2.0, im2txt's)")
+    lr_decay_factor: float = setting(0.5, "learning rate multiplied by this ...")
+    lr_decay_epochs: float = setting(8.0, "... every this many epochs (im2txt: halved every 8 epochs)")
+    clip_norm: float = setting(5.0, "gradient clipping by global norm (im2txt: 5.0)")
+    seed: int = setting(0, "initialisation and data order (epoch e uses seed+e)")
+    checkpoint_every: int = setting(200, "steps between checkpoints (one is also written every epoch)")
+    max_steps: int = setting(0, "stop after this many steps in all (0: run all epochs)")
+    samples: int = setting(3, "validation images whose greedy captions print each epoch")
+    sample_max_len: int = setting(30, "max tokens of those captions")
+    strategy: str = setting("default", "default or mirrored (all GPUs of one machine)")
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = setting(2, "passes over the training images")
+    max_steps: int = setting(0, "stop after this many steps in all (0: run all epochs)")
+    batch_size: int = setting(32, "images per step")
+    captions_per_image: int = setting(5, "captions of each image in a step (decoder batch = images x this)")
+    lr: float = setting(0.0, "decoder learning rate (Adam); 0: the recipe's")
+    cnn_lr: float = setting(0.0, "CNN learning rate; 0: the recipe's")
+    cnn_optimizer: str = setting("auto", "sgd, adam or auto: the recipe's")
+    bn: str = setting("auto", "BatchNorm in training mode, calibrated (train), inference mode (frozen), or auto: "
+                      "the recipe's")
+    augment: bool = setting(True, "random crop + brightness/contrast jitter")
+    flip: bool = setting(False, "horizontal flips (off: they falsify left/right captions)")
+    clip_norm: float = setting(5.0, "gradient clipping by global norm, per optimiser")
+    mixed_precision: bool = setting(False, "the CNN in bfloat16 (GPUs); the decoder stays float32")
+    seed: int = setting(0, "data order and augmentation")
+    checkpoint_every: int = setting(100, "steps between checkpoints (also one per epoch)")
+    calibration_images: int = setting(256, "--bn train: training images that re-estimate BatchNorm statistics")
+    recipe: str = setting("", "filled in: pretrained or from_scratch (model/finetune.py: resolve_recipe)")
+    samples: int = setting(3, "validation images whose greedy captions print each epoch")
+    sample_max_len: int = setting(30, "max tokens of those captions")
 
 
 DEFAULT_LR = {"adam": 1e-3, "sgd": 2.0}
@@ -112,34 +145,16 @@ def override(cfg, updates: dict, where: str = "flags"):
 
 
 # ---- command-line flags generated from the configs (one source of truth for defaults and help) ----
-def field_help(cls) -> dict[str, str]:
-    """Each field's comment in the class source (continuation comment lines included)."""
-    import inspect
-    import re
-    helps, last = {}, None
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+):[^#]*#\s*(.*)", line)
-        if m:
-            last = m.group(1)
-            helps[last] = m.group(2)
-        elif last and re.match(r"\s+#\s*(.*)", line):
-            helps[last] += " " + line.strip()[1:].strip()
-        else:
-            last = None
-    return helps
-
-
 def add_flags(parser, cls, skip=(), defaults: dict | None = None) -> None:
-    """One --flag per config field (underscores -> dashes), its comment and default as help.
+    """One --flag per config field (underscores -> dashes), its help text and default as help.
     Every flag defaults to None ("not given"), so the config's own default applies."""
     import argparse
-    helps = field_help(cls)
     shown = {f.name: f.default for f in dataclasses.fields(cls)} | (defaults or {})
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         name, d = "--" + f.name.replace("_", "-"), shown[f.name]
-        text = f"{helps.get(f.name, '')} (default: {d})".replace("%", "%%")
+        text = f"{f.metadata.get('help', '')} (default: {d})".replace("%", "%%")
         if isinstance(f.default, bool):
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:

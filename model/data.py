@@ -1,7 +1,9 @@
 """Training data: captions.h5 + the feature cache, checked to belong together, batched with
-dynamic padding (each batch padded only to its own longest caption)."""
+dynamic padding (each batch padded only to its own longest caption): CaptionSet (cached features,
+stage 1) and ImageCaptionSet (image files with their captions, fine-tuning)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -56,6 +58,40 @@ class CaptionSet:
 
     def num_batches(self, batch_size: int) -> int:
         return (len(self) + batch_size - 1) // batch_size
+
+
+class ImageCaptionSet:
+    """A split's images (failed ones excluded) with their captions, for joint training."""
+
+    def __init__(self, captions_path: Path, split: str, manifest: dict):
+        sp = captions_h5.read_split(captions_path, split)
+        bad = {f["row"] for f in manifest["failed"].get(split, [])}
+        self.paths = sp.image_paths(manifest.get("images_root") or captions_path.parent)
+        self.rows = np.array([r for r in range(len(sp.image_ids)) if r not in bad], np.int64)
+        self.caps_of: dict[int, np.ndarray] = {}
+        order = np.argsort(sp.image_index, kind="stable")
+        starts = np.searchsorted(sp.image_index[order], np.arange(len(sp.image_ids) + 1))
+        for r in range(len(sp.image_ids)):
+            self.caps_of[r] = order[starts[r]:starts[r + 1]]
+        self.ids, self.lengths, self.split = sp.captions, sp.lengths, split
+        self.file_names = sp.file_names
+        self.truth = {r: json.loads(sp.objects[r])["objects"] for r in self.rows if sp.objects[r]}  # synth only
+
+    def epoch_rows(self, epoch: int, seed: int, shuffle: bool = True) -> np.ndarray:
+        return self.rows[np.random.default_rng([seed, epoch]).permutation(len(self.rows))] if shuffle else self.rows
+
+    def captions_for(self, rows: np.ndarray, k: int, rng: np.random.Generator | None):
+        """-> ids [N, T] trimmed to the longest, cap_img [N] (position of each caption's image in rows)."""
+        picks, owner = [], []
+        for j, r in enumerate(rows):
+            c = self.caps_of[int(r)]
+            if len(c) > k:
+                c = c[:k] if rng is None else rng.choice(c, size=k, replace=False)
+            picks += list(c)
+            owner += [j] * len(c)
+        picks = np.asarray(picks)
+        t = int(self.lengths[picks].max())
+        return self.ids[picks, :t], np.asarray(owner, np.int32)
 
 
 def open_data(data_dir, features_dir=None, captions=None):

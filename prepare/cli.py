@@ -35,12 +35,28 @@ _NOISE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(\
 _NOISE_STARTS = (b"WARNING: All log", b"I0000", b"W0000", b"E0000", b"To enable the following")
 
 
+_TERMINAL: list[bool] = []    # whether stderr was a terminal before native_noise_filtered piped it
+
+
+def stderr_is_terminal() -> bool:
+    """Is the user's stderr a terminal? (Asked of the real one while run_cli filters it.)"""
+    return _TERMINAL[-1] if _TERMINAL else os.isatty(2)
+
+
+def progress_bar(wanted: bool = True, **kwargs):
+    """A tqdm bar on stderr when `wanted` and stderr is a terminal; in a piped log or file it is
+    off (no carriage-return updates: the stages print their own summary lines)."""
+    from tqdm import tqdm
+    return tqdm(disable=not (wanted and stderr_is_terminal()), **kwargs)
+
+
 @contextlib.contextmanager
 def native_noise_filtered() -> Iterator[None]:
     """Pass fd 2 through a filter that drops TensorFlow's C++ start-up notices (which no log-level
     variable silences in TF 2.21); everything else, progress bars included, goes through at once."""
     import threading
     sys.stderr.flush()
+    _TERMINAL.append(os.isatty(2))
     saved = os.dup(2)
     r, w = os.pipe()
     os.dup2(w, 2)
@@ -73,3 +89,4 @@ def native_noise_filtered() -> Iterator[None]:
         os.dup2(saved, 2)                     # closes the pipe's last writer: the pump sees EOF
         t.join(timeout=5)
         os.close(saved)
+        _TERMINAL.pop()

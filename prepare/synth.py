@@ -286,7 +286,7 @@ def generate(out: str | os.PathLike, counts: dict[str, int], size: int = 128, se
     """
     import shutil
 
-    from tqdm import tqdm
+    from prepare.cli import progress_bar
 
     from prepare.files import write_json_atomic
     check_args(out, counts, size, seed, overwrite)
@@ -312,7 +312,7 @@ def generate(out: str | os.PathLike, counts: dict[str, int], size: int = 128, se
             next_id += n
             images, anns = [], []
             it = pool.map(_make_image, jobs, chunksize=32)
-            for rec in tqdm(it, total=n, desc=f"synth {split}", unit="img", disable=not progress):
+            for rec in progress_bar(progress, iterable=it, total=n, desc=f"synth {split}", unit="img"):
                 for c in rec.pop("captions"):
                     anns.append({"id": next_ann, "image_id": rec["id"], "caption": c})
                     next_ann += 1

@@ -14,7 +14,8 @@ from extract.cache import FeatureArray, extract_features, read_manifest
 from infer.beam_search import beam_search_batch
 from model.config import ModelConfig
 from model.decoder import build_decoder, compiled_decoding
-from model.train import masked_token_loss, train
+from model.steps import masked_token_loss
+from model.train import train
 from prepare.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -98,7 +98,8 @@ def test_finetune_on_a_lite0_run_trains_lite0(tiny_dataset, lite0_run, tmp_path)
 
 
 def test_pretrained_recipe_comes_from_the_encoder_entry():
-    from model.finetune import FinetuneConfig, resolve_recipe
+    from model.config import FinetuneConfig
+    from model.finetune import resolve_recipe
     lite = {"encoder": "efficientnet_lite0", "weights": {"source": {"kind": "imagenet"}}}
     incep = {"encoder": "inception_v3", "weights": {"source": {"kind": "imagenet"}}}
     assert resolve_recipe(FinetuneConfig(), lite).bn == enc.ENCODERS["efficientnet_lite0"].pretrained_recipe["bn"]

@@ -126,7 +126,7 @@ def test_untrained_decoder_and_wrong_encoder_are_refused(tiny_dataset, tiny_run,
 
 def test_calibrated_batchnorm_makes_inference_mode_compute_training_mode():
     from extract import encoder as enc
-    from model.finetune import calibrate_batchnorm
+    from model.cnn import calibrate_batchnorm
     model, _ = enc.build_encoder("inception_v3", "none", 75, trainable=True)
     rng = np.random.default_rng(0)
     x1, x2 = (rng.integers(0, 256, (8, 75, 75, 3)).astype(np.float32) for _ in range(2))

@@ -10,7 +10,8 @@ import pytest
 from model.config import ModelConfig, TrainConfig, from_dict
 from model.decoder import ShowAndTell, compiled_decoding
 from model.run import load_run
-from model.train import masked_token_loss, train
+from model.steps import masked_token_loss
+from model.train import train
 from prepare.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

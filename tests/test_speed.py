@@ -10,7 +10,7 @@ from model.config import ModelConfig
 from model.decoder import ShowAndTell
 from model.fast_lstm import lstm_sequence, run_lstm
 from model.optim import FusedAdam
-from model.train import clip_by_global_norm, masked_token_loss, token_cross_entropy
+from model.steps import clip_by_global_norm, masked_token_loss, token_cross_entropy
 
 
 def _close(a, b, tol):
