@@ -127,8 +127,9 @@ def greedy(model, features, max_len: int) -> list[list[int]]:
     numpy float32 [N, ...] (the decoder's feature_shape), max_len an int (tokens with <start>), ->
     one list of word ids per row, without <start>/<end>. A drop-in for
         greedy_decode(*compiled_decoding(model), features, START_ID, END_ID, max_len)
-    (the same ids, tested), decoded by greedy_ids in one compiled graph call (traced once per model;
-    the batch size and max_len do not retrace)."""
+    (the same ids, tested), decoded by greedy_ids in one compiled graph call per batch: a
+    tf.function traced for a model's first batch and once more for any batch size (reduce_retracing),
+    max_len being a tensor argument (no retrace)."""
     import tensorflow as tf
     if "greedy" not in _COMPILED:
         _COMPILED["greedy"] = tf.function(greedy_ids, reduce_retracing=True)
