@@ -1,4 +1,5 @@
-"""Beam search over a step function (im2txt's caption_generator semantics), no TensorFlow inside.
+"""Beam search over a step function (im2txt's caption_generator semantics), no TensorFlow inside:
+the reference that model/decoding.py's in-graph beam search is tested against.
 
     step_fn(word_ids [N] int32, state) -> (log_probs [N, V], new_state)
     state: a tuple of arrays with one row per beam on the first axis.
@@ -94,29 +95,3 @@ def beam_search(step_fn, initial_state, *, start_id: int, end_id: int, beam_size
     return beam_search_batch(step_fn, initial_state, start_id=start_id, end_id=end_id, beam_size=beam_size,
                              max_len=max_len, length_norm=length_norm)[0]
 
-
-def sample(step_fn, initial_state, *, start_id: int, end_id: int, max_len: int = 20, temperature: float = 1.0,
-           rng: np.random.Generator | None = None) -> list[Caption]:
-    """One sampled caption per row of initial_state (softmax(log_probs / temperature))."""
-    rng = rng or np.random.default_rng()
-    state = tuple(np.asarray(s) for s in initial_state)
-    n = state[0].shape[0]
-    caps = [Caption([start_id], 0.0, 0.0, False) for _ in range(n)]
-    for _ in range(max_len - 1):
-        alive = [i for i, c in enumerate(caps) if not c.complete]
-        if not alive:
-            break
-        logp, new = step_fn(np.array([caps[i].ids[-1] for i in alive], np.int32), _take(state, np.array(alive)))
-        logp = np.asarray(logp, np.float64)
-        z = logp / max(temperature, 1e-6)
-        p = np.exp(z - z.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        state = tuple(np.array(s, copy=True) for s in state)
-        for j, i in enumerate(alive):
-            w = int(rng.choice(len(p[j]), p=p[j]))
-            caps[i] = Caption(caps[i].ids + [w], caps[i].logprob + float(logp[j, w]), 0.0, w == end_id)
-            for s, ns in zip(state, new):
-                s[i] = np.asarray(ns)[j]
-    for c in caps:
-        c.score = c.logprob
-    return caps

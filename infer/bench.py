@@ -58,11 +58,11 @@ def run(vocab: int = 12000, size: int = 512, images: int = 64, batch_size: int =
         for i in range(images):
             beam_search(step_np, init_np(feats[i:i + 1]), **kw)
 
-    from infer.beam_search_graph import beam_search_graph
+    from model import decoding
 
     @tf.function(input_signature=[tf.TensorSpec([None, 2048], tf.float32)])
     def graph_search(f):
-        return beam_search_graph(m, f, beam_size=beam_size, max_len=max_len)
+        return decoding.beam_search(m, f, beam_size=beam_size, max_len=max_len)
 
     def in_graph():
         for i in range(0, images, batch_size):

@@ -125,12 +125,12 @@ class Captioner:
         if self._graph is None:
             import tensorflow as tf
 
-            from infer.beam_search_graph import beam_search_graph
+            from model import decoding
 
             @tf.function(input_signature=[tf.TensorSpec([None, *self.model.feature_shape], tf.float32)])
             def search(f):
-                return beam_search_graph(self.model, f, beam_size=self.beam_size, max_len=self.max_len,
-                                         length_norm=self.length_norm)
+                return decoding.beam_search(self.model, f, beam_size=self.beam_size, max_len=self.max_len,
+                                            length_norm=self.length_norm)
             self._graph = search
         ids, lengths, lps, complete = (x.numpy() for x in self._graph(features))
         return [[Caption([int(w) for w in ids[i, j, :lengths[i, j]]], float(lps[i, j]),

@@ -6,7 +6,7 @@ Signature `serving_default`:
     log_probs  float32   [N, k]     the sum of the words' log-probabilities (-inf where no caption)
 
 Everything runs in the graph: decoding, resizing, the run's encoder, the decoder and beam search
-(infer/beam_search_graph.py: a tf.while_loop with im2txt's semantics). So
+(model/decoding.py: a tf.while_loop with im2txt's semantics). So
 `tf.saved_model.load(DIR)` captions images in any Python with TensorFlow, and TensorFlow Serving
 can load DIR. Beam size, k and max length are fixed at export and recorded in DIR/export.json.
 
@@ -26,7 +26,7 @@ import os
 import shutil
 from pathlib import Path
 
-from infer.beam_search_graph import beam_search_graph, ids_to_text
+from model.decoding import beam_search, ids_to_text
 from prepare.errors import UserError
 from prepare.files import exclusive_lock, fault_point
 
@@ -63,8 +63,7 @@ def build_module(run_dir, beam_size: int, top_k: int, max_len: int, length_norm:
         x = tf.map_fn(lambda b: decode_image_bytes(b, size), images,
                       fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
         feats = encoder_model(x, training=False)
-        ids, _, lp, _ = beam_search_graph(decoder, feats, beam_size=beam_size, max_len=max_len,
-                                          length_norm=length_norm)
+        ids, _, lp, _ = beam_search(decoder, feats, beam_size=beam_size, max_len=max_len, length_norm=length_norm)
         ids, lp = ids[:, :top_k], lp[:, :top_k]
         text = tf.where(tf.math.is_finite(lp), ids_to_text(words, ids), "")
         return {"captions": text, "log_probs": lp}

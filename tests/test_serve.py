@@ -78,23 +78,6 @@ def test_a_killed_export_is_finished_by_the_rerun(tiny_run, tmp_path, fault):
     assert (out / "saved_model.pb").read_bytes() != first          # the new export (beam 2, top 1)
 
 
-def test_in_graph_beam_search_equals_the_python_one_on_the_same_features(tiny_run):
-    import tensorflow as tf
-
-    from infer.captioner import Captioner
-    from infer.export import beam_search_graph, ids_to_text
-    cap = Captioner(tiny_run, beam_size=3, max_len=12)
-    f = np.load(Path(json.loads((tiny_run / "config.json").read_text())["data"]["features"]) / "test.npy")
-    want = cap.caption_features_python(f)
-    ids, lengths, lp, complete = beam_search_graph(cap.model, tf.constant(f), beam_size=3, max_len=12)
-    text = ids_to_text(tf.constant(cap.vocab.words), ids).numpy().astype(str)
-    for i, caps in enumerate(want):
-        assert [cap.text(c) for c in caps] == list(text[i][:len(caps)])
-        np.testing.assert_allclose([c.logprob for c in caps], lp.numpy()[i][:len(caps)], rtol=1e-4, atol=1e-4)
-        assert [len(c.ids) for c in caps] == list(lengths.numpy()[i][:len(caps)])
-        assert [c.complete for c in caps] == list(complete.numpy()[i][:len(caps)])
-
-
 # ---- serve: a real server process ----------------------------------------------------------
 def _get(url: str):
     try:

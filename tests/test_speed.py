@@ -154,21 +154,6 @@ def test_masked_token_loss_equals_the_plain_formula():
     _close(s, want, 1e-5)
 
 
-def test_top_k_by_blocks_equals_tf_top_k_ties_and_infinities_included():
-    from infer.beam_search_graph import top_k_words
-    rng = np.random.default_rng(6)
-    for V in (12000, 12003, 640, 100):
-        x = rng.normal(size=(4, 3, V)).astype(np.float32)
-        x[1] = np.round(x[1] * 2) / 2                      # many ties
-        x[2, 0] = -np.inf
-        x[2, 0, V - 1] = 1.0                               # one finite word, at the very end
-        x[3, 1, :5] = 7.0                                  # the best words tied, first block
-        for k in (1, 3, 5):
-            want, got = tf.math.top_k(x, k), top_k_words(tf.constant(x), k)
-            np.testing.assert_array_equal(got[0], want[0])
-            np.testing.assert_array_equal(got[1], want[1])
-
-
 def test_attention_decoder_gradients_are_the_same_on_the_fast_path(monkeypatch):
     from model.decoder import build_decoder
     m = build_decoder(ModelConfig(vocab_size=13, decoder="attention", feature_dim=6, grid_positions=4,

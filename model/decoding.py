@@ -1,11 +1,19 @@
-"""Beam search as one TensorFlow graph: a tf.while_loop over decoder.step with im2txt's semantics
-(the same as infer/beam_search.py, which stays the reference, pinned on hand-made tables).
+"""Decoding in the graph, over any decoder's initial_state(features) / step_logits(word_ids, state) /
+state_shapes() (model/decoder.py, model/attention.py): each a tf.while_loop, batched, every step on
+the device (no host round trip per word).
 
-Each live beam expands with its k best words, the k best partial captions stay alive, those ending
-in <end> join the k best complete ones; after max_len - 1 steps the complete ones are returned, or
-the partial ones if none completed. The one difference: ties between equally probable captions
-are broken by position instead of by word ids. Used by the SavedModel export and by the Captioner
-(every step stays on the device: no host round trip per word).
+    beam_search(decoder, features, beam_size=, max_len=)  im2txt's beam search (the Captioner, the SavedModel)
+    greedy_ids(decoder, features, max_len)               the best word at each step -> ids, lengths
+    greedy(model, features, max_len)                     the same, numpy in, lists of ids out (training's samples)
+    sample(decoder, features, samples=, max_len=, seed=) K sampled captions per image, their log-probs
+
+Beam search has im2txt's semantics, the same as infer/beam_search.py, which stays the reference
+(pinned on hand-made tables): each live beam expands with its k best words, the k best partial
+captions stay alive, those ending in <end> join the k best complete ones; after max_len - 1 steps
+the complete ones are returned, or the partial ones if none completed. The one difference: ties
+between equally probable captions are broken by position instead of by word ids.
+
+`max_len` counts tokens including <start>, as everywhere: at most max_len - 1 words are decoded.
 """
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ import numpy as np
 from prepare.vocabulary import END_ID, PAD_ID, START_ID
 
 
-def beam_search_graph(decoder, features, *, beam_size: int, max_len: int, length_norm: float = 0.0):
+def beam_search(decoder, features, *, beam_size: int, max_len: int, length_norm: float = 0.0):
     """In-graph batched beam search over decoder.initial_state / decoder.step.
 
     features [N, ...] -> (ids int32 [N, k, max_len] (<start> ... <end>, then <pad>), lengths [N, k],
@@ -97,6 +105,103 @@ def beam_search_graph(decoder, features, *, beam_size: int, max_len: int, length
     out_lp = tf.where(any_done, done_lp, live_lp)
     out_len = tf.where(any_done, done_len, live_len)
     return out_ids, out_len, out_lp, tf.broadcast_to(any_done, tf.shape(out_lp))
+
+
+def greedy_ids(decoder, features, max_len):
+    """In-graph batched greedy decoding: every row takes its most probable word (by logit), fed back
+    as the next input, until every row has produced <end> or max_len - 1 words (max_len may be a
+    tensor). features [N, ...] -> (ids int32 [N, max_len - 1]: the words without <start> and <end>,
+    then <pad>; lengths int32 [N]: the words before <end>, all of them for a row that never ended)."""
+    import tensorflow as tf
+    state = tuple(decoder.initial_state(features))
+    ids, lengths, _ = _decode(decoder, state, max_len,
+                              lambda t, logits: tf.argmax(logits, axis=-1, output_type=tf.int32))
+    ended = tf.reduce_any(tf.equal(ids, END_ID), axis=1)              # <end> can only be a row's last word
+    lengths = lengths - tf.cast(ended, tf.int32)
+    ids = tf.where(tf.range(tf.shape(ids)[1])[None, :] < lengths[:, None], ids, PAD_ID)
+    return ids, lengths
+
+
+def greedy(model, features, max_len: int) -> list[list[int]]:
+    """Greedy captions for training's samples, with model.decoder.greedy_decode's contract: features
+    numpy float32 [N, ...] (the decoder's feature_shape), max_len an int (tokens with <start>), ->
+    one list of word ids per row, without <start>/<end>. A drop-in for
+        greedy_decode(*compiled_decoding(model), features, START_ID, END_ID, max_len)
+    (the same ids, tested), decoded by greedy_ids in one compiled graph call per batch: a
+    tf.function traced for a model's first batch and once more for any batch size (reduce_retracing),
+    max_len being a tensor argument (no retrace)."""
+    import tensorflow as tf
+    if "greedy" not in _COMPILED:
+        _COMPILED["greedy"] = tf.function(greedy_ids, reduce_retracing=True)
+    ids, lengths = _COMPILED["greedy"](model, tf.constant(np.asarray(features, np.float32)),
+                                       tf.constant(int(max_len), tf.int32))
+    ids, lengths = ids.numpy(), lengths.numpy()
+    return [ids[i, :lengths[i]].tolist() for i in range(len(ids))]
+
+
+_COMPILED: dict = {}
+
+
+def sample(decoder, features, *, samples: int, max_len, seed, temperature: float = 1.0):
+    """In-graph sampling: `samples` (K) captions per image, each word drawn from
+    softmax(logits / temperature) by tf.random.stateless_categorical, step t seeded with
+    stateless_fold_in(seed, t): the same seed, features, K and max_len give the same samples.
+    seed: an int or an int [2] tensor. A caption ends at its first <end> or after max_len - 1 words.
+
+    features [N, ...] -> (ids int32 [N*K, max_len - 1]: the sampled words after <start>, <end>
+    included, then <pad>; rows i*K .. i*K + K - 1 are image i's;
+    lengths int32 [N*K]: the sampled words, <end> counted (max_len - 1 where none was drawn);
+    log_probs float32 [N*K]: the sum over those words of the model's log-probability,
+    log_softmax(logits), untempered: at temperature 1 the sampling distribution's).
+
+    Values only (no gradient flows through the loop). To differentiate (self-critical training),
+    recompute them by teacher forcing: decoder(tf.repeat(features, K, 0), [<start>, ids[:, :-1]])
+    summed at the first `lengths` targets; mask by lengths, not by ids != <pad> (a row may draw <pad>)."""
+    import tensorflow as tf
+    seed = tf.convert_to_tensor(seed, tf.int64)
+    if seed.shape.rank == 0:
+        seed = tf.stack([seed, tf.constant(0, tf.int64)])
+    state = tuple(tf.repeat(s, samples, axis=0) for s in decoder.initial_state(features))
+
+    def draw(t, logits):
+        step_seed = tf.random.experimental.stateless_fold_in(seed, t)
+        return tf.random.stateless_categorical(logits / temperature, 1, step_seed, dtype=tf.int32)[:, 0]
+    ids, lengths, log_probs = _decode(decoder, state, max_len, draw)
+    return ids, lengths, tf.stop_gradient(log_probs)
+
+
+def _decode(decoder, state, max_len, choose):
+    """The loop of greedy_ids and sample: from `state` (one row per caption) feed <start>, then each
+    row's chosen word, until every row has chosen <end> or max_len - 1 words.
+    choose(t, logits float32 [n, V]) -> words int32 [n]. Returns ids int32 [n, max_len - 1] (the
+    chosen words up to <end> included, then <pad>), lengths [n] (<end> counted) and log_probs [n]
+    (the sum of the chosen words' log_softmax(logits))."""
+    import tensorflow as tf
+    n = tf.shape(state[0])[0]
+    T = tf.maximum(tf.convert_to_tensor(max_len, tf.int32) - 1, 0)
+
+    def body(t, words, state, ids, lengths, log_probs, done):
+        logits, new_state = decoder.step_logits(words, state)
+        logits = tf.cast(logits, tf.float32)                                   # [n, V]
+        words = tf.cast(choose(t, logits), tf.int32)
+        live = tf.logical_not(done)                                            # rows still decoding
+        word_lp = tf.gather(tf.nn.log_softmax(logits), words[:, None], batch_dims=1)[:, 0]
+        log_probs += tf.where(live, word_lp, 0.0)
+        column = tf.equal(tf.range(T), t)[None, :]                             # where the new word goes
+        ids = tf.where(column & live[:, None], words[:, None], ids)
+        lengths += tf.cast(live, tf.int32)
+        done = done | tf.equal(words, END_ID)
+        return t + 1, words, tuple(new_state), ids, lengths, log_probs, done
+
+    loop_vars = (tf.constant(0), tf.fill([n], START_ID), state, tf.fill([n, T], PAD_ID), tf.zeros([n], tf.int32),
+                 tf.zeros([n], tf.float32), tf.zeros([n], tf.bool))
+    shapes = tuple(tf.TensorShape([None, *s.shape[1:]]) for s in state)
+    invariants = (tf.TensorShape([]), tf.TensorShape([None]), shapes, tf.TensorShape([None, None]),
+                  tf.TensorShape([None]), tf.TensorShape([None]), tf.TensorShape([None]))
+    _, _, _, ids, lengths, log_probs, _ = tf.while_loop(
+        lambda t, *v: (t < T) & tf.logical_not(tf.reduce_all(v[-1])), body, loop_vars,
+        shape_invariants=invariants)
+    return ids, lengths, log_probs
 
 
 def top_k_words(x, k: int, block: int | None = None):
