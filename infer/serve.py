@@ -48,8 +48,8 @@ class BatchingCaptioner:
     """One worker thread owns the model; jobs from any thread are batched together."""
 
     def __init__(self, run, beam_size: int = 3, max_len: int | None = None, max_batch: int = 16):
-        from infer.caption import run_max_len
         from infer.captioner import Captioner
+        from infer.options import run_max_len
         if max_len is None:
             max_len, _ = run_max_len(run)
         self.cap = Captioner(run, beam_size=beam_size, max_len=max_len)
