@@ -1,7 +1,6 @@
 """Load a run directory and caption features or image files with batched beam search."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,8 +167,3 @@ class Captioner:
     def text(self, cap: Caption) -> str:
         return self.vocab.decode(cap.ids)
 
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    from prepare.files import atomic_path
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
