@@ -12,8 +12,8 @@ import numpy as np
 
 from extract.cache import MANIFEST, FeatureArray, feature_file, feature_kind, read_manifest
 from infer.captioner import Captioner
+from model.metrics import content_accuracy
 from prepare import captions_h5
-from prepare.synth import content_accuracy  # noqa: F401  (re-exported: part of evaluate's API)
 from prepare.errors import UserError
 from prepare.files import exclusive_lock, sha256_file, write_json_atomic
 

@@ -12,8 +12,9 @@ from PIL import Image
 
 from infer.caption import caption_images
 from infer.files import image_id_from_name
+from model.metrics import content_accuracy
 from infer.captioner import Captioner
-from infer.evaluate import content_accuracy, evaluate, human_ceiling
+from infer.evaluate import evaluate, human_ceiling
 from prepare import captions_h5
 from prepare.errors import UserError
 
@@ -151,7 +152,6 @@ def test_evaluate_writes_metrics_with_ceiling_and_content(tiny_dataset, tiny_run
     assert len(res) == 12
     # the scores are those of results.json against the split's references, recomputed independently
     from infer.evaluate import coco_scores
-    from prepare.synth import content_accuracy
     sp = captions_h5.read_split(tiny_dataset / "captions.h5", "test")
     refs = {int(i): [t for t, r in zip(sp.texts, sp.image_index) if r == row] for row, i in enumerate(sp.image_ids)}
     hyp = {r["image_id"]: r["caption"] for r in res}
