@@ -1,5 +1,5 @@
 """The Show and Tell decoder (im2txt's model without the CNN), and what every decoder shares
-(the attention decoder over grid features is model/attention.py).
+(the attention decoder over grid features is model/attention.py; model/decoders.py builds either).
 
 Two faces that share every weight:
   call(features, input_ids)   teacher forcing: log-probs [B, T, V] (or `hidden` + `project` for real tokens)
@@ -178,17 +178,6 @@ def compiled_decoding(model: Decoder):
         logp, new = model.step(word_ids, state)
         return logp, tuple(new)
     return init, step
-
-
-def build_decoder(config: ModelConfig, seed: int | None = None) -> Decoder:
-    """The decoder a config names, with every weight created."""
-    if config.decoder == "attention":
-        from model.attention import AttendAndTell
-        m = AttendAndTell(config, seed)
-    else:
-        m = ShowAndTell(config, seed)
-    m.build_all()
-    return m
 
 
 def greedy_decode(init, step, features: np.ndarray, start_id: int, end_id: int, max_len: int) -> list[list[int]]:

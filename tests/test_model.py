@@ -231,7 +231,7 @@ def test_checkpoint_refuses_weights_in_another_order(tmp_path):
 def test_features_far_outside_the_training_range_are_clipped(decoder):
     """A photo for a model of shapes: channels nearly dead in training come out 1000x their range;
     normalised features are clipped to +-feature_clip, so the decoder sees at most the edge of it."""
-    from model.decoder import build_decoder
+    from model.decoders import build_decoder
     shape = (4,) if decoder == "show_and_tell" else (3, 4)
     m = build_decoder(ModelConfig(vocab_size=10, decoder=decoder, feature_dim=4, grid_positions=3,
                                   embedding_size=8, lstm_units=8, attention_units=5, feature_clip=5.0,
