@@ -2,7 +2,6 @@
 dynamic padding (each batch padded only to its own longest caption)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -73,13 +72,3 @@ def open_data(data_dir, features_dir=None, captions=None):
     if not manifest.get("train_stats"):
         raise UserError(f"{features_dir}/manifest.json has no train feature statistics; extract the train split")
     return captions, features_dir, manifest
-
-
-def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    import shutil
-    dst = Path(dst)
-    dst.unlink(missing_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
