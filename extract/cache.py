@@ -43,8 +43,11 @@ DTYPES = {"pooled": np.float32, "grid": np.float16}
 
 
 def feature_kind(manifest: dict) -> str:
-    """"pooled" or "grid" (manifests from before grid features are pooled)."""
-    return manifest.get("features", "pooled")
+    """"pooled" or "grid"."""
+    if manifest.get("features") not in DTYPES or "storage_scale" not in manifest:
+        raise UserError("a feature manifest without its feature kind or storage scale: it was made by an older "
+                        "version; re-run extract with --force (and retrain on the new features)")
+    return manifest["features"]
 
 
 def feature_file(features_dir: str | os.PathLike, split: str, kind: str = "pooled") -> Path:
@@ -161,9 +164,11 @@ def _start_or_resume(out: Path, spec, request: dict, weights: str, image_size: i
             raise UserError(f"{out} holds an unfinished extraction with other settings "
                             f"({_differences(old['request'], request)}); rerun with those settings to "
                             f"finish it, or pass --force to start over")
+        if "scale" not in old:
+            raise UserError(f"{out}: an unfinished extraction made by an older version; pass --force to start over")
         model, _ = enc.build_encoder(spec.name, "none", image_size, output=kind)
         enc.load_encoder_weights(model, work / WEIGHTS)
-        source, scale = old["source"], old.get("scale", 1.0)
+        source, scale = old["source"], old["scale"]
         log(f"resuming the unfinished extraction in {out}")
     else:
         for split in request["splits"]:        # finished splits of some other, abandoned extraction
@@ -206,7 +211,7 @@ class FeatureArray:
         self.path = feature_file(features_dir, split, feature_kind(manifest))
         mmap = "r" if self.path.stat().st_size > in_memory_limit else None
         self.array = np.load(self.path, mmap_mode=mmap)
-        self.scale = float(manifest.get("storage_scale", 1.0))
+        self.scale = float(manifest["storage_scale"])   # feature_kind refused a manifest without it
 
     def __len__(self) -> int:
         return len(self.array)

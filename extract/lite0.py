@@ -259,7 +259,7 @@ def imagenet_weights_file() -> Path:
     The file's sha256 sits in a sidecar `<file>.sha256`; a file that does not match it (or has
     none) is converted again. Both are written atomically.
     """
-    from extract.encoder import keras_models_dir
+    from extract.weights_cache import keras_models_dir
     folder = keras_models_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / IMAGENET_NOTOP_FILE

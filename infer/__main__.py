@@ -99,7 +99,7 @@ def main(argv=None) -> int:
                  attention_maps=a.attention_maps)
     else:
         from infer import bench
-        from infer.caption import check_flags
+        from infer.options import check_flags
         check_flags(beam_size=a.beam_size, max_len=a.max_len, batch_size=a.batch_size)
         for flag, v, lo in (("--vocab", a.vocab, 5), ("--size", a.size, 1), ("--images", a.images, 1)):
             check_range(flag, v, lo)

@@ -1,103 +1,15 @@
 """python -m infer caption: caption image files, print them, write annotated copies and JSON."""
 from __future__ import annotations
 
-import glob
-import json
 import math
-import os
-import re
 import time
 from pathlib import Path
 
 from infer.annotate import annotate
-from prepare.errors import UserError, check_range
-from prepare.files import exclusive_lock, fault_point, sha256_file, write_json_atomic
-
-IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-DEFAULT_MAX_LEN = 30    # --max-len when the run holds no record of its training captions' lengths
-MAX_LEN_SLACK = 2       # tokens allowed beyond the longest training caption
-LIMITS = {"beam_size": ("--beam-size", 1, 100), "top": ("--top", 1, 100), "max_len": ("--max-len", 2, 1000),
-          "batch_size": ("--batch-size", 1, 4096), "limit": ("--limit", 0, None)}
-
-# Only COCO-style names carry an image id: COCO 2014 (COCO_val2014_000000123456.jpg), COCO 2017
-# (000000123456.jpg: 12 digits) and the built-in dataset's (val_000042.jpg). IMG_2023.jpg has none.
-_ID_NAMES = [re.compile(r"COCO_[a-z]+\d{4}_(\d{12})"), re.compile(r"(\d{12})"),
-             re.compile(r"(?:train|val|test)_(\d{6,})")]
-
-
-def image_id_from_name(path: str | os.PathLike) -> int | None:
-    """COCO_val2014_000000123456.jpg -> 123456; 000000123456.jpg -> 123456; val_000042.jpg -> 42;
-    any other name (IMG_2023.jpg, 1.jpg, photo.png) -> None."""
-    stem = Path(path).stem
-    for pat in _ID_NAMES:
-        m = pat.fullmatch(stem)
-        if m:
-            return int(m.group(1))
-    return None
-
-
-def display_name(path: str | os.PathLike) -> str:
-    """A file name (or path) as text that can always be printed and stored in UTF-8 JSON: bytes that
-    are not UTF-8 (a Latin-1 'caf\\xe9.jpg') become U+FFFD."""
-    return os.fsencode(path).decode("utf-8", "replace")
-
-
-def check_flags(**values) -> None:
-    """UserError naming the flag and its valid range for any value out of range (None: not given)."""
-    for k, v in values.items():
-        if v is not None:
-            flag, lo, hi = LIMITS[k]
-            check_range(flag, v, lo, hi)
-
-
-def check_out_folder(out: Path, flag: str = "--out") -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{flag} {display_name(out)} is an existing file; {flag} names a folder (new or existing)")
-
-
-def run_max_len(run, captions=None) -> tuple[int, str]:
-    """Default --max-len for a run: its longest training caption (tokens incl. <start>/<end>) + 2,
-    read from config.json's data.train_max_length when recorded, else from the run's captions.h5
-    (`captions` or config.json's data.captions) when its checksum is the one the run was trained
-    on; else DEFAULT_MAX_LEN. -> (max_len, where it came from)."""
-    try:
-        data = json.loads((Path(run) / "config.json").read_text()).get("data") or {}
-    except (OSError, ValueError, AttributeError):
-        return DEFAULT_MAX_LEN, "default (no readable config.json in the run)"
-    n = data.get("train_max_length")
-    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
-        return n + MAX_LEN_SLACK, f"the longest training caption ({n} tokens, recorded in the run) + {MAX_LEN_SLACK}"
-    want = data.get("captions_sha256")
-    for c in (captions, data.get("captions")):
-        if c and want and Path(c).is_file() and sha256_file(c) == want:
-            from prepare import captions_h5
-            n = captions_h5.max_length(c, "train")
-            if n > 0:
-                return n + MAX_LEN_SLACK, f"the longest training caption in {c} ({n} tokens) + {MAX_LEN_SLACK}"
-    return DEFAULT_MAX_LEN, "default (the run's training captions.h5 is not at hand)"
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    from prepare.files import atomic_path
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
-def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
-    """Files, folders (their image files) and globs -> (paths, inputs that matched nothing)."""
-    paths, missing = [], []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_EXT)
-        elif p.is_file():
-            found = [p]
-        else:
-            found = sorted(Path(q) for q in glob.glob(item, recursive=True) if Path(q).is_file())
-        if not found:
-            missing.append(item)
-        paths += found
-    return list(dict.fromkeys(paths)), missing
+from infer.files import check_out_folder, display_name, expand_inputs, image_id_from_name, write_jsonl
+from infer.options import check_flags, run_max_len
+from prepare.errors import UserError
+from prepare.files import exclusive_lock, fault_point, write_json_atomic
 
 
 def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: int | None = None, top: int = 3,

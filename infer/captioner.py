@@ -1,7 +1,6 @@
 """Load a run directory and caption features or image files with batched beam search."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ class ImageCaptions:
 
 def numpy_decoding(model):
     """The decoder's compiled initial_state/step as numpy-in, numpy-out functions for beam search."""
-    from model.decoder import compiled_decoding
+    from model.decoding import compiled_decoding
     init, step = compiled_decoding(model)
 
     def init_np(features):
@@ -168,8 +167,3 @@ class Captioner:
     def text(self, cap: Caption) -> str:
         return self.vocab.decode(cap.ids)
 
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    from prepare.files import atomic_path
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -12,8 +12,8 @@ import numpy as np
 
 from extract.cache import MANIFEST, FeatureArray, feature_file, feature_kind, read_manifest
 from infer.captioner import Captioner
+from model.metrics import content_accuracy
 from prepare import captions_h5
-from prepare.synth import content_accuracy  # noqa: F401  (re-exported: part of evaluate's API)
 from prepare.errors import UserError
 from prepare.files import exclusive_lock, sha256_file, write_json_atomic
 
@@ -85,8 +85,9 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
              attention_maps: int = 0, log=print) -> dict:
     """Caption a split and score it; writes OUT/results.json and OUT/metrics.json (metrics.json last:
     it exists only beside the results.json it scored, even after a kill during --overwrite).
-    max_len None: the run's own (infer.caption.run_max_len)."""
-    from infer.caption import check_flags, check_out_folder, run_max_len
+    max_len None: the run's own (infer.options.run_max_len)."""
+    from infer.files import check_out_folder
+    from infer.options import check_flags, run_max_len
     check_flags(beam_size=beam_size, max_len=max_len, batch_size=batch_size, limit=limit)
     if attention_maps < 0:
         raise UserError(f"--attention-maps {attention_maps}: must be 0 (none) or more")
@@ -98,7 +99,7 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
         raise UserError(f"{out / 'metrics.json'} already exists; pass --overwrite or choose another --out")
     sp = captions_h5.read_split(captions, split)
     if max_len is None:
-        max_len, why = run_max_len(run, captions)
+        max_len, why = run_max_len(run)
         log(f"--max-len {max_len}: {why}")
     cap = Captioner(run, beam_size=beam_size, max_len=max_len)
     if attention_maps:

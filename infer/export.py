@@ -80,7 +80,8 @@ def export(run, out, *, beam_size: int = 3, top_k: int = 3, max_len: int | None 
     """Write the SavedModel into OUT atomically (a temporary folder renamed into place)."""
     import tensorflow as tf
 
-    from infer.caption import check_flags, display_name, run_max_len
+    from infer.files import display_name
+    from infer.options import check_flags, run_max_len
     check_flags(beam_size=beam_size, top=top_k, max_len=max_len)
     if top_k > beam_size:
         raise UserError(f"--top {top_k}: at most --beam-size ({beam_size}); beam search keeps that many captions")

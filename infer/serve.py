@@ -1,6 +1,6 @@
 """python -m infer serve: a web page and a JSON API that caption uploaded images with a run.
 
-    GET  /              a page: pick or drop images, see each with its caption drawn on it and the
+    GET  /              a page (infer/static/index.html): pick or drop images, see each with its caption drawn on it and the
                         top 3 captions with probabilities
     POST /api/caption   multipart field `image` (repeatable) -> 200 {"results": [{"name", "captions":
                         [{"text", "p"}], "annotated": "data:image/jpeg;base64,..."}]}; an unreadable
@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import math
 import queue
 import threading
@@ -34,6 +33,7 @@ import numpy as np
 from prepare.errors import UserError, check_range
 
 MAX_FILES = 32          # images per request
+STATIC = Path(__file__).parent / "static"   # the web page (index.html)
 
 
 @dataclass
@@ -48,8 +48,8 @@ class BatchingCaptioner:
     """One worker thread owns the model; jobs from any thread are batched together."""
 
     def __init__(self, run, beam_size: int = 3, max_len: int | None = None, max_batch: int = 16):
-        from infer.caption import run_max_len
         from infer.captioner import Captioner
+        from infer.options import run_max_len
         if max_len is None:
             max_len, _ = run_max_len(run)
         self.cap = Captioner(run, beam_size=beam_size, max_len=max_len)
@@ -122,8 +122,10 @@ def create_app(run, *, beam_size: int = 3, max_len: int | None = None, max_bytes
         return JSONResponse({"status": "error" if state["error"] else "loading", "error": state["error"]},
                             status_code=500 if state["error"] else 503)
 
+    page_html = (STATIC / "index.html").read_text(encoding="utf-8")     # read once, at start-up
+
     async def page(_request: Request):
-        return HTMLResponse(PAGE)
+        return HTMLResponse(page_html)
 
     async def api_caption(request: Request):
         model = state["model"]
@@ -170,7 +172,6 @@ def create_app(run, *, beam_size: int = 3, max_len: int | None = None, max_bytes
 
     app = Starlette(routes=[Route("/", page), Route("/healthz", healthz),
                             Route("/api/caption", api_caption, methods=["POST"])])
-    app.state.captioner = state
     threading.Thread(target=load, daemon=True, name="load-model").start()
     return app
 
@@ -183,25 +184,6 @@ def _annotated(render, data: bytes, best) -> str | None:
     except Exception:  # noqa: BLE001
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def post_images(url: str, files: list[tuple[str, bytes]], timeout: float = 300) -> tuple[int, dict]:
-    """A client: POST (name, bytes) pairs as multipart field `image` -> (HTTP status, JSON body)."""
-    import urllib.error
-    import urllib.request
-    import uuid
-    boundary = uuid.uuid4().hex.encode()
-    body = b"".join(b'--%s\r\nContent-Disposition: form-data; name="image"; filename="%s"\r\n'
-                    b"Content-Type: application/octet-stream\r\n\r\n%s\r\n"
-                    % (boundary, name.replace('"', "_").encode(), data) for name, data in files)
-    body += b"--%s--\r\n" % boundary
-    req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary.decode()}"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def serve(run, host: str = "127.0.0.1", port: int = 8000, *, beam_size: int = 3, max_mb: float = 10.0,
@@ -218,60 +200,3 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, *, beam_size: int = 3,
     app = create_app(run, beam_size=beam_size, max_bytes=int(max_mb * (1 << 20)), max_batch=max_batch)
     log(f"serving {run} on http://{host}:{port}/  (API: POST /api/caption, health: GET /healthz)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
-
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Show and Tell: caption your images</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
- body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; padding: 0 1rem; color: #222; }
- #drop { border: 2px dashed #999; border-radius: 8px; padding: 2rem; text-align: center; cursor: pointer; }
- #drop.over { background: #eef; border-color: #55c; }
- .card { display: flex; gap: 1rem; margin: 1.5rem 0; align-items: flex-start; }
- .card img { max-width: 480px; border: 1px solid #ddd; }
- .card ol { margin: 0; padding-left: 1.2rem; } .p { color: #777; font-size: 0.9em; }
- .error { color: #b00; } #status { margin-top: 1rem; color: #555; }
-</style></head>
-<body>
-<h1>Show and Tell</h1>
-<div id="drop">Drop images here, or <label><u>choose files</u>
- <input id="files" type="file" accept="image/*" multiple hidden></label></div>
-<div id="status"></div>
-<div id="results"></div>
-<script>
-const drop = document.getElementById('drop'), input = document.getElementById('files');
-const status = document.getElementById('status'), out = document.getElementById('results');
-drop.addEventListener('click', e => { if (e.target === drop) input.click(); });
-drop.addEventListener('dragover', e => { e.preventDefault(); drop.classList.add('over'); });
-drop.addEventListener('dragleave', () => drop.classList.remove('over'));
-drop.addEventListener('drop', e => { e.preventDefault(); drop.classList.remove('over'); send(e.dataTransfer.files); });
-input.addEventListener('change', () => send(input.files));
-async function send(files) {
-  if (!files.length) return;
-  const form = new FormData();
-  for (const f of files) form.append('image', f, f.name);
-  status.textContent = 'captioning ' + files.length + ' image(s)...';
-  try {
-    const r = await fetch('/api/caption', {method: 'POST', body: form});
-    const body = await r.json();
-    if (!r.ok) { status.innerHTML = '<span class="error"></span>'; status.firstChild.textContent = body.error; return; }
-    status.textContent = '';
-    for (const res of body.results) out.prepend(card(res));
-  } catch (err) { status.textContent = 'request failed: ' + err; }
-}
-function card(res) {
-  const div = document.createElement('div'); div.className = 'card';
-  if (res.annotated) { const img = document.createElement('img'); img.src = res.annotated; img.alt = res.name; div.append(img); }
-  const text = document.createElement('div');
-  const h = document.createElement('h3'); h.textContent = res.name; text.append(h);
-  const ol = document.createElement('ol');
-  for (const c of res.captions) {
-    const li = document.createElement('li'); li.className = 'caption'; li.textContent = c.text + ' ';
-    const p = document.createElement('span'); p.className = 'p'; p.textContent = '(p=' + c.p.toPrecision(2) + ')';
-    li.append(p); ol.append(li);
-  }
-  text.append(ol); div.append(text); return div;
-}
-</script>
-</body></html>
-"""

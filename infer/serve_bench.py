@@ -12,11 +12,27 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from infer.serve import post_images
+
+def post_images(url: str, files: list[tuple[str, bytes]], timeout: float = 300) -> tuple[int, dict]:
+    """A client: POST (name, bytes) pairs as multipart field `image` -> (HTTP status, JSON body)."""
+    boundary = uuid.uuid4().hex.encode()
+    body = b"".join(b'--%s\r\nContent-Disposition: form-data; name="image"; filename="%s"\r\n'
+                    b"Content-Type: application/octet-stream\r\n\r\n%s\r\n"
+                    % (boundary, name.replace('"', "_").encode(), data) for name, data in files)
+    body += b"--%s--\r\n" % boundary
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary.decode()}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
 def free_port() -> int:

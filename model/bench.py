@@ -59,7 +59,7 @@ def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20,
     import tensorflow as tf
 
     from model.config import ModelConfig
-    from model.decoder import build_decoder
+    from model.decoders import build_decoder
     from model.optim import FusedAdam
     from model.steps import make_steps
     rng = np.random.default_rng(0)

@@ -4,7 +4,6 @@ stage 1) and ImageCaptionSet (image files with their captions, fine-tuning)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -109,13 +108,3 @@ def open_data(data_dir, features_dir=None, captions=None):
     if not manifest.get("train_stats"):
         raise UserError(f"{features_dir}/manifest.json has no train feature statistics; extract the train split")
     return captions, features_dir, manifest
-
-
-def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    import shutil
-    dst = Path(dst)
-    dst.unlink(missing_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)

@@ -1,5 +1,5 @@
 """The Show and Tell decoder (im2txt's model without the CNN), and what every decoder shares
-(the attention decoder over grid features is model/attention.py).
+(the attention decoder over grid features is model/attention.py; model/decoders.py builds either).
 
 Two faces that share every weight:
   call(features, input_ids)   teacher forcing: log-probs [B, T, V] (or `hidden` + `project` for real tokens)
@@ -162,50 +162,3 @@ class ShowAndTell(Decoder):
         x = self.word_embedding(word_ids)                              # [N, E]
         out, (h, c) = self.lstm.cell(x, list(state), training=False)   # [N, H]
         return self.project(out), (h, c)
-
-
-def compiled_decoding(model: Decoder):
-    """tf.function versions of initial_state and step (never Model.predict per step)."""
-    import tensorflow as tf
-    state_spec = tuple(tf.TensorSpec([None, *shape], tf.float32) for shape in model.state_shapes())
-
-    @tf.function(input_signature=[tf.TensorSpec([None, *model.feature_shape], tf.float32)])
-    def init(features):
-        return tuple(model.initial_state(features))
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32), state_spec])
-    def step(word_ids, state):
-        logp, new = model.step(word_ids, state)
-        return logp, tuple(new)
-    return init, step
-
-
-def build_decoder(config: ModelConfig, seed: int | None = None) -> Decoder:
-    """The decoder a config names, with every weight created."""
-    if config.decoder == "attention":
-        from model.attention import AttendAndTell
-        m = AttendAndTell(config, seed)
-    else:
-        m = ShowAndTell(config, seed)
-    m.build_all()
-    return m
-
-
-def greedy_decode(init, step, features: np.ndarray, start_id: int, end_id: int, max_len: int) -> list[list[int]]:
-    """Batched greedy captions (monitoring during training). Returns ids without <start>/<end>."""
-    state = init(np.asarray(features, np.float32))
-    words = np.full(len(features), start_id, np.int32)
-    out = [[] for _ in features]
-    done = np.zeros(len(features), bool)
-    for _ in range(max_len - 1):
-        logp, state = step(words, state)
-        words = np.argmax(logp.numpy(), axis=-1).astype(np.int32)
-        for i, w in enumerate(words):
-            if not done[i]:
-                if w == end_id:
-                    done[i] = True
-                else:
-                    out[i].append(int(w))
-        if done.all():
-            break
-    return out

@@ -22,6 +22,23 @@ import numpy as np
 from prepare.vocabulary import END_ID, PAD_ID, START_ID
 
 
+def compiled_decoding(model):
+    """tf.function versions of initial_state and step (never Model.predict per step), for
+    Python-side search (infer/beam_search.py, the reference) and attention maps."""
+    import tensorflow as tf
+    state_spec = tuple(tf.TensorSpec([None, *shape], tf.float32) for shape in model.state_shapes())
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *model.feature_shape], tf.float32)])
+    def init(features):
+        return tuple(model.initial_state(features))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32), state_spec])
+    def step(word_ids, state):
+        logp, new = model.step(word_ids, state)
+        return logp, tuple(new)
+    return init, step
+
+
 def beam_search(decoder, features, *, beam_size: int, max_len: int, length_norm: float = 0.0):
     """In-graph batched beam search over decoder.initial_state / decoder.step.
 
@@ -123,11 +140,10 @@ def greedy_ids(decoder, features, max_len):
 
 
 def greedy(model, features, max_len: int) -> list[list[int]]:
-    """Greedy captions for training's samples, with model.decoder.greedy_decode's contract: features
-    numpy float32 [N, ...] (the decoder's feature_shape), max_len an int (tokens with <start>), ->
-    one list of word ids per row, without <start>/<end>. A drop-in for
-        greedy_decode(*compiled_decoding(model), features, START_ID, END_ID, max_len)
-    (the same ids, tested), decoded by greedy_ids in one compiled graph call per batch: a
+    """Greedy captions for training's samples: features numpy float32 [N, ...] (the decoder's
+    feature_shape), max_len an int (tokens with <start>), -> one list of word ids per row, without
+    <start>/<end>; the same ids as a Python loop over compiled_decoding (tests/test_decoding.py),
+    decoded by greedy_ids in one compiled graph call per batch: a
     tf.function traced for a model's first batch and once more for any batch size (reduce_retracing),
     max_len being a tensor argument (no retrace)."""
     import tensorflow as tf

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from model.decoders import build_decoder
 from prepare.errors import UserError, differences
 from prepare.files import exclusive_lock, fault_point, is_empty_folder, sha256_file, write_json_atomic
 
@@ -198,10 +199,3 @@ def load_run(path: str | os.PathLike):
     checkpoint.load(run.file(DECODER), model)
     return model, run.vocab(), config, manifest
 
-
-def build_decoder(mcfg, manifest: dict):
-    """The decoder of a config, normalising features with the cache's train statistics."""
-    from model import decoder
-    m = decoder.build_decoder(mcfg)
-    m.set_feature_stats(manifest["train_stats"]["mean"], manifest["train_stats"]["std"])
-    return m

@@ -188,6 +188,16 @@ def _open(path):
     if not path.is_file():
         raise UserError(f"{path}: captions file not found; run `python -m prepare captions` first")
     try:
-        return h5py.File(path, "r")
+        f = h5py.File(path, "r")
     except OSError as e:
         raise UserError(f"{path}: not a readable HDF5 file ({e}); re-run `python -m prepare captions`")
+    version = f.attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        f.close()
+        fix = "re-create it with `python -m prepare captions --overwrite`"
+        if version is not None and int(version) > FORMAT_VERSION:
+            raise UserError(f"{path}: format version {int(version)}, newer than this version reads "
+                            f"({FORMAT_VERSION}); update this project, or {fix}")
+        raise UserError(f"{path}: made by an older version (format version {version}, this version reads "
+                        f"{FORMAT_VERSION}); {fix}")
+    return f

@@ -7,14 +7,13 @@ Each image holds 1-3 non-overlapping objects (shape x colour x size, placed anyw
 frame) on a dark or light background with a gentle gradient. Each image gets 5 different
 captions from varied sentence patterns that say only what is true in the pixels. The truth
 is kept on each `images` entry (`objects`, `background`), which COCO readers ignore, so that
-evaluation can check what a caption *says* (`parse_caption` + `score_content`).
+evaluation can check what a caption *says* (`parse_caption` + model/metrics.py's `score_content`).
 
 Coordinates: x grows to the right, y grows downwards; (cx, cy, r) in pixels.
 """
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
@@ -199,46 +198,6 @@ def parse_caption(text: str) -> ParsedCaption:
     cw = re.search(r"\b(one|two|three) shapes\b", t)
     count = {"one": 1, "two": 2, "three": 3}[cw.group(1)] if cw else None
     return ParsedCaption(objects, relations, count)
-
-
-def score_content(text: str, truth: list[dict]) -> dict[str, bool | None]:
-    """Does the caption name exactly the true objects, and only true relations?
-
-    Returns per-attribute verdicts (None where the caption makes no such claim):
-    `exact` (all of the below that apply), `colour`, `shape`, `count`, `size`, `relation`.
-    """
-    p = parse_caption(text)
-    named = sorted((c, s) for _, c, s in p.objects)
-    true = sorted((o["colour"], o["shape"]) for o in truth)
-    res: dict[str, bool | None] = {
-        "colour": sorted(c for c, _ in named) == sorted(c for c, _ in true),
-        "shape": sorted(s for _, s in named) == sorted(s for _, s in true),
-        "count": len(p.objects) == len(truth) and (p.count_word in (None, len(truth))),
-    }
-    lookup = {(o["colour"], o["shape"]): o for o in truth}
-    matched = [lookup.get((c, s)) for _, c, s in p.objects]
-    sized = [(sz, m) for (sz, _, _), m in zip(p.objects, matched) if sz is not None]
-    res["size"] = None if not sized else all(m is not None and m["size"] == sz for sz, m in sized)
-    if p.relations:
-        res["relation"] = all(matched[a] is not None and matched[b] is not None
-                              and relation_holds(matched[a], matched[b], rel)
-                              for a, rel, b in p.relations)
-    else:
-        res["relation"] = None
-    res["exact"] = (named == true and res["count"] and res["size"] is not False
-                    and res["relation"] is not False)
-    return res
-
-
-def content_accuracy(captions: dict[int, str], truth: dict[int, list[dict]]) -> dict[str, float]:
-    """Share of images whose caption names exactly the true objects (and only true relations),
-    and per-attribute accuracies over the images where the caption makes that claim."""
-    tallies = defaultdict(list)
-    for iid, text in captions.items():
-        for k, v in score_content(text, truth[iid]).items():
-            if v is not None:
-                tallies[k].append(bool(v))
-    return {k: float(np.mean(v)) for k, v in tallies.items()} | {"images": len(captions)}
 
 
 # ---- the dataset ------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from PIL import Image
 from extract.cache import FeatureArray, extract_features, read_manifest
 from infer.beam_search import beam_search_batch
 from model.config import ModelConfig
-from model.decoder import build_decoder, compiled_decoding
+from model.decoding import compiled_decoding
+from model.decoders import build_decoder
 from model.steps import masked_token_loss
 from model.train import train
 from prepare.errors import UserError

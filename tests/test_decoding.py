@@ -1,6 +1,6 @@
 """model/decoding.py: the in-graph beam search against the Python reference (infer/beam_search.py,
 pinned on hand-made tables in tests/test_beam_search.py), greedy decoding against
-model.decoder.greedy_decode, and sampling, on a graph version of the hand-made table and on small
+the reference greedy_decode below, and sampling, on a graph version of the hand-made table and on small
 random decoders of both kinds."""
 import json
 import math
@@ -14,9 +14,33 @@ from infer.beam_search import beam_search_batch
 from infer.captioner import numpy_decoding
 from model import decoding
 from model.config import ModelConfig
-from model.decoder import build_decoder, compiled_decoding, greedy_decode
+from model.decoders import build_decoder
+from model.decoding import compiled_decoding
 from prepare.vocabulary import END_ID, PAD_ID, START_ID
 from tests.test_beam_search import DEFAULT, TABLE, PrefixModel, run
+
+
+# The reference greedy decoding: a Python loop over the compiled initial_state/step (training's
+# samples used it before the in-graph greedy replaced it)
+def greedy_decode(init, step, features: np.ndarray, start_id: int, end_id: int, max_len: int) -> list[list[int]]:
+    """Batched greedy captions (monitoring during training). Returns ids without <start>/<end>."""
+    state = init(np.asarray(features, np.float32))
+    words = np.full(len(features), start_id, np.int32)
+    out = [[] for _ in features]
+    done = np.zeros(len(features), bool)
+    for _ in range(max_len - 1):
+        logp, state = step(words, state)
+        words = np.argmax(logp.numpy(), axis=-1).astype(np.int32)
+        for i, w in enumerate(words):
+            if not done[i]:
+                if w == end_id:
+                    done[i] = True
+                else:
+                    out[i].append(int(w))
+        if done.all():
+            break
+    return out
+
 
 # the table's words (<start>, <end>, A, B, C = 0..4) are vocabulary ids 1..5; 0 is <pad>
 A, B = 3, 4

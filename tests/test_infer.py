@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infer.caption import caption_images, image_id_from_name
+from infer.caption import caption_images
+from infer.files import image_id_from_name
+from model.metrics import content_accuracy
 from infer.captioner import Captioner
-from infer.evaluate import content_accuracy, evaluate, human_ceiling
+from infer.evaluate import evaluate, human_ceiling
 from prepare import captions_h5
 from prepare.errors import UserError
 
@@ -150,7 +152,6 @@ def test_evaluate_writes_metrics_with_ceiling_and_content(tiny_dataset, tiny_run
     assert len(res) == 12
     # the scores are those of results.json against the split's references, recomputed independently
     from infer.evaluate import coco_scores
-    from prepare.synth import content_accuracy
     sp = captions_h5.read_split(tiny_dataset / "captions.h5", "test")
     refs = {int(i): [t for t, r in zip(sp.texts, sp.image_index) if r == row] for row, i in enumerate(sp.image_ids)}
     hyp = {r["image_id"]: r["caption"] for r in res}
@@ -306,20 +307,21 @@ def test_results_json_never_stale_nor_with_duplicate_ids(tiny_dataset, tiny_run,
 
 
 def test_max_len_defaults_to_the_runs_own(tiny_dataset, tiny_run, tmp_path):
-    from infer.caption import DEFAULT_MAX_LEN, run_max_len
+    from infer.options import run_max_len
     longest = captions_h5.max_length(tiny_dataset / "captions.h5", "train")
     assert 5 < longest <= 28
     assert run_max_len(tiny_run)[0] == longest + 2
-    # a copied run whose captions.h5 is not at hand: the documented fallback; recorded in config: used
+    # recorded in config: used; a run from before it was recorded: one line saying what to do
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["data"]["train_max_length"] == longest                         # recorded by train
     del cfg["data"]["train_max_length"]                                        # as in an older run
-    cfg["data"]["captions"] = str(tmp_path / "gone.h5")
     (run / "config.json").write_text(json.dumps(cfg))
-    assert run_max_len(run) == (DEFAULT_MAX_LEN, "default (the run's training captions.h5 is not at hand)")
-    assert run_max_len(run, tiny_dataset / "captions.h5")[0] == longest + 2       # evaluate's --data
+    with pytest.raises(UserError, match=r"config.json: records no data.train_max_length.*older version.*--max-len"):
+        run_max_len(run)
+    with pytest.raises(UserError, match="not a run directory"):
+        run_max_len(tmp_path)
     cfg["data"]["train_max_length"] = 17
     (run / "config.json").write_text(json.dumps(cfg))
     assert run_max_len(run)[0] == 19

@@ -187,11 +187,11 @@ def test_assign_checks_every_weight(state):
 
 def test_notop_weights_are_converted_once_and_match_the_classifier(tmp_path, monkeypatch, classifier, photos):
     import keras
-    from extract import encoder
+    from extract import weights_cache
     home = tmp_path / "keras_home"
     monkeypatch.setenv("KERAS_HOME", str(home))
     # Keras reads KERAS_HOME once, at import; point the cache folder there for this test
-    monkeypatch.setattr(encoder, "keras_models_dir", lambda: home / "models")
+    monkeypatch.setattr(weights_cache, "keras_models_dir", lambda: home / "models")
     path = lite0.imagenet_weights_file()
     assert path == home / "models" / "efficientnet_lite0_imagenet_notop.weights.h5"
     sidecar = path.with_name(path.name + ".sha256")

@@ -438,17 +438,6 @@ def test_synth_captions_are_true_to_the_pixels(tmp_path):
     assert checked_rel > 20
 
 
-def test_content_scoring_reads_claims():
-    truth = [{"shape": "circle", "colour": "red", "size": "large", "cx": 10, "cy": 50, "r": 5},
-             {"shape": "star", "colour": "blue", "size": "small", "cx": 90, "cy": 50, "r": 5}]
-    ok = synth.score_content("a large red circle to the left of a blue star .", truth)
-    assert ok == {"colour": True, "shape": True, "count": True, "size": True, "relation": True, "exact": True}
-    assert synth.score_content("a red circle to the right of a blue star", truth)["relation"] is False
-    assert synth.score_content("a small red circle and a blue star", truth)["size"] is False
-    assert synth.score_content("a red circle", truth)["exact"] is False
-    assert synth.score_content("two shapes : a red square and a blue star", truth)["shape"] is False
-
-
 # ---- env.sh -----------------------------------------------------------------------------
 def _fake_repo(tmp_path, with_venv=True):
     """A copy of env.sh beside a requirements.txt; with_venv: a ready .venv (nothing to install)."""

@@ -88,7 +88,7 @@ def _get(url: str):
 
 
 def _post(url: str, files: list[tuple[str, bytes]]):
-    from infer.serve import post_images
+    from infer.serve_bench import post_images
     return post_images(url, files, timeout=120)
 
 

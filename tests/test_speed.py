@@ -155,7 +155,7 @@ def test_masked_token_loss_equals_the_plain_formula():
 
 
 def test_attention_decoder_gradients_are_the_same_on_the_fast_path(monkeypatch):
-    from model.decoder import build_decoder
+    from model.decoders import build_decoder
     m = build_decoder(ModelConfig(vocab_size=13, decoder="attention", feature_dim=6, grid_positions=4,
                                   embedding_size=8, lstm_units=5, attention_units=7, dropout=0.0), seed=3)
     rng = np.random.default_rng(8)

@@ -1,0 +1,65 @@
+"""Files infer's commands read and write: input listing (files, folders, globs), printable names,
+COCO image ids from file names, the --out folder check, JSON Lines."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from pathlib import Path
+
+from prepare.errors import UserError
+from prepare.files import atomic_path
+
+IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+# Only COCO-style names carry an image id: COCO 2014 (COCO_val2014_000000123456.jpg), COCO 2017
+# (000000123456.jpg: 12 digits) and the built-in dataset's (val_000042.jpg). IMG_2023.jpg has none.
+_ID_NAMES = [re.compile(r"COCO_[a-z]+\d{4}_(\d{12})"), re.compile(r"(\d{12})"),
+             re.compile(r"(?:train|val|test)_(\d{6,})")]
+
+
+def image_id_from_name(path: str | os.PathLike) -> int | None:
+    """COCO_val2014_000000123456.jpg -> 123456; 000000123456.jpg -> 123456; val_000042.jpg -> 42;
+    any other name (IMG_2023.jpg, 1.jpg, photo.png) -> None."""
+    stem = Path(path).stem
+    for pat in _ID_NAMES:
+        m = pat.fullmatch(stem)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def display_name(path: str | os.PathLike) -> str:
+    """A file name (or path) as text that can always be printed and stored in UTF-8 JSON: bytes that
+    are not UTF-8 (a Latin-1 'caf\\xe9.jpg') become U+FFFD."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def check_out_folder(out: Path, flag: str = "--out") -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {display_name(out)} is an existing file; {flag} names a folder (new or existing)")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
+    """Files, folders (their image files) and globs -> (paths, inputs that matched nothing)."""
+    paths, missing = [], []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_EXT)
+        elif p.is_file():
+            found = [p]
+        else:
+            found = sorted(Path(q) for q in glob.glob(item, recursive=True) if Path(q).is_file())
+        if not found:
+            missing.append(item)
+        paths += found
+    return list(dict.fromkeys(paths)), missing
+
+
