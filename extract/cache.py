@@ -8,14 +8,15 @@ Outputs in OUT:
                          125 KB an image; Inception v3 at 299 px: 8x8, 262 KB, so MS-COCO's 123k
                          images take 32 GB: readers memory-map it, never load it whole)
     encoder.weights.h5   the exact backbone weights that made the features
-    manifest.json        written last: its presence means the cache is complete
+    manifest.json        published last: its presence means the cache is complete
 
 While running, OUT/.work/ holds the preallocated arrays, a progress record per split (rows done,
 failed rows) and the settings, and OUT/.lock keeps a second process out. Rows are written in
 chunks; the progress record advances only after the chunk is flushed, so a run killed at any
 moment (kill -9 too) resumes where it stopped and ends bit-identical to an uninterrupted run
-(batches always start at multiples of the batch size). A finished split is renamed to
-OUT/<split>.npy; its presence (with a settings file of this request) means that split is done.
+(batches always start at multiples of the batch size). A split is done when its progress record
+counts every row. When all are, the finished arrays, encoder.weights.h5 and manifest.json are
+published together (prepare.files.publish, label "extract"), then the work folder is removed.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from extract import encoder as enc
 from extract.images import image_dataset
 from prepare import captions_h5
 from prepare.errors import UserError, differences
-from prepare.files import exclusive_lock, fault_point, sha256_file, write_json_atomic
+from prepare.files import PENDING, exclusive_lock, fault_point, finish_pending, publish, sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
 WEIGHTS = "encoder.weights.h5"
@@ -116,9 +117,10 @@ def extract_features(captions: str | os.PathLike, out: str | os.PathLike, *, enc
     splits = splits or available
     _check_args(captions, spec, weights, image_size, batch_size, splits, available, features)
     request = _request(captions, spec, weights, image_size, splits, features)
-    if not force and (out / MANIFEST).exists() and not (out / WORK).exists():
+    if not force and (out / MANIFEST).exists() and not (out / WORK).exists() and not (out / PENDING).exists():
         return _reuse(out, request, log)             # a complete cache is only read: no lock needed
     with exclusive_lock(out):
+        finish_pending(out, "extract")              # a publication a kill interrupted: finished or discarded
         if force:
             for p in [out / MANIFEST, out / WEIGHTS, *[feature_file(out, s, k) for s in available for k in DTYPES]]:
                 p.unlink(missing_ok=True)
@@ -231,12 +233,11 @@ def _extract_split(captions: Path, root: Path, out: Path, split: str, forward, r
     from prepare.cli import progress_bar
     sp = captions_h5.read_split(captions, split)
     paths = sp.image_paths(root)
-    final = feature_file(out, split, kind)
     n, work = len(paths), out / WORK
+    arr_path = feature_file(work, split, kind)
     prog_path = work / f"{split}.progress.json"
     prog = json.loads(prog_path.read_text()) if prog_path.exists() else {"done": 0, "failed": {}}
-    if not final.exists():
-        arr_path = work / final.name
+    if not (arr_path.exists() and prog["done"] == n):   # else: done, waiting in the work folder to be published
         if not (arr_path.exists() and prog["done"] > 0):
             prog = {"done": 0, "failed": {}}
         arr = (np.lib.format.open_memmap(arr_path, mode="r+") if prog["done"] > 0
@@ -263,18 +264,18 @@ def _extract_split(captions: Path, root: Path, out: Path, split: str, forward, r
                 fault_point(f"extract:{split}:chunk")
         bar.close()
         del arr
-        fault_point(f"extract:{split}:before-rename")
-        os.replace(arr_path, final)
-        fault_point(f"extract:{split}:renamed")
+        prog["done"] = n
+        write_json_atomic(prog_path, prog)
+        fault_point(f"extract:{split}:done")
     failed = [{"row": int(r), "image_id": int(sp.image_ids[int(r)]), "file": sp.file_names[int(r)], "reason": why}
               for r, why in sorted(prog["failed"].items(), key=lambda kv: int(kv[0]))]
     return n, failed
 
 
-def _train_stats(out: Path, failed: list[dict], kind: str, scale: float) -> dict:
+def _train_stats(work: Path, failed: list[dict], kind: str, scale: float) -> dict:
     """Per-channel mean/std of the usable train features (the decoder's normalisation); for a grid
     over every position of every image."""
-    feats = np.load(feature_file(out, "train", kind), mmap_mode="r")
+    feats = np.load(feature_file(work, "train", kind), mmap_mode="r")
     good = np.ones(len(feats), bool)
     good[[f["row"] for f in failed]] = False
     dim = feats.shape[-1]
@@ -292,11 +293,10 @@ def _train_stats(out: Path, failed: list[dict], kind: str, scale: float) -> dict
 
 def _write_manifest(out, captions, root, spec, request, source, counts, failed, timing, kind, row_shape,
                     scale) -> dict:
-    """Publish the cache: weights (copied, so a kill here leaves the work folder resumable), then
-    the manifest (its presence marks the cache complete), then remove the work folder."""
-    shutil.copyfile(out / WORK / WEIGHTS, out / (".tmp-" + WEIGHTS))
-    os.replace(out / (".tmp-" + WEIGHTS), out / WEIGHTS)
-    fault_point("extract:weights-published")
+    """Publish the cache in one publication: the finished arrays and the weights (hard links to the
+    work folder's, so a kill before the commit point leaves the work folder resumable), then the
+    manifest (its presence marks the cache complete); then remove the work folder."""
+    work = out / WORK
     manifest = {
         "request": request, "encoder": spec.name, "encoder_title": spec.title,
         "features": kind, "feature_dim": spec.feature_dim, "dtype": request["dtype"],
@@ -305,17 +305,26 @@ def _write_manifest(out, captions, root, spec, request, source, counts, failed, 
         "image_size": request["image_size"],
         "preprocessing": "PIL decode, EXIF transpose, RGB (alpha over white), bilinear resize to "
                          f"image_size x image_size, {spec.preprocessing}",
-        "weights": {"source": source, "file": WEIGHTS, "sha256": sha256_file(out / WEIGHTS)},
+        "weights": {"source": source, "file": WEIGHTS, "sha256": sha256_file(work / WEIGHTS)},
         "captions": {"path": str(captions.resolve()), "sha256": request["captions_sha256"]},
         "images_root": str(root.resolve()),
         "counts": counts, "failed": failed,
-        "train_stats": _train_stats(out, failed["train"], kind, scale) if "train" in counts else None,
+        "train_stats": _train_stats(work, failed["train"], kind, scale) if "train" in counts else None,
         "seconds": {k: round(v, 2) for k, v in timing.items()},
     }
-    write_json_atomic(out / MANIFEST, manifest)
-    fault_point("extract:manifest-written")
-    shutil.rmtree(out / WORK, ignore_errors=True)
+    names = [feature_file(work, s, kind).name for s in counts] + [WEIGHTS]
+    publish(out, {**{n: (lambda p, n=n: _link_or_copy(work / n, p)) for n in names},
+                  MANIFEST: lambda p: write_json_atomic(p, manifest)}, label="extract")
+    shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (no copy of a large array), or a copy where the file system has none."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _report(out: Path, splits, counts, failed, timing, kind, log) -> None:

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from prepare.errors import UserError
-from prepare.files import atomic_path, sha256_file
+from prepare.files import finish_pending, publish, read_record, sha256_file, waiting_lock
 
 FEATURE_DIM = 1280
 STEM_CHANNELS = 32
@@ -246,18 +246,15 @@ def _sidecar(path: Path) -> Path:
 
 
 def _cached_ok(path: Path) -> bool:
-    side = _sidecar(path)
-    if not (path.is_file() and side.is_file()):
-        return False
-    recorded = side.read_text().split()
-    return bool(recorded) and recorded[0] == sha256_file(path)
+    return path.is_file() and read_record(_sidecar(path)).get(path.name) == sha256_file(path)
 
 
 def imagenet_weights_file() -> Path:
     """The notop ImageNet weights as a Keras .weights.h5 in the Keras cache, converted once.
 
-    The file's sha256 sits in a sidecar `<file>.sha256`; a file that does not match it (or has
-    none) is converted again. Both are written atomically.
+    Published with prepare.files.publish (label "lite0") whose record, the sidecar `<file>.sha256`
+    (sha256sum's format), holds the file's sha256; a file that does not match it (or has none) is
+    converted again. Converting processes wait for each other (a lock on the cache folder itself).
     """
     from extract.weights_cache import keras_models_dir
     folder = keras_models_dir()
@@ -265,18 +262,21 @@ def imagenet_weights_file() -> Path:
     path = folder / IMAGENET_NOTOP_FILE
     if _cached_ok(path):
         return path
-    state = load_package_state_dict()
-    model = build_lite0(include_top=False, pooling=None)
-    assign_from_state_dict(model, state)
-    with atomic_path(path) as tmp:
-        tmp_named = tmp.with_name(tmp.name + ".weights.h5")   # Keras insists on this suffix
-        try:
-            model.save_weights(str(tmp_named))
-            shutil.move(tmp_named, tmp)
-        finally:
-            if tmp_named.exists():
-                os.unlink(tmp_named)
-    with atomic_path(_sidecar(path)) as tmp:
-        tmp.write_text(f"{sha256_file(path)}  {path.name}\n")
-        os.chmod(tmp, 0o644)                                    # mkstemp made it private
+    with waiting_lock(folder):
+        finish_pending(folder, "lite0")
+        if _cached_ok(path):                                    # converted by the process we waited for
+            return path
+        state = load_package_state_dict()
+        model = build_lite0(include_top=False, pooling=None)
+        assign_from_state_dict(model, state)
+
+        def save(p: Path) -> None:
+            named = p.with_name(p.name + ".tmp.weights.h5")     # Keras insists on this suffix
+            try:
+                model.save_weights(str(named))
+                shutil.move(named, p)
+            finally:
+                if named.exists():
+                    os.unlink(named)
+        publish(folder, {path.name: save}, label="lite0", record=_sidecar(path).name)
     return path

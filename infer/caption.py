@@ -9,7 +9,7 @@ from infer.annotate import annotate
 from infer.files import check_out_folder, display_name, expand_inputs, image_id_from_name, write_jsonl
 from infer.options import check_flags, run_max_len
 from prepare.errors import UserError
-from prepare.files import exclusive_lock, fault_point, write_json_atomic
+from prepare.files import Publication, exclusive_lock, fault_point, finish_pending, write_json_atomic
 
 
 def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: int | None = None, top: int = 3,
@@ -22,7 +22,9 @@ def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: 
     max_len None: the run's own (run_max_len). Every flag and --out are checked before anything is
     read or written. File names need not be UTF-8: they are shown, stored and used for output
     names with the undecodable bytes as U+FFFD (display_name). An image that cannot be read, or
-    whose annotated copy cannot be made, is listed with its reason; it never stops the others."""
+    whose annotated copy cannot be made, is listed with its reason; it never stops the others.
+    All outputs are published together (prepare.files.Publication, label "caption", captions.jsonl
+    last): a killed run leaves the old outputs or the new ones, and the same command finishes it."""
     from infer.captioner import Captioner
     check_flags(beam_size=beam_size, top=top, max_len=max_len, batch_size=batch_size)
     out = Path(out)
@@ -36,9 +38,9 @@ def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: 
     with exclusive_lock(out):                  # one process writes this --out at a time
         targets = [out / "captions.jsonl", out / "results.json"] + [out / "annotated" / n for n in names] + \
             ([out / "attention" / strip_name(n) for n in names] if attention else [])
+        interrupted = finish_pending(out, "caption")       # a run of ours that a kill interrupted: finish it
         clash = [t for t in targets if t.exists()]
-        marker = out / INCOMPLETE          # a run of ours that a kill interrupted: finish it
-        if clash and marker.exists():
+        if interrupted:
             log(f"finishing the interrupted run in {display_name(out)} (its outputs are replaced)")
         elif clash and not overwrite:
             raise UserError(f"{display_name(clash[0])} already exists ({len(clash)} output files would be replaced); "
@@ -49,23 +51,19 @@ def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: 
         cap = Captioner(run, beam_size=max(beam_size, top), max_len=max_len, length_norm=length_norm)
         if attention:
             cap.check_attention()
-        marker.touch()
         t0 = time.time()
         results = cap.caption_files(paths, batch_size, progress, attention=attention)
         seconds = time.time() - t0
-        rows, coco, bad, not_annotated = _annotate_all(cap, results, names, out, top, log)
-        write_jsonl(out / "captions.jsonl", rows)
-        write_results = _write_results(out / "results.json", rows, coco, log)
-        marker.unlink()
+        with Publication(out, "caption") as pub:
+            rows, coco, bad, not_annotated = _annotate_all(cap, results, names, out, top, log, pub)
+            write_results = _write_results(pub, rows, coco, log)
+            write_jsonl(pub.path("captions.jsonl"), rows)
     log(f"captioned {len(rows)} images in {seconds:.1f}s ({len(rows) / max(seconds, 1e-9):.1f} img/s); "
         f"{len(bad)} unreadable, {len(not_annotated)} without annotated copy, {len(missing)} inputs not found")
     log(f"wrote {display_name(out / 'annotated')}/, {display_name(out / 'captions.jsonl')}" +
         (f", {display_name(out / 'results.json')}" if write_results else ""))
     return {"captioned": len(rows), "unreadable": bad, "not_annotated": not_annotated, "missing": missing,
             "seconds": seconds, "results_json": write_results, "max_len": max_len}
-
-
-INCOMPLETE = ".caption-incomplete"   # present while a caption run writes its --out
 
 
 def _output_names(paths: list[Path]) -> list[str]:
@@ -81,8 +79,9 @@ def _output_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def _annotate_all(cap, results, names: list[str], out: Path, top: int, log):
-    """Print each image's captions, write its annotated copy; -> (rows, coco, unreadable, not annotated)."""
+def _annotate_all(cap, results, names: list[str], out: Path, top: int, log, pub: Publication):
+    """Print each image's captions, stage its annotated copy in `pub`; -> (rows, coco, unreadable,
+    not annotated). Rows name the files where they are published (in `out`)."""
     rows, coco, bad, not_annotated = [], [], [], []
     for r, name in zip(results, names):
         shown = display_name(r.path)
@@ -96,14 +95,15 @@ def _annotate_all(cap, results, names: list[str], out: Path, top: int, log):
             log(f"  {i}) {cap.text(c)} (p={math.exp(c.logprob):.6f})")
         dst = out / "annotated" / name
         try:
-            annotate(r.path, [(cap.text(c), math.exp(c.logprob)) for c in best], dst)
+            annotate(r.path, [(cap.text(c), math.exp(c.logprob)) for c in best], pub.path(f"annotated/{name}"))
         except Exception as e:  # noqa: BLE001 - one picture must never stop the batch
             why = f"{type(e).__name__}: {e}"
             not_annotated.append((shown, why))
             log(f"warning: {shown}: no annotated copy ({why}); its captions are kept")
             dst = None
         fault_point("caption:annotated")
-        strip = _attention_strip(cap, r, out / "attention" / strip_name(name), shown, not_annotated, log)
+        strip = _attention_strip(cap, r, pub, f"attention/{strip_name(name)}", shown, not_annotated, log)
+        strip = None if strip is None else out / strip
         iid = image_id_from_name(r.path)
         rows.append({"file": shown, "image_id": iid, "annotated": None if dst is None else display_name(dst),
                      "captions": [{"caption": cap.text(c), "logprob": c.logprob} for c in best]} |
@@ -117,22 +117,24 @@ def strip_name(annotated_name: str) -> str:
     return Path(annotated_name).stem + ".png"
 
 
-def _attention_strip(cap, r, dst: Path, shown: str, not_annotated: list, log) -> Path | None:
-    """The best caption's attention strip, when computed; a picture that fails is listed, never fatal."""
+def _attention_strip(cap, r, pub: Publication, name: str, shown: str, not_annotated: list, log) -> str | None:
+    """The best caption's attention strip staged as `name`, when computed; -> `name` (None when not
+    made: a picture that fails is listed, never fatal)."""
     if r.attention is None:
         return None
     from infer.attention_maps import attention_strip, caption_words
     try:
-        attention_strip(r.path, caption_words(cap.vocab, r.captions[0].ids, len(r.attention)), r.attention, dst)
+        attention_strip(r.path, caption_words(cap.vocab, r.captions[0].ids, len(r.attention)), r.attention,
+                        pub.path(name))
     except Exception as e:  # noqa: BLE001 - one picture must never stop the batch
         why = f"{type(e).__name__}: {e}"
         not_annotated.append((shown, f"attention strip: {why}"))
         log(f"warning: {shown}: no attention strip ({why})")
         return None
-    return dst
+    return name
 
 
-def _write_results(results_json: Path, rows: list[dict], coco: list[dict], log) -> bool:
+def _write_results(pub: Publication, rows: list[dict], coco: list[dict], log) -> bool:
     """COCO results (one caption per image id) when every file carries a distinct id; never a stale one."""
     by_id: dict[int, list[str]] = {}
     for c in coco:
@@ -140,12 +142,12 @@ def _write_results(results_json: Path, rows: list[dict], coco: list[dict], log) 
     dups = {i: f for i, f in by_id.items() if len(f) > 1}
     write_results = bool(rows) and len(coco) == len(rows) and not dups
     if write_results:
-        write_json_atomic(results_json, [{"image_id": c["image_id"], "caption": c["caption"]} for c in coco])
+        write_json_atomic(pub.path("results.json"),
+                          [{"image_id": c["image_id"], "caption": c["caption"]} for c in coco])
     else:
         if dups:
             i, files = next(iter(dups.items()))
             log(f"warning: results.json not written: {len(dups)} image id(s) given by more than one file "
                 f"(id {i}: {', '.join(files)}); COCO results need one caption per image id")
-        if results_json.exists():              # only possible with --overwrite: never leave a stale one
-            results_json.unlink()
+        pub.discard("results.json")            # only there with --overwrite: never leave a stale one
     return write_results

@@ -15,7 +15,7 @@ from infer.captioner import Captioner
 from model.metrics import content_accuracy
 from prepare import captions_h5
 from prepare.errors import UserError
-from prepare.files import exclusive_lock, sha256_file, write_json_atomic
+from prepare.files import PENDING, Publication, exclusive_lock, finish_pending, publish, sha256_file, write_json_atomic
 
 METRICS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
 
@@ -84,7 +84,9 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
              out=None, batch_size: int = 32, overwrite: bool = False, limit: int = 0, progress: bool = True,
              attention_maps: int = 0, log=print) -> dict:
     """Caption a split and score it; writes OUT/results.json and OUT/metrics.json (metrics.json last:
-    it exists only beside the results.json it scored, even after a kill during --overwrite).
+    it exists only beside the results.json it scored, even after a kill during --overwrite). Two
+    publications (prepare.files, label "evaluate"): results.json and the attention strips replace
+    the old outputs and remove metrics.json together; after scoring, metrics.json.
     max_len None: the run's own (infer.options.run_max_len)."""
     from infer.files import check_out_folder
     from infer.options import check_flags, run_max_len
@@ -95,6 +97,9 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
     captions = data / "captions.h5"
     out = Path(out) if out else run / f"eval-{split}"
     check_out_folder(out)
+    if (out / PENDING).exists():                # a publication a kill interrupted: finish or discard it first
+        with exclusive_lock(out):
+            finish_pending(out, "evaluate")
     if (out / "metrics.json").exists() and not overwrite:
         raise UserError(f"{out / 'metrics.json'} already exists; pass --overwrite or choose another --out")
     sp = captions_h5.read_split(captions, split)
@@ -132,16 +137,19 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
         maps = {r: res[r].attention for r in sorted(beams)[:attention_maps]}
         failed = {r for r, x in enumerate(res) if x.error}
     seconds = time.time() - t0
-    if maps:
-        _write_attention_maps(cap, beams, maps, paths, out, log)
     hyp = {int(sp.image_ids[r]): cap.text(b[0]) for r, b in beams.items()}
     refs: dict[int, list[str]] = defaultdict(list)
     for text, row in zip(sp.texts, sp.image_index):
         if row < n and row in beams:
             refs[int(sp.image_ids[row])].append(text)
     with exclusive_lock(out):                  # one process writes this --out at a time
-        (out / "metrics.json").unlink(missing_ok=True)       # never an old metrics.json beside new results
-        write_json_atomic(out / "results.json", [{"image_id": i, "caption": c} for i, c in hyp.items()])
+        with Publication(out, "evaluate") as pub:
+            if maps:
+                _write_attention_maps(cap, beams, maps, paths, pub, log)
+            write_json_atomic(pub.path("results.json"), [{"image_id": i, "caption": c} for i, c in hyp.items()])
+            pub.discard("metrics.json")                       # never an old metrics.json beside new results
+        if maps:
+            log(f"wrote {len(maps)} attention strips to {out / 'attention'}")
         log(f"captioned {len(hyp)} {split} images from the {source} in {seconds:.1f}s "
             f"({len(hyp) / max(seconds, 1e-9):.1f} captions/s); scoring...")
         model_scores = coco_scores(dict(refs), {i: [c] for i, c in hyp.items()})
@@ -156,23 +164,21 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
                    "java": java_available(),
                    "notes": ["SPICE is left out: it needs Stanford CoreNLP models downloaded at run time"] +
                             ([] if java_available() else ["METEOR left out and a simple tokenizer used: no Java found"])}
-        write_json_atomic(out / "metrics.json", metrics)
+        publish(out, {"metrics.json": lambda p: write_json_atomic(p, metrics)}, label="evaluate")
     log(format_table(metrics))
     log(f"wrote {out / 'metrics.json'} and {out / 'results.json'}")
     return metrics
 
 
-def _write_attention_maps(cap, beams: dict, maps: dict, paths: list, out: Path, log) -> None:
-    """OUT/attention/<image>.png for the rows of `maps` (row -> the best caption's maps)."""
+def _write_attention_maps(cap, beams: dict, maps: dict, paths: list, pub: Publication, log) -> None:
+    """OUT/attention/<image>.png for the rows of `maps` (row -> the best caption's maps), staged in `pub`."""
     from infer.attention_maps import attention_strip, caption_words
-    with exclusive_lock(out):
-        for r, m in maps.items():
-            try:
-                attention_strip(paths[r], caption_words(cap.vocab, beams[r][0].ids, len(m)), m,
-                                out / "attention" / f"{Path(paths[r]).stem}.png")
-            except Exception as e:  # noqa: BLE001 - a picture that fails is reported, never fatal
-                log(f"warning: {paths[r]}: no attention strip ({type(e).__name__}: {e})")
-    log(f"wrote {len(maps)} attention strips to {out / 'attention'}")
+    for r, m in maps.items():
+        try:
+            attention_strip(paths[r], caption_words(cap.vocab, beams[r][0].ids, len(m)), m,
+                            pub.path(f"attention/{Path(paths[r]).stem}.png"))
+        except Exception as e:  # noqa: BLE001 - a picture that fails is reported, never fatal
+            log(f"warning: {paths[r]}: no attention strip ({type(e).__name__}: {e})")
 
 
 def format_table(m: dict) -> str:

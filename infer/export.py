@@ -22,13 +22,11 @@ word ids. On the built-in test images the top captions agree (tested).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from model.decoding import beam_search, ids_to_text
 from prepare.errors import UserError
-from prepare.files import exclusive_lock, fault_point
+from prepare.files import LOCK_FILE, PENDING, Publication, exclusive_lock
 
 EXPORT_RECORD = "export.json"
 
@@ -77,7 +75,8 @@ def build_module(run_dir, beam_size: int, top_k: int, max_len: int, length_norm:
 
 def export(run, out, *, beam_size: int = 3, top_k: int = 3, max_len: int | None = None, length_norm: float = 0.0,
            overwrite: bool = False, log=print) -> dict:
-    """Write the SavedModel into OUT atomically (a temporary folder renamed into place)."""
+    """Write the SavedModel into OUT atomically: its entries (saved_model.pb, variables/, ...,
+    export.json last) replace the previous export's in one publication (prepare.files, label "export")."""
     import tensorflow as tf
 
     from infer.files import display_name
@@ -88,8 +87,8 @@ def export(run, out, *, beam_size: int = 3, top_k: int = 3, max_len: int | None 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {display_name(out)} is an existing file; --out names a folder")
-    interrupted = (out / ".export-new").exists() or (out / ".export-old").exists()     # a killed export: redo it
-    if out.exists() and any(p.name != ".lock" for p in out.iterdir()) and not (overwrite or interrupted):
+    interrupted = (out / PENDING).exists()          # a killed export: redo it
+    if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()) and not (overwrite or interrupted):
         raise UserError(f"--out {display_name(out)} already holds files; pass --overwrite to replace them or "
                         f"choose another folder")
     if max_len is None:
@@ -104,22 +103,12 @@ def export(run, out, *, beam_size: int = 3, top_k: int = 3, max_len: int | None 
                             "outputs": {"captions": "tf.string [N, top_k], best first",
                                         "log_probs": "float32 [N, top_k]"}}}
     with exclusive_lock(out):
-        tmp = out / ".export-new"
-        shutil.rmtree(tmp, ignore_errors=True)
-        module.write_out(str(tmp), verbose=False)
-        (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        old = out / ".export-old"
-        shutil.rmtree(old, ignore_errors=True)
-        old.mkdir()
-        fault_point("export:saved")
-        for p in out.iterdir():                      # the previous export (only with --overwrite)
-            if p.name not in (".lock", ".export-new", ".export-old"):
-                os.replace(p, old / p.name)
-        fault_point("export:old-moved-aside")
-        for p in tmp.iterdir():
-            os.replace(p, out / p.name)
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        with Publication(out, "export") as pub:
+            new = pub.tree(lambda d: module.write_out(str(d), verbose=False))
+            pub.path(EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            for p in out.iterdir():                  # the previous export's other entries (only with --overwrite)
+                if p.name not in (LOCK_FILE, PENDING, EXPORT_RECORD, *new) and not p.name.startswith(".tmp-"):
+                    pub.discard(p.name)
     log(f"exported {display_name(Path(run))} to {display_name(out)} (SavedModel, signature serving_default: "
         f"images -> captions, log_probs; beam {beam_size}, top {top_k}, max length {max_len})")
     return record

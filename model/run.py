@@ -12,10 +12,11 @@
     RUN/.lock                     held by the one process that writes the run
 
 This module owns the layout, the lock, the checksums and the atomic change of several files:
-`commit({name: writer})` writes the new files into RUN/.pending/, then RUN/.pending/run.json (the
-commit point), then moves them into place and run.json last. A kill before the commit point
-leaves the old state (the staging folder is discarded); a kill after it is finished by the next
-process that opens the run. So weights, encoder and config always change together.
+`commit({name: writer})` publishes them with prepare.files.publish (label "run", record run.json):
+the new files are staged in RUN/.pending/ with a new run.json, then the commit point, then they
+are moved into place and run.json last. A kill before the commit point leaves the old state (the
+staging folder is discarded); a kill after it is finished by the next process that opens the run.
+So weights, encoder and config always change together.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from typing import Callable, Iterator
 
 from model.decoders import build_decoder
 from prepare.errors import UserError, differences
-from prepare.files import exclusive_lock, fault_point, is_empty_folder, sha256_file, write_json_atomic
+from prepare.files import (exclusive_lock, finish_pending, is_empty_folder, pending_state, publish, sha256_file,
+                           write_json_atomic)
 
 _HELD: set[str] = set()       # run directories whose lock this process holds
 
@@ -38,7 +40,6 @@ MANIFEST = "features_manifest.json"
 ENCODER = "encoder.weights.h5"
 DECODER = "best.weights.h5"
 RECORD = "run.json"
-PENDING = ".pending"
 CHECKPOINT = "checkpoints/latest.h5"
 HISTORY = "history.json"
 CURVE = "training_curve.png"
@@ -78,10 +79,16 @@ class Run:
                 _HELD.discard(key)
 
     def is_run(self) -> bool:
+        if pending_state(self.path) == "committed":     # an interrupted save: finish it first
+            self.finish_pending()
         return self.file(CONFIG).is_file() or self.file(RECORD).is_file()
 
     def is_free_for_new_run(self) -> bool:
-        return is_empty_folder(self.path)
+        """Missing, or holding only our lock, temp files and an uncommitted save (discarded here)."""
+        if is_empty_folder(self.path):
+            self.finish_pending()
+            return True
+        return False
 
     # ---- reading -------------------------------------------------------------------------
     def record(self) -> dict:
@@ -129,41 +136,19 @@ class Run:
     # ---- writing (under self.lock()) -----------------------------------------------------
     def commit(self, writers: dict[str, Callable[[Path], None]]) -> None:
         """Replace the named files together (see the module docstring). writer(path) writes one file."""
-        self.finish_pending()
-        stage = self.file(PENDING)
-        shutil.rmtree(stage, ignore_errors=True)
-        stage.mkdir(parents=True)
-        record = self.record()
-        for name, write in writers.items():
-            write(stage / name)
-            with open(stage / name, "rb+") as f:
-                os.fsync(f.fileno())
-            record["files"][name] = sha256_file(stage / name)
-        fault_point("run:staged")
-        write_json_atomic(stage / RECORD, record)          # the commit point
-        fault_point("run:committed")
-        self._apply(stage)
-
-    def _apply(self, stage: Path) -> None:
-        for p in sorted(stage.iterdir()):
-            if p.name != RECORD:
-                os.replace(p, self.file(p.name))
-                fault_point("run:moved-one")
-        os.replace(stage / RECORD, self.file(RECORD))
-        shutil.rmtree(stage, ignore_errors=True)
+        with self.lock():
+            self.finish_pending()
+            self.record()                               # a damaged run.json is refused before anything is staged
+            publish(self.path, writers, label="run", record=RECORD)
 
     def finish_pending(self) -> None:
         """Complete a commit a kill interrupted after its commit point, or discard one before it."""
-        stage = self.file(PENDING)
-        if not stage.exists():
+        if pending_state(self.path) is None:
             return
         try:
             with self.lock():
-                if (stage / RECORD).exists():
-                    self._apply(stage)
-                else:
-                    shutil.rmtree(stage, ignore_errors=True)
-        except OSError as e:
+                finish_pending(self.path, "run")
+        except OSError as e:                             # the lock file cannot be made: a read-only copy
             raise UserError(f"{self.path}: an interrupted save must be finished but the folder is not writable "
                             f"({e}); copy the run directory somewhere writable") from None
 

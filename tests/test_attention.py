@@ -149,7 +149,7 @@ def test_grid_cache_is_float16_positions_by_channels_and_pools_to_the_pooled_cac
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["extract:train:chunk", "extract:val:before-rename", "extract:manifest-written"])
+@pytest.mark.parametrize("fault", ["extract:train:chunk", "extract:val:done", "extract:committed"])
 def test_killed_grid_extraction_resumes_bit_identical(tiny_dataset, tiny_grid, tmp_path, fault):
     out = tmp_path / "killed"
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from extract.cache import extract_features; "

@@ -191,8 +191,8 @@ def test_wrong_weights_file_and_small_size_are_refused(tmp_path):
         enc.build_encoder("inception_v3", "none", 64)
 
 
-FAULTS = ["extract:weights-saved", "extract:train:chunk", "extract:val:before-rename", "extract:val:renamed",
-          "extract:weights-published", "extract:manifest-written"]
+FAULTS = ["extract:weights-saved", "extract:train:chunk", "extract:val:done", "extract:staged",
+          "extract:committed", "extract:moved-one"]
 
 
 @pytest.mark.slow

@@ -89,6 +89,41 @@ def test_a_kill_inside_a_commit_leaves_the_old_or_the_new_state_never_a_mix(tmp_
     assert not run.file(".pending").exists()
 
 
+def test_a_train_killed_by_a_full_disk_leaves_a_folder_the_rerun_takes(tiny_dataset, tiny_features, tmp_path):
+    """A kill (or ENOSPC) while staging the first commit leaves RUN/.pending/ with a partial file and
+    no commit point: the folder is still free for a new run, and the same `model train` works."""
+    from model.train import train
+    out = tmp_path / "run"
+    (out / ".pending").mkdir(parents=True)
+    (out / ".pending" / CONFIG).write_text('{"mod')           # the disk filled up here
+    (out / ".lock").write_text("")
+    (out / ".tmp-best.weights.h5.x").write_bytes(b"half")
+    assert Run(out).is_free_for_new_run() and not (out / ".pending").exists()
+    (out / ".pending").mkdir()
+    (out / ".pending" / ENCODER).write_bytes(b"partial")
+    train(tiny_dataset, out, model_overrides=TINY, train_overrides={"max_steps": 1, "samples": 0}, **quiet)
+    Run(out).verify()
+    assert not (out / ".pending").exists()
+
+
+def test_an_oserror_during_a_commit_is_a_user_error_and_the_rerun_finishes(tmp_path):
+    import errno
+    run = Run(tmp_path / "run")
+    with run.lock():
+        run.commit({n: (lambda p, n=n: p.write_text("old " + n)) for n in (ENCODER, CONFIG)})
+
+    def full(p):
+        p.write_bytes(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device", str(p))
+    with pytest.raises(UserError, match=rf"{run.path} failed: no space left on device writing .*{ENCODER}; free "
+                                        r"space in .* and re-run the same command: it finishes"):
+        run.commit({CONFIG: lambda p: p.write_text("new"), ENCODER: full})
+    run.verify((ENCODER, CONFIG))
+    assert run.file(CONFIG).read_text() == "old " + CONFIG
+    run.commit({CONFIG: lambda p: p.write_text("new")})
+    run.verify((ENCODER, CONFIG))
+
+
 def test_a_second_writer_is_refused_naming_the_holder(tiny_dataset, tiny_features, tmp_path):
     from model.train import train
     from prepare.files import exclusive_lock

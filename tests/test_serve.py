@@ -57,7 +57,7 @@ def test_savedmodel_captions_image_bytes_like_infer_caption_without_the_project(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["export:saved", "export:old-moved-aside"])
+@pytest.mark.parametrize("fault", ["export:staged", "export:moved-one"])
 def test_a_killed_export_is_finished_by_the_rerun(tiny_run, tmp_path, fault):
     import signal
 

@@ -130,7 +130,7 @@ def test_a_killed_caption_run_is_finished_by_the_same_command(tiny_run, tiny_dat
     images = sorted(str(p) for p in (tiny_dataset / "images" / "test").glob("*.jpg"))[:3]
     cmd = [sys.executable, "-m", "infer", "caption", "--run", str(tiny_run), "--out", str(tmp_path / "o"),
            "--quiet", *images]
-    r = subprocess.run(cmd, cwd=root, capture_output=True, env={**os.environ, "SHOWTELL_FAULT": "caption:annotated"})
+    r = subprocess.run(cmd, cwd=root, capture_output=True, env={**os.environ, "SHOWTELL_FAULT": "caption:moved-one"})
     assert r.returncode == -signal.SIGKILL
     assert not (tmp_path / "o" / "captions.jsonl").exists() and len(list((tmp_path / "o" / "annotated").iterdir())) == 1
     r = subprocess.run(cmd, cwd=root, capture_output=True, text=True)          # no --overwrite needed
