@@ -88,20 +88,13 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
     publications (prepare.files, label "evaluate"): results.json and the attention strips replace
     the old outputs and remove metrics.json together; after scoring, metrics.json.
     max_len None: the run's own (infer.options.run_max_len)."""
-    from infer.files import check_out_folder
     from infer.options import check_flags, run_max_len
     check_flags(beam_size=beam_size, max_len=max_len, batch_size=batch_size, limit=limit)
     if attention_maps < 0:
         raise UserError(f"--attention-maps {attention_maps}: must be 0 (none) or more")
     data, run = Path(data), Path(run)
     captions = data / "captions.h5"
-    out = Path(out) if out else run / f"eval-{split}"
-    check_out_folder(out)
-    if (out / PENDING).exists():                # a publication a kill interrupted: finish or discard it first
-        with exclusive_lock(out):
-            finish_pending(out, "evaluate")
-    if (out / "metrics.json").exists() and not overwrite:
-        raise UserError(f"{out / 'metrics.json'} already exists; pass --overwrite or choose another --out")
+    out = _open_out(Path(out) if out else run / f"eval-{split}", overwrite)
     sp = captions_h5.read_split(captions, split)
     if max_len is None:
         max_len, why = run_max_len(run)
@@ -110,32 +103,11 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
     if attention_maps:
         cap.check_attention()
     n = len(sp.image_ids) if not limit else min(limit, len(sp.image_ids))
-    feats_dir = Path(features) if features else data / "features"
-    source = "images"
-    if (feats_dir / MANIFEST).is_file():
-        m = read_manifest(feats_dir)
-        if (m["weights"]["sha256"] == cap.encoder_sha256() and m["image_size"] == cap.image_size
-                and feature_kind(m) == cap.features_kind and m["captions"]["sha256"] == sha256_file(captions)
-                and feature_file(feats_dir, split, cap.features_kind).is_file()):
-            source = "cache"
     t0 = time.time()
-    failed: set[int] = set()
-    root = Path(cap.manifest.get("images_root") or captions.parent)
-    paths = sp.image_paths(root)
-    if source == "cache":
-        feats = FeatureArray(feats_dir, split, m)
-        failed = {f["row"] for f in m["failed"].get(split, []) if f["row"] < n}
-        good = [r for r in range(n) if r not in failed]
-        beams = dict(zip(good, cap.caption_features(feats[good], batch_size)))
-        shown = sorted(beams)[:attention_maps]
-        maps = dict(zip(shown, cap.attention_maps(feats[shown], [beams[r][0] for r in shown]))) if shown else {}
-    else:
-        log(f"{feats_dir} does not hold this run's features ({cap.features_kind}, from its encoder): captioning "
-            f"from the images")
-        res = cap.caption_files(paths[:n], batch_size, progress, attention=bool(attention_maps))
-        beams = {r: x.captions for r, x in enumerate(res) if not x.error}
-        maps = {r: res[r].attention for r in sorted(beams)[:attention_maps]}
-        failed = {r for r, x in enumerate(res) if x.error}
+    paths = sp.image_paths(Path(cap.manifest.get("images_root") or captions.parent))
+    source, beams, maps, failed = _caption_split(cap, sp, split, n, paths, Path(features) if features else
+                                                 data / "features", captions, batch_size, progress,
+                                                 attention_maps, log)
     seconds = time.time() - t0
     hyp = {int(sp.image_ids[r]): cap.text(b[0]) for r, b in beams.items()}
     refs: dict[int, list[str]] = defaultdict(list)
@@ -152,22 +124,62 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
             log(f"wrote {len(maps)} attention strips to {out / 'attention'}")
         log(f"captioned {len(hyp)} {split} images from the {source} in {seconds:.1f}s "
             f"({len(hyp) / max(seconds, 1e-9):.1f} captions/s); scoring...")
-        model_scores = coco_scores(dict(refs), {i: [c] for i, c in hyp.items()})
-        ceiling = human_ceiling(dict(refs))
-        model_loo = model_leave_one_out(dict(refs), hyp)
         truth = {int(sp.image_ids[r]): json.loads(sp.objects[r])["objects"] for r in beams if sp.objects[r]}
-        content = content_accuracy({i: hyp[i] for i in truth}, truth) if truth else None
         metrics = {"split": split, "images": len(hyp), "failed_images": len(failed), "beam_size": beam_size,
                    "max_len": max_len, "results_sha256": sha256_file(out / "results.json"), "source": source,
-                   "model": model_scores, "model_leave_one_out": model_loo,
-                   "human_ceiling": ceiling, "content": content,
-                   "java": java_available(),
-                   "notes": ["SPICE is left out: it needs Stanford CoreNLP models downloaded at run time"] +
-                            ([] if java_available() else ["METEOR left out and a simple tokenizer used: no Java found"])}
+                   **_scores(dict(refs), hyp, truth)}
         publish(out, {"metrics.json": lambda p: write_json_atomic(p, metrics)}, label="evaluate")
     log(format_table(metrics))
     log(f"wrote {out / 'metrics.json'} and {out / 'results.json'}")
     return metrics
+
+
+def _open_out(out: Path, overwrite: bool) -> Path:
+    """The evaluation's --out: a folder (new or existing) whose interrupted publication is finished
+    first; an existing metrics.json is replaced only with --overwrite."""
+    from infer.files import check_out_folder
+    check_out_folder(out)
+    if (out / PENDING).exists():                # a publication a kill interrupted: finish or discard it first
+        with exclusive_lock(out):
+            finish_pending(out, "evaluate")
+    if (out / "metrics.json").exists() and not overwrite:
+        raise UserError(f"{out / 'metrics.json'} already exists; pass --overwrite or choose another --out")
+    return out
+
+
+def _caption_split(cap, sp, split: str, n: int, paths: list, feats_dir: Path, captions: Path, batch_size: int,
+                   progress: bool, attention_maps: int, log) -> tuple[str, dict, dict, set]:
+    """The first n images of the split captioned from the feature cache when it holds this run's
+    features, else from the images. -> (source, row -> beams, row -> attention maps, failed rows)."""
+    if (feats_dir / MANIFEST).is_file():
+        m = read_manifest(feats_dir)
+        if (m["weights"]["sha256"] == cap.encoder_sha256() and m["image_size"] == cap.image_size
+                and feature_kind(m) == cap.features_kind and m["captions"]["sha256"] == sha256_file(captions)
+                and feature_file(feats_dir, split, cap.features_kind).is_file()):
+            feats = FeatureArray(feats_dir, split, m)
+            failed = {f["row"] for f in m["failed"].get(split, []) if f["row"] < n}
+            good = [r for r in range(n) if r not in failed]
+            beams = dict(zip(good, cap.caption_features(feats[good], batch_size)))
+            shown = sorted(beams)[:attention_maps]
+            maps = dict(zip(shown, cap.attention_maps(feats[shown], [beams[r][0] for r in shown]))) if shown else {}
+            return "cache", beams, maps, failed
+    log(f"{feats_dir} does not hold this run's features ({cap.features_kind}, from its encoder): captioning "
+        f"from the images")
+    res = cap.caption_files(paths[:n], batch_size, progress, attention=bool(attention_maps))
+    beams = {r: x.captions for r, x in enumerate(res) if not x.error}
+    maps = {r: res[r].attention for r in sorted(beams)[:attention_maps]}
+    return "images", beams, maps, {r for r, x in enumerate(res) if x.error}
+
+
+def _scores(refs: dict[int, list[str]], hyp: dict[int, str], truth: dict) -> dict:
+    """COCO metrics of the model, its leave-one-out scores and the human ceiling; content accuracy
+    where the dataset records its objects."""
+    return {"model": coco_scores(refs, {i: [c] for i, c in hyp.items()}),
+            "model_leave_one_out": model_leave_one_out(refs, hyp), "human_ceiling": human_ceiling(refs),
+            "content": content_accuracy({i: hyp[i] for i in truth}, truth) if truth else None,
+            "java": java_available(),
+            "notes": ["SPICE is left out: it needs Stanford CoreNLP models downloaded at run time"] +
+                     ([] if java_available() else ["METEOR left out and a simple tokenizer used: no Java found"])}
 
 
 def _write_attention_maps(cap, beams: dict, maps: dict, paths: list, pub: Publication, log) -> None:
