@@ -13,9 +13,7 @@ MAX_LEN_HELP = ("tokens per caption incl. <start>, 2-1000 (default: the run's lo
                 "when config.json records it or the run's captions.h5 is at hand; else 30)")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m infer", description="caption images with a trained run")
-    sub = p.add_subparsers(dest="cmd", required=True)
+def _add_caption(sub) -> None:
     c = sub.add_parser("caption", help="caption images; write annotated copies, captions.jsonl, results.json")
     c.add_argument("--run", required=True, help="run directory made by `python -m model train`")
     c.add_argument("images", nargs="+", help="image files, folders or globs")
@@ -30,6 +28,9 @@ def main(argv=None) -> int:
                    "OUT/attention/<name>.png, the image with a heat map of where it looked for each word")
     c.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     c.add_argument("--quiet", action="store_true")
+
+
+def _add_evaluate(sub) -> None:
     e = sub.add_parser("evaluate", help="COCO metrics, human ceiling and content accuracy on a split")
     e.add_argument("--run", required=True)
     e.add_argument("--data", required=True, help="dataset folder with captions.h5 (and features/)")
@@ -44,6 +45,9 @@ def main(argv=None) -> int:
                    "of the first N images into OUT/attention/ (default 0)")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--quiet", action="store_true")
+
+
+def _add_export(sub) -> None:
     x = sub.add_parser("export", help="a TensorFlow SavedModel that captions encoded image bytes (all in-graph)")
     x.add_argument("--run", required=True, help="run directory")
     x.add_argument("--out", required=True, help="SavedModel folder (refused if it holds files, unless --overwrite)")
@@ -52,6 +56,9 @@ def main(argv=None) -> int:
     x.add_argument("--max-len", type=int, default=None, help=MAX_LEN_HELP)
     x.add_argument("--length-norm", type=float, default=0.0, help="rank by logprob / length ** this")
     x.add_argument("--overwrite", action="store_true", help="replace the SavedModel in --out")
+
+
+def _add_serve(sub) -> None:
     v = sub.add_parser("serve", help="a web page and JSON API captioning uploaded images")
     v.add_argument("--run", required=True, help="run directory")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -59,11 +66,17 @@ def main(argv=None) -> int:
     v.add_argument("--beam-size", type=int, default=3, help="1-100 (default 3)")
     v.add_argument("--max-mb", type=float, default=10.0, help="largest upload in MB (default 10): larger -> 413")
     v.add_argument("--max-batch", type=int, default=16, help="images captioned together at most (default 16)")
+
+
+def _add_serve_bench(sub) -> None:
     sb = sub.add_parser("serve-bench", help="bounded load on `infer serve` over localhost: captions/s, latency")
     sb.add_argument("--run", required=True)
     sb.add_argument("images", nargs="+", help="image files sent in turn (one per request)")
     sb.add_argument("--requests", type=int, default=200, help="requests in all (default 200)")
     sb.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+
+
+def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="captions/s: batched beam search vs one image at a time")
     b.add_argument("--vocab", type=int, default=12000)
     b.add_argument("--size", type=int, default=512)
@@ -72,38 +85,66 @@ def main(argv=None) -> int:
     b.add_argument("--beam-size", type=int, default=3)
     b.add_argument("--max-len", type=int, default=20)
     b.add_argument("--run", help="also time end-to-end captioning from JPEG files with this run")
-    a = p.parse_args(argv)
-    if a.cmd == "caption":
-        from infer.caption import caption_images
-        caption_images(a.run, a.images, a.out, beam_size=a.beam_size, max_len=a.max_len, top=a.top,
-                       batch_size=a.batch_size, length_norm=a.length_norm, overwrite=a.overwrite,
-                       attention=a.attention, progress=not a.quiet)
-    elif a.cmd == "export":
-        from infer.export import export
-        export(a.run, a.out, beam_size=a.beam_size, top_k=a.top, max_len=a.max_len, length_norm=a.length_norm,
-               overwrite=a.overwrite)
-    elif a.cmd == "serve":
-        from infer.serve import serve
-        serve(a.run, a.host, a.port, beam_size=a.beam_size, max_mb=a.max_mb, max_batch=a.max_batch)
-    elif a.cmd == "serve-bench":
-        from pathlib import Path
 
-        from infer import serve_bench
-        check_range("--requests", a.requests, 1)
-        check_range("--clients", a.clients, 1, 256)
-        serve_bench.run(a.run, [Path(p) for p in a.images], a.requests, a.clients)
-    elif a.cmd == "evaluate":
-        from infer.evaluate import evaluate
-        evaluate(a.run, a.data, split=a.split, beam_size=a.beam_size, max_len=a.max_len, features=a.features,
-                 out=a.out, batch_size=a.batch_size, limit=a.limit, overwrite=a.overwrite, progress=not a.quiet,
-                 attention_maps=a.attention_maps)
-    else:
-        from infer import bench
-        from infer.options import check_flags
-        check_flags(beam_size=a.beam_size, max_len=a.max_len, batch_size=a.batch_size)
-        for flag, v, lo in (("--vocab", a.vocab, 5), ("--size", a.size, 1), ("--images", a.images, 1)):
-            check_range(flag, v, lo)
-        bench.run(a.vocab, a.size, a.images, a.batch_size, a.beam_size, a.max_len, a.run)
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m infer", description="caption images with a trained run")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for add in (_add_caption, _add_evaluate, _add_export, _add_serve, _add_serve_bench, _add_bench):
+        add(sub)
+    return p
+
+
+def _caption(a) -> None:
+    from infer.caption import caption_images
+    caption_images(a.run, a.images, a.out, beam_size=a.beam_size, max_len=a.max_len, top=a.top,
+                   batch_size=a.batch_size, length_norm=a.length_norm, overwrite=a.overwrite,
+                   attention=a.attention, progress=not a.quiet)
+
+
+def _evaluate(a) -> None:
+    from infer.evaluate import evaluate
+    evaluate(a.run, a.data, split=a.split, beam_size=a.beam_size, max_len=a.max_len, features=a.features,
+             out=a.out, batch_size=a.batch_size, limit=a.limit, overwrite=a.overwrite, progress=not a.quiet,
+             attention_maps=a.attention_maps)
+
+
+def _export(a) -> None:
+    from infer.export import export
+    export(a.run, a.out, beam_size=a.beam_size, top_k=a.top, max_len=a.max_len, length_norm=a.length_norm,
+           overwrite=a.overwrite)
+
+
+def _serve(a) -> None:
+    from infer.serve import serve
+    serve(a.run, a.host, a.port, beam_size=a.beam_size, max_mb=a.max_mb, max_batch=a.max_batch)
+
+
+def _serve_bench(a) -> None:
+    from pathlib import Path
+
+    from infer import serve_bench
+    check_range("--requests", a.requests, 1)
+    check_range("--clients", a.clients, 1, 256)
+    serve_bench.run(a.run, [Path(p) for p in a.images], a.requests, a.clients)
+
+
+def _bench(a) -> None:
+    from infer import bench
+    from infer.options import check_flags
+    check_flags(beam_size=a.beam_size, max_len=a.max_len, batch_size=a.batch_size)
+    for flag, v, lo in (("--vocab", a.vocab, 5), ("--size", a.size, 1), ("--images", a.images, 1)):
+        check_range(flag, v, lo)
+    bench.run(a.vocab, a.size, a.images, a.batch_size, a.beam_size, a.max_len, a.run)
+
+
+COMMANDS = {"caption": _caption, "evaluate": _evaluate, "export": _export, "serve": _serve,
+            "serve-bench": _serve_bench, "bench": _bench}
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    COMMANDS[a.cmd](a)
     return 0
 
 

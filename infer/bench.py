@@ -12,6 +12,34 @@ from pathlib import Path
 import numpy as np
 
 
+def _log_decoding(res: dict, peaks: list, peak: float, tf_version: str, vocab: int, size: int, images: int,
+                  batch_size: int, beam_size: int, max_len: int, log) -> None:
+    """Prints the decoding timings in `res` (the end-to-end line is printed by run)."""
+    log(f"infer bench (TensorFlow {tf_version}, CPU; vocab {vocab}, size {size}, {images} images, beam "
+        f"{beam_size}, max_len {max_len}, batch {batch_size}; medians of 3 repeats, 7 for the graph)")
+    log(f"  matmul ([{batch_size * beam_size}x{size}] x [{size}x{vocab}]): {peak / 1e9:.1f} GFLOP/s (median of "
+        f"{len(peaks)} samples taken between the timings: {min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f})")
+    log(f"  one image at a time: {res['one_by_one_captions_s']:7.1f} captions/s")
+    log(f"  batched beam search (Python loop, the reference): {res['batched_captions_s']:7.1f} captions/s   "
+        f"({res['speedup']:.1f}x; {100 * res['limit_ratio']:.0f}% of the matmul limit)")
+    log(f"  batched beam search in one graph (tf.while_loop, what infer uses): {res['graph_captions_s']:7.1f} "
+        f"captions/s   ({res['graph_speedup']:.1f}x; {100 * res['graph_limit_ratio']:.0f}% of the matmul limit)")
+
+
+def _end_to_end(run_dir: str, images: int, batch_size: int, beam_size: int, max_len: int) -> tuple[float, int]:
+    """(captions/s captioning `images` synthetic JPEG files with the run, the run's image size)."""
+    from infer.captioner import Captioner
+    from prepare import synth
+    cap = Captioner(run_dir, beam_size=beam_size, max_len=max_len)
+    with tempfile.TemporaryDirectory() as tmp:
+        synth.generate(tmp, {"train": images}, size=max(cap.image_size, 128), seed=0, progress=False)
+        paths = sorted((Path(tmp) / "images" / "train").glob("*.jpg"))
+        cap.caption_files(paths[:batch_size], batch_size, progress=False)   # warm up
+        t = time.perf_counter()
+        cap.caption_files(paths, batch_size, progress=False)
+        return images / (time.perf_counter() - t), cap.image_size
+
+
 def run(vocab: int = 12000, size: int = 512, images: int = 64, batch_size: int = 32, beam_size: int = 3,
         max_len: int = 20, run_dir: str | None = None, log=print) -> dict:
     import keras
@@ -80,27 +108,10 @@ def run(vocab: int = 12000, size: int = 512, images: int = 64, batch_size: int =
            "speedup": so / sb, "limit_ratio": rows_b * flops_per_row / sb / peak, "matmul_gflops": peak / 1e9,
            "graph_captions_s": images / sg, "graph_speedup": so / sg,
            "graph_limit_ratio": rows_g * flops_per_row / sg / peak}
-    log(f"infer bench (TensorFlow {tf.__version__}, CPU; vocab {vocab}, size {size}, {images} images, beam "
-        f"{beam_size}, max_len {max_len}, batch {batch_size}; medians of 3 repeats, 7 for the graph)")
-    log(f"  matmul ([{batch_size * beam_size}x{size}] x [{size}x{vocab}]): {peak / 1e9:.1f} GFLOP/s (median of "
-        f"{len(peaks)} samples taken between the timings: {min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f})")
-    log(f"  one image at a time: {res['one_by_one_captions_s']:7.1f} captions/s")
-    log(f"  batched beam search (Python loop, the reference): {res['batched_captions_s']:7.1f} captions/s   "
-        f"({res['speedup']:.1f}x; {100 * res['limit_ratio']:.0f}% of the matmul limit)")
-    log(f"  batched beam search in one graph (tf.while_loop, what infer uses): {res['graph_captions_s']:7.1f} "
-        f"captions/s   ({res['graph_speedup']:.1f}x; {100 * res['graph_limit_ratio']:.0f}% of the matmul limit)")
+    _log_decoding(res, peaks, peak, tf.__version__, vocab, size, images, batch_size, beam_size, max_len, log)
     if run_dir:
-        from infer.captioner import Captioner
-        from prepare import synth
-        cap = Captioner(run_dir, beam_size=beam_size, max_len=max_len)
-        with tempfile.TemporaryDirectory() as tmp:
-            synth.generate(tmp, {"train": images}, size=max(cap.image_size, 128), seed=0, progress=False)
-            paths = sorted((Path(tmp) / "images" / "train").glob("*.jpg"))
-            cap.caption_files(paths[:batch_size], batch_size, progress=False)   # warm up
-            t = time.perf_counter()
-            cap.caption_files(paths, batch_size, progress=False)
-            res["end_to_end_captions_s"] = images / (time.perf_counter() - t)
-        log(f"  end to end from JPEG files ({run_dir}, {cap.image_size}px): {res['end_to_end_captions_s']:.1f} captions/s")
+        res["end_to_end_captions_s"], image_size = _end_to_end(run_dir, images, batch_size, beam_size, max_len)
+        log(f"  end to end from JPEG files ({run_dir}, {image_size}px): {res['end_to_end_captions_s']:.1f} captions/s")
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     log(f"  peak memory (RSS): {res['peak_rss_mib']:.0f} MiB")
     return res

@@ -50,95 +50,96 @@ def needed_flops(n_real: int, batch: int, E: int, H: int, V: int) -> float:
     return 3.0 * ((n_real + batch) * lstm + n_real * proj)
 
 
-def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20, mean_len: float = 12.5,
-        steps: int = 12, decoder: str = "show_and_tell", positions: int = 49, grid_dim: int = 1280,
-        log=print) -> dict:
-    """decoder "attention": also times the attention decoder (same sizes, our step) on random grids
-    of `positions` x `grid_dim` (EfficientNet-Lite0 at 224 px: 49 x 1280)."""
-    import keras
+PEER_NAME = "PyTorch peer: packed sequences, real-token logits (same batches)"
+
+
+def _random_batches(rng, n: int, batch: int, max_len: int, mean_len: float, vocab: int, fixed: bool,
+                    feature_shape: tuple) -> list:
+    """n batches of (features [batch, *feature_shape], ids padded to max_len if fixed else to the
+    batch's longest caption, number of real target tokens)."""
+    out = []
+    for _ in range(n):
+        lens = _lengths(rng, batch, max_len, mean_len)
+        t = max_len if fixed else int(lens.max())
+        ids = np.zeros((batch, t), np.int32)
+        for i, k in enumerate(lens):
+            ids[i, 0], ids[i, k - 1] = 1, 2
+            ids[i, 1:k - 1] = rng.integers(4, vocab, k - 2)
+        out.append((rng.normal(size=(batch, *feature_shape)).astype(np.float32), ids, int((lens - 1).sum())))
+    return out
+
+
+def _padded_step(model, opt):
+    """The baseline's training step: logits at every position (pads included), pads masked out of the loss."""
     import tensorflow as tf
+
+    @tf.function
+    def step(batch_):
+        f, ids = batch_
+        with tf.GradientTape() as tape:
+            logits = model.project(model.hidden(f, ids[:, :-1], training=True))   # [B, T, V] incl. pads
+            ce = tf.nn.sparse_softmax_cross_entropy_with_logits(ids[:, 1:], logits)
+            mask = tf.cast(ids[:, 1:] > 0, tf.float32)
+            loss = tf.reduce_sum(ce * mask) / tf.reduce_sum(mask)
+        g = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(g, model.trainable_variables))
+        return loss
+    return step
+
+
+def _variant_step(vocab: int, size: int, fixed: bool, grid: bool, positions: int, grid_dim: int, strategy):
+    """A freshly seeded decoder and optimizer, and the step that trains them: the baseline's
+    (fixed padding) or ours (model.steps)."""
+    import keras
 
     from model.config import ModelConfig
     from model.decoders import build_decoder
     from model.optim import FusedAdam
     from model.steps import make_steps
-    rng = np.random.default_rng(0)
-    strategy = tf.distribute.get_strategy()
+    keras.utils.set_random_seed(0)
+    grid_cfg = dict(decoder="attention", feature_dim=grid_dim, grid_positions=positions, attention_units=size)
+    model = build_decoder(ModelConfig(vocab_size=vocab, embedding_size=size, lstm_units=size,
+                                      **(grid_cfg if grid else {})))
+    opt = FusedAdam(1e-3)
+    opt.build(model.trainable_variables)
+    if fixed:
+        return _padded_step(model, opt)
+    return make_steps(model, opt, strategy, 5.0)[0]
 
-    peak = measure_matmul_flops(batch * 13, size, vocab)     # the step's largest product
 
-    def batches(fixed: bool, grid: bool = False):
-        out = []
-        for _ in range(steps + 2):
-            lens = _lengths(rng, batch, max_len, mean_len)
-            t = max_len if fixed else int(lens.max())
-            ids = np.zeros((batch, t), np.int32)
-            for i, n in enumerate(lens):
-                ids[i, 0], ids[i, n - 1] = 1, 2
-                ids[i, 1:n - 1] = rng.integers(4, vocab, n - 2)
-            shape = (batch, positions, grid_dim) if grid else (batch, 2048)
-            out.append((rng.normal(size=shape).astype(np.float32), ids, int((lens - 1).sum())))
-        return out
+def _time_step(step, data, batch: int) -> dict:
+    """Two warm-up steps, then the median time of one step over the rest of `data`."""
+    import tensorflow as tf
+    for f, ids, _ in data[:2]:
+        float(step((tf.constant(f), tf.constant(ids))))       # trace / warm up
+    times, toks = [], []
+    for f, ids, n in data[2:]:
+        bt = (tf.constant(f), tf.constant(ids))
+        t = time.perf_counter()
+        float(step(bt))
+        times.append(time.perf_counter() - t)
+        toks.append(n)
+    sec = statistics.median(times)
+    return {"ms_per_step": 1000 * sec, "examples_s": batch / sec,
+            "real_tokens_s": statistics.median(toks) / sec, "n_real": statistics.median(toks)}
 
-    results = {}
-    variants = [("ours: dynamic padding, real-token logits", False, False),
-                ("baseline: fixed padding, logits at every position", True, False)]
-    if decoder == "attention":
-        variants.append((f"attention decoder ({positions} positions x {grid_dim}), ours", False, True))
-    peaks = [peak]
-    for name, fixed, grid in variants:
-        peaks.append(measure_matmul_flops(batch * 13, size, vocab))   # the machine's rate drifts: sample it
-        keras.utils.set_random_seed(0)
-        grid_cfg = dict(decoder="attention", feature_dim=grid_dim, grid_positions=positions, attention_units=size)
-        model = build_decoder(ModelConfig(vocab_size=vocab, embedding_size=size, lstm_units=size,
-                                          **(grid_cfg if grid else {})))
-        opt = FusedAdam(1e-3)
-        opt.build(model.trainable_variables)
-        if fixed:
-            @tf.function
-            def step(batch_):
-                f, ids = batch_
-                with tf.GradientTape() as tape:
-                    logits = model.project(model.hidden(f, ids[:, :-1], training=True))   # [B, T, V] incl. pads
-                    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(ids[:, 1:], logits)
-                    mask = tf.cast(ids[:, 1:] > 0, tf.float32)
-                    loss = tf.reduce_sum(ce * mask) / tf.reduce_sum(mask)
-                g = tape.gradient(loss, model.trainable_variables)
-                opt.apply_gradients(zip(g, model.trainable_variables))
-                return loss
-        else:
-            step, _ = make_steps(model, opt, strategy, 5.0)
-        data = batches(fixed, grid)
-        if name == variants[0][0]:
-            ours_data = data
-        for f, ids, _ in data[:2]:
-            float(step((tf.constant(f), tf.constant(ids))))       # trace / warm up
-        times, toks = [], []
-        for f, ids, n in data[2:]:
-            bt = (tf.constant(f), tf.constant(ids))
-            t = time.perf_counter()
-            float(step(bt))
-            times.append(time.perf_counter() - t)
-            toks.append(n)
-        sec = statistics.median(times)
-        results[name] = {"ms_per_step": 1000 * sec, "examples_s": batch / sec,
-                         "real_tokens_s": statistics.median(toks) / sec, "n_real": statistics.median(toks)}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024        # before PyTorch loads
+
+def _time_peer(results: dict, ours_data, batch: int, vocab: int, size: int) -> None:
+    """results[PEER_NAME]: the PyTorch peer on our variant's batches, when PyTorch is installed."""
+    import keras
+
     from model import bench_peer
-    peer_name = "PyTorch peer: packed sequences, real-token logits (same batches)"
     if bench_peer.available():
         keras.utils.set_random_seed(0)
-        results[peer_name] = r = bench_peer.run(ours_data, vocab, size, 2048)
+        results[PEER_NAME] = r = bench_peer.run(ours_data, vocab, size, 2048)
         r["examples_s"] = 1000 * batch / r["ms_per_step"]
         r["n_real"] = statistics.median(n for *_, n in ours_data[2:])
-    peaks.append(measure_matmul_flops(batch * 13, size, vocab))
-    peak = statistics.median(peaks)
-    for r in results.values():
-        r["limit_ratio"] = needed_flops(r["n_real"], batch, size, size, vocab) / (r["ms_per_step"] / 1000) / peak
-    results["matmul_gflops"] = peak / 1e9
-    results["matmul_gflops_samples"] = [round(p / 1e9, 1) for p in peaks]
-    results["peak_rss_mib"] = rss
-    log(f"model train bench (TensorFlow {tf.__version__}, CPU; vocab {vocab}, embedding/LSTM {size}, batch {batch}, "
+
+
+def _log_results(results: dict, peaks: list, peak: float, attention_name: str | None, tf_version: str,
+                 vocab: int, size: int, batch: int, max_len: int, mean_len: float, steps: int, log) -> None:
+    from model import bench_peer
+    log(f"model train bench (TensorFlow {tf_version}, CPU; vocab {vocab}, embedding/LSTM {size}, batch {batch}, "
         f"lengths <= {max_len} with mean ~{mean_len}; medians of {steps} steps)")
     log(f"  matmul: {peak / 1e9:.1f} GFLOP/s (median of {len(peaks)} samples taken between the variants: "
         f"{', '.join(map(str, results['matmul_gflops_samples']))})")
@@ -148,14 +149,52 @@ def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20,
                 f"{r['real_tokens_s']:7.0f} real tokens/s  {100 * r['limit_ratio']:5.1f}% of the matmul limit")
     ours, base = (results[k] for k in list(results)[:2])
     log(f"  speed-up over the baseline: {ours['real_tokens_s'] / base['real_tokens_s']:.2f}x real tokens/s")
-    if peer_name in results:
-        log(f"  ours / PyTorch {results[peer_name]['torch']} peer: "
-            f"{ours['real_tokens_s'] / results[peer_name]['real_tokens_s']:.2f}x real tokens/s")
+    if PEER_NAME in results:
+        log(f"  ours / PyTorch {results[PEER_NAME]['torch']} peer: "
+            f"{ours['real_tokens_s'] / results[PEER_NAME]['real_tokens_s']:.2f}x real tokens/s")
     else:
         log(f"  PyTorch peer: not measured (PyTorch is not installed; {bench_peer.INSTALL})")
-    if decoder == "attention":
-        att = results[variants[2][0]]
+    if attention_name is not None:
+        att = results[attention_name]
         log(f"  attention decoder / pooled decoder: {att['real_tokens_s'] / ours['real_tokens_s']:.2f}x real tokens/s "
             f"(the FLOP limit ratio counts the LSTM and logits only)")
     log(f"  peak memory (RSS, TensorFlow's variants): {results['peak_rss_mib']:.0f} MiB")
+
+
+def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20, mean_len: float = 12.5,
+        steps: int = 12, decoder: str = "show_and_tell", positions: int = 49, grid_dim: int = 1280,
+        log=print) -> dict:
+    """decoder "attention": also times the attention decoder (same sizes, our step) on random grids
+    of `positions` x `grid_dim` (EfficientNet-Lite0 at 224 px: 49 x 1280)."""
+    import tensorflow as tf
+    rng = np.random.default_rng(0)
+    strategy = tf.distribute.get_strategy()
+
+    peak = measure_matmul_flops(batch * 13, size, vocab)     # the step's largest product
+
+    results = {}
+    variants = [("ours: dynamic padding, real-token logits", False, False),
+                ("baseline: fixed padding, logits at every position", True, False)]
+    if decoder == "attention":
+        variants.append((f"attention decoder ({positions} positions x {grid_dim}), ours", False, True))
+    peaks = [peak]
+    for name, fixed, grid in variants:
+        peaks.append(measure_matmul_flops(batch * 13, size, vocab))   # the machine's rate drifts: sample it
+        step = _variant_step(vocab, size, fixed, grid, positions, grid_dim, strategy)
+        data = _random_batches(rng, steps + 2, batch, max_len, mean_len, vocab, fixed,
+                               (positions, grid_dim) if grid else (2048,))
+        if name == variants[0][0]:
+            ours_data = data
+        results[name] = _time_step(step, data, batch)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024        # before PyTorch loads
+    _time_peer(results, ours_data, batch, vocab, size)
+    peaks.append(measure_matmul_flops(batch * 13, size, vocab))
+    peak = statistics.median(peaks)
+    for r in results.values():
+        r["limit_ratio"] = needed_flops(r["n_real"], batch, size, size, vocab) / (r["ms_per_step"] / 1000) / peak
+    results["matmul_gflops"] = peak / 1e9
+    results["matmul_gflops_samples"] = [round(p / 1e9, 1) for p in peaks]
+    results["peak_rss_mib"] = rss
+    _log_results(results, peaks, peak, variants[2][0] if decoder == "attention" else None, tf.__version__,
+                 vocab, size, batch, max_len, mean_len, steps, log)
     return results

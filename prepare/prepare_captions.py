@@ -15,16 +15,7 @@ from prepare.vocabulary import SPECIALS, Vocabulary
 MAX_LEN = 1000   # tokens per caption; COCO's longest is ~60
 
 
-def prepare_captions(out: str | os.PathLike, *, pairs: list[tuple[str, str, str]] | None = None,
-                     karpathy: str | None = None, images_root: str | None = None,
-                     vocab_size: int | None = 12000, min_count: int = 1, max_len: int = 20,
-                     val_fraction: float = 0.05, test_fraction: float = 0.05, seed: int = 0,
-                     overwrite: bool = False, log=print) -> dict:
-    """`pairs`: [(split, annotation json, image folder)]. Missing val/test are carved from train.
-
-    Returns the summary it prints: per split counts, skips by reason, vocabulary stats.
-    """
-    out = Path(out)
+def _check_args(out: Path, vocab_size, min_count, max_len, val_fraction, test_fraction, seed, overwrite) -> None:
     check_range("--max-len", max_len, 3, MAX_LEN, "tokens per caption incl. <start> and <end>")
     if vocab_size is not None:
         check_range("--vocab-size", vocab_size, len(SPECIALS) + 1, None,
@@ -37,8 +28,11 @@ def prepare_captions(out: str | os.PathLike, *, pairs: list[tuple[str, str, str]
         raise UserError(f"{out} is a folder; --out names the captions file to write (e.g. {out / 'captions.h5'})")
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    skipped: Counter = Counter()
-    checksums: dict[str, str] = {}
+
+
+def _load_records(pairs, karpathy, images_root, skipped: Counter, checksums: dict) -> dict[str, list]:
+    """{split: records} from the Karpathy file and the (split, annotations, images) pairs; counts
+    skips into `skipped` and each source file's sha256 into `checksums`."""
     records: dict[str, list] = {}
     if karpathy:
         if not images_root:
@@ -55,6 +49,10 @@ def prepare_captions(out: str | os.PathLike, *, pairs: list[tuple[str, str, str]
     if "train" not in records or not records["train"]:
         raise UserError("no usable training images: give a train split (the first --annotations/--images "
                         "pair, or a Karpathy file with split 'train')")
+    return records
+
+
+def _check_disjoint(records: dict[str, list]) -> None:
     seen: dict[int, str] = {}
     for split, recs in records.items():
         for r in recs:
@@ -62,16 +60,10 @@ def prepare_captions(out: str | os.PathLike, *, pairs: list[tuple[str, str, str]
                 raise UserError(f"image id {r[0]} is in both the '{seen[r[0]]}' and '{split}' splits; "
                                 "splits must not share images")
             seen[r[0]] = split
-    carve = {k: f for k, f in (("val", val_fraction), ("test", test_fraction)) if k not in records and f > 0}
-    if carve:
-        records.update(coco.carve_splits(records.pop("train"), carve, seed))
-    info: Counter = Counter()
-    splits = {name: coco.to_split_data(recs, info) for name, recs in records.items()}
-    vocab = Vocabulary.build(splits["train"].captions, max_size=vocab_size, min_count=min_count)
-    config = {"vocab_size": vocab_size, "min_count": min_count, "max_len": max_len, "seed": seed,
-              "val_fraction": val_fraction, "test_fraction": test_fraction,
-              "carved": sorted(carve), "sources": [list(p) for p in pairs or []], "karpathy": karpathy}
-    stats = captions_h5.write(out, splits, vocab, max_len, config, checksums, overwrite=overwrite)
+
+
+def _report(out: Path, vocab, splits, stats, skipped: Counter, info: Counter, max_len: int, log) -> dict:
+    """Logs what was written and returns the summary (per split counts and length histograms)."""
     root = captions_h5.images_root(out)
     summary = {"output": str(out), "vocabulary": len(vocab), "splits": {}, "skipped": dict(skipped),
                "notes": dict(info), "images_root": str(root)}
@@ -95,3 +87,31 @@ def prepare_captions(out: str | os.PathLike, *, pairs: list[tuple[str, str, str]
     for reason, n in sorted(info.items()):
         log(f"  note: {n} x {reason}")
     return summary
+
+
+def prepare_captions(out: str | os.PathLike, *, pairs: list[tuple[str, str, str]] | None = None,
+                     karpathy: str | None = None, images_root: str | None = None,
+                     vocab_size: int | None = 12000, min_count: int = 1, max_len: int = 20,
+                     val_fraction: float = 0.05, test_fraction: float = 0.05, seed: int = 0,
+                     overwrite: bool = False, log=print) -> dict:
+    """`pairs`: [(split, annotation json, image folder)]. Missing val/test are carved from train.
+
+    Returns the summary it prints: per split counts, skips by reason, vocabulary stats.
+    """
+    out = Path(out)
+    _check_args(out, vocab_size, min_count, max_len, val_fraction, test_fraction, seed, overwrite)
+    skipped: Counter = Counter()
+    checksums: dict[str, str] = {}
+    records = _load_records(pairs, karpathy, images_root, skipped, checksums)
+    _check_disjoint(records)
+    carve = {k: f for k, f in (("val", val_fraction), ("test", test_fraction)) if k not in records and f > 0}
+    if carve:
+        records.update(coco.carve_splits(records.pop("train"), carve, seed))
+    info: Counter = Counter()
+    splits = {name: coco.to_split_data(recs, info) for name, recs in records.items()}
+    vocab = Vocabulary.build(splits["train"].captions, max_size=vocab_size, min_count=min_count)
+    config = {"vocab_size": vocab_size, "min_count": min_count, "max_len": max_len, "seed": seed,
+              "val_fraction": val_fraction, "test_fraction": test_fraction,
+              "carved": sorted(carve), "sources": [list(p) for p in pairs or []], "karpathy": karpathy}
+    stats = captions_h5.write(out, splits, vocab, max_len, config, checksums, overwrite=overwrite)
+    return _report(out, vocab, splits, stats, skipped, info, max_len, log)
