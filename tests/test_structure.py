@@ -79,10 +79,6 @@ def long_functions() -> list[str]:
     return sorted(out)
 
 
-# Offenders when this test was written: infer/__main__.py main (91 lines), model/bench.py run (84),
-# infer/evaluate.py evaluate (76), prepare/prepare_captions.py prepare_captions (75), infer/bench.py run (64).
-# All but one are split now; the offender that remains: infer/evaluate.py evaluate (77 lines).
-@pytest.mark.xfail(strict=False, reason="one function over 60 lines awaits splitting: infer/evaluate.py evaluate")
 def test_no_long_functions():
     offenders = long_functions()
     assert not offenders, f"functions over {MAX_LINES} lines of their own:\n" + "\n".join(offenders)
