@@ -91,7 +91,9 @@ def _one_caption_dataset(src: Path, dst: Path, n: int = 16) -> Path:
 def test_tiny_set_is_memorised(tiny_dataset, tmp_path):
     d = _one_caption_dataset(tiny_dataset, tmp_path / "d")
     s = train(d, tmp_path / "run", model_overrides={"embedding_size": 32, "lstm_units": 256, "dropout": 0.0},
-              train_overrides={"epochs": 70, "batch_size": 4, "lr": 3e-3, "lr_decay_factor": 1.0, "samples": 2}, **quiet)
+              train_overrides={"epochs": 90, "batch_size": 4, "lr": 3e-3, "lr_decay_factor": 1.0, "samples": 2}, **quiet)
+    # 90 epochs: on some CPUs Adam's loss spikes twice on the way (epochs 53 and 65 here) and is at
+    # 0.088 after 70; it is under 0.02 after 80 on every machine measured
     h = s["history"]
     assert h[0]["train_loss"] > 1.0
     assert h[-1]["train_loss"] < 0.05 and h[-1]["val_loss"] < 0.05   # val holds the same images and captions
