@@ -10,7 +10,7 @@ import numpy as np
 from prepare import captions_h5, coco
 from prepare.errors import UserError, check_range
 from prepare.files import sha256_file
-from prepare.vocabulary import SPECIALS, Vocabulary
+from prepare.vocabulary import SPECIALS, TOKENIZERS, Vocabulary
 
 MAX_LEN = 1000   # tokens per caption; COCO's longest is ~60
 
@@ -19,10 +19,11 @@ def prepare_captions(out: str | os.PathLike, *, pairs: list[tuple[str, str, str]
                      karpathy: str | None = None, images_root: str | None = None,
                      vocab_size: int | None = 12000, min_count: int = 1, max_len: int = 20,
                      val_fraction: float = 0.05, test_fraction: float = 0.05, seed: int = 0,
-                     overwrite: bool = False, log=print) -> dict:
+                     tokenizer: str = "words", overwrite: bool = False, log=print) -> dict:
     """`pairs`: [(split, annotation json, image folder)]. Missing val/test are carved from train.
+    `tokenizer`: "words" or "chars" (each character of a script written without spaces is a token).
 
-    Returns the summary it prints: per split counts, skips by reason, vocabulary stats.
+    Returns the summary it prints: per split counts, skips by reason, vocabulary stats, warnings.
     """
     out = Path(out)
     check_range("--max-len", max_len, 3, MAX_LEN, "tokens per caption incl. <start> and <end>")
@@ -33,6 +34,8 @@ def prepare_captions(out: str | os.PathLike, *, pairs: list[tuple[str, str, str]
     check_range("--val-fraction", val_fraction, 0.0, 0.5)
     check_range("--test-fraction", test_fraction, 0.0, 0.5)
     check_range("--seed", seed, 0)
+    if tokenizer not in TOKENIZERS:
+        raise UserError(f"--tokenizer must be one of {', '.join(TOKENIZERS)} (got {tokenizer!r})")
     if out.is_dir():
         raise UserError(f"{out} is a folder; --out names the captions file to write (e.g. {out / 'captions.h5'})")
     if out.exists() and not overwrite:
@@ -66,21 +69,23 @@ def prepare_captions(out: str | os.PathLike, *, pairs: list[tuple[str, str, str]
     if carve:
         records.update(coco.carve_splits(records.pop("train"), carve, seed))
     info: Counter = Counter()
-    splits = {name: coco.to_split_data(recs, info) for name, recs in records.items()}
-    vocab = Vocabulary.build(splits["train"].captions, max_size=vocab_size, min_count=min_count)
+    splits = {name: coco.to_split_data(recs, info, tokenizer) for name, recs in records.items()}
+    vocab = Vocabulary.build(splits["train"].captions, max_size=vocab_size, min_count=min_count,
+                             max_len=max_len, tokenizer=tokenizer)
     config = {"vocab_size": vocab_size, "min_count": min_count, "max_len": max_len, "seed": seed,
+              "tokenizer": tokenizer,
               "val_fraction": val_fraction, "test_fraction": test_fraction,
               "carved": sorted(carve), "sources": [list(p) for p in pairs or []], "karpathy": karpathy}
     stats = captions_h5.write(out, splits, vocab, max_len, config, checksums, overwrite=overwrite)
     root = captions_h5.images_root(out)
-    summary = {"output": str(out), "vocabulary": len(vocab), "splits": {}, "skipped": dict(skipped),
-               "notes": dict(info), "images_root": str(root)}
+    summary = {"output": str(out), "vocabulary": len(vocab), "tokenizer": tokenizer, "splits": {},
+               "skipped": dict(skipped), "notes": dict(info), "images_root": str(root), "warnings": []}
     log(f"wrote {out}")
     if root != out.parent:
         log(f"  the images are not under {out.parent}: file names are relative to {root} "
             "(recorded in the file; readers use it)")
     log(f"  vocabulary: {len(vocab)} words (incl. 4 special tokens) from "
-        f"{len(splits['train'].captions)} training captions")
+        f"{len(splits['train'].captions)} training captions, tokenizer {tokenizer}")
     for name, s in stats.items():
         lens = s.pop("lengths")
         hist = np.bincount(lens, minlength=max_len + 1)
@@ -94,4 +99,23 @@ def prepare_captions(out: str | os.PathLike, *, pairs: list[tuple[str, str, str]
         log(f"  skipped: {n} x {reason}")
     for reason, n in sorted(info.items()):
         log(f"  note: {n} x {reason}")
+    summary["warnings"] = _warnings(splits, summary["splits"], tokenizer)
+    for w in summary["warnings"]:
+        log(f"warning: {w}")
     return summary
+
+
+def _warnings(splits: dict, stats: dict, tokenizer: str) -> list[str]:
+    """Splits the model cannot learn from or be scored on as they are: one line each, with the fix."""
+    out = []
+    for name, sd in splits.items():
+        if tokenizer == "words" and sd.no_space:
+            out.append(f"{name}: {sd.no_space} captions are in a script written without spaces (Chinese, "
+                       "Japanese, Thai...), so each run of such text became a single token; pass --tokenizer "
+                       "chars to make each of its characters a token")
+    for name, s in stats.items():
+        if name != "train" and s["captions"] and s["unk_rate"] == 1.0:
+            out.append(f"{name}: every caption is only <unk> (none of its words is in the vocabulary built from "
+                       "train); pass a larger --vocab-size, or give captions in the same language as the "
+                       "training split")
+    return out
