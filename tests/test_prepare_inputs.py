@@ -181,3 +181,19 @@ def test_words_only_after_the_max_len_cut_are_not_in_the_vocabulary(tmp_path):
     assert s["vocabulary"] == 12
     with h5py.File(tmp_path / "out.h5", "r") as f:
         assert json.loads(f.attrs["config"])["max_len"] == 8
+
+
+def test_karpathy_file_gets_the_same_checks(tmp_path):
+    root = tmp_path / "coco"
+    (root / "train2014").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "train2014" / "a.jpg")
+
+    def run(**change):
+        im = {"filepath": "train2014", "filename": "a.jpg", "split": "train", "cocoid": 1,
+              "sentences": [{"raw": "a red star"}]} | change
+        (tmp_path / "k.json").write_text(json.dumps({"images": [im]}))
+        return _cli("captions", "--karpathy", tmp_path / "k.json", "--images-root", root,
+                    "--out", tmp_path / "k.h5", "--overwrite")
+    assert run().returncode == 0
+    _one_line_error(run(cocoid=2 ** 63), "images[0]", "'cocoid'", "64-bit")
+    _one_line_error(run(sentences=[{"raw": "a \ud800 star"}]), "images[0]: sentences[0]", "'raw'", "surrogate")
