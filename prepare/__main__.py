@@ -47,7 +47,7 @@ def _captions(a) -> None:
     prepare_captions(out, pairs=pairs, karpathy=a.karpathy, images_root=a.images_root,
                      vocab_size=a.vocab_size, min_count=a.min_count, max_len=a.max_len,
                      val_fraction=a.val_fraction, test_fraction=a.test_fraction, seed=a.seed,
-                     overwrite=a.overwrite)
+                     tokenizer=a.tokenizer, overwrite=a.overwrite)
     print(f"  took {time.time() - t0:.1f}s")
 
 
@@ -79,6 +79,9 @@ def main(argv=None) -> int:
     c.add_argument("--val-fraction", type=float, default=0.05, help="carved from train when no val is given")
     c.add_argument("--test-fraction", type=float, default=0.05, help="carved from train when no test is given")
     c.add_argument("--seed", type=int, default=0, help="seed of the carved split")
+    c.add_argument("--tokenizer", default="words",
+                   help="words (default), or chars: each character of a script written without spaces "
+                   "(Chinese, Japanese, Thai...) is its own token; stored with the vocabulary")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     a = p.parse_args(argv)
     {"synth": _synth, "captions": _captions}[a.cmd](a)

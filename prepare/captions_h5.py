@@ -10,7 +10,8 @@ Layout (N captions, M images, L = max_len):
                                         (never absolute, never with `..`: readers refuse those)
     /<split>/objects      utf-8 [M]     ground truth JSON per image ("" when unknown)
     /<split>/texts        utf-8 [N]     the original caption text (references for evaluation)
-    /vocab/words          utf-8 [V]     id order; /vocab/counts int64 [V]
+    /vocab/words          utf-8 [V]     id order; /vocab/counts int64 [V]; /vocab attrs tokenizer
+                                        ("words" or "chars"; absent in older files: "words")
     attrs: config (JSON), checksums (JSON: input file -> sha256), format_version,
            images_root (absolute folder; only when the images are not under this file's folder)
 
@@ -27,7 +28,7 @@ import h5py
 import numpy as np
 
 from prepare.errors import UserError
-from prepare.files import atomic_path, inside
+from prepare.files import atomic_path, inside, not_inside
 from prepare.vocabulary import Vocabulary
 
 FORMAT_VERSION = 1
@@ -67,6 +68,7 @@ def write(path: str | os.PathLike, splits: dict, vocab: Vocabulary, max_len: int
             g = f.create_group("vocab")
             g.create_dataset("words", data=np.array(vocab.words, dtype=object), dtype=_STR)
             g.create_dataset("counts", data=np.asarray(vocab.counts, dtype=np.int64))
+            g.attrs["tokenizer"] = vocab.tokenizer
             for name, sd in splits.items():
                 n = len(sd.captions)
                 ids = np.zeros((n, max_len), np.int32)
@@ -120,8 +122,8 @@ class Split:
         for i, f in enumerate(self.file_names):
             p = inside(root, f)
             if p is None:
-                raise UserError(f"{self.source or 'captions.h5'}/file_names[{i}] is {f!r}, which is not a path "
-                                f"inside the images folder {root}; the file was not written by `python -m prepare "
+                raise UserError(f"{self.source or 'captions.h5'}/file_names[{i}] is {f!r}, which {not_inside(root, f)}: "
+                                f"not a path inside the images folder {root}; the file was not written by `python -m prepare "
                                 "captions` or was modified: re-create it with `python -m prepare captions --overwrite`")
             out.append(p)
         return out
@@ -129,8 +131,10 @@ class Split:
 
 def read_vocab(path: str | os.PathLike) -> Vocabulary:
     with _open(path) as f:
+        tokenizer = f["vocab"].attrs.get("tokenizer", "words")
         return Vocabulary([w.decode() if isinstance(w, bytes) else w for w in f["vocab/words"][()]],
-                          [int(c) for c in f["vocab/counts"][()]])
+                          [int(c) for c in f["vocab/counts"][()]],
+                          tokenizer.decode() if isinstance(tokenizer, bytes) else str(tokenizer))
 
 
 def split_names(path: str | os.PathLike) -> list[str]:

@@ -17,19 +17,40 @@ from typing import Callable, Iterator
 
 from prepare.errors import UserError
 
+OUTSIDE_REASONS = ("is absolute", "has a '..' component", "leaves its folder", "names the folder itself")
+
+
+def not_inside(folder: str | os.PathLike, name) -> str | None:
+    """Why `name` (read from a user's file) is not a relative path that stays inside `folder`, or
+    None when it is: "is not text", "is empty", "contains a NUL byte", or one of OUTSIDE_REASONS
+    (absolute, `..` anywhere, ...). Decided on the text alone (os.path.normpath), never by
+    following symlinks."""
+    if not isinstance(name, str):
+        return "is not text"
+    if not name:
+        return "is empty"
+    if "\0" in name:
+        return "contains a NUL byte"
+    if os.path.isabs(name):
+        return "is absolute"
+    if ".." in Path(name).parts:
+        return "has a '..' component"
+    base = os.path.normpath(os.path.abspath(folder))
+    full = os.path.normpath(os.path.join(base, name))
+    if full == base:
+        return "names the folder itself"
+    if os.path.commonpath([base, full]) != base:
+        return "leaves its folder"
+    return None
+
+
 def inside(folder: str | os.PathLike, name: str) -> Path | None:
     """folder/name if `name` (read from a user's file) is a relative path that stays inside
     `folder`, else None: absolute names, `..` components anywhere, NUL bytes and empty names are
-    refused. Decided on the text alone (os.path.normpath), never by following symlinks."""
-    if not isinstance(name, str) or not name or "\0" in name or os.path.isabs(name):
+    refused (not_inside says which)."""
+    if not_inside(folder, name) is not None:
         return None
-    if ".." in Path(name).parts:
-        return None
-    base = os.path.normpath(os.path.abspath(folder))
-    full = os.path.normpath(os.path.join(base, name))
-    if os.path.commonpath([base, full]) != base or full == base:
-        return None
-    return Path(full)
+    return Path(os.path.normpath(os.path.join(os.path.normpath(os.path.abspath(folder)), name)))
 
 
 @contextlib.contextmanager

@@ -10,12 +10,13 @@ import numpy as np
 from prepare import captions_h5, coco
 from prepare.errors import UserError, check_range
 from prepare.files import sha256_file
-from prepare.vocabulary import SPECIALS, Vocabulary
+from prepare.vocabulary import SPECIALS, TOKENIZERS, Vocabulary
 
 MAX_LEN = 1000   # tokens per caption; COCO's longest is ~60
 
 
-def _check_args(out: Path, vocab_size, min_count, max_len, val_fraction, test_fraction, seed, overwrite) -> None:
+def _check_args(out: Path, vocab_size, min_count, max_len, val_fraction, test_fraction, seed, tokenizer,
+                overwrite) -> None:
     check_range("--max-len", max_len, 3, MAX_LEN, "tokens per caption incl. <start> and <end>")
     if vocab_size is not None:
         check_range("--vocab-size", vocab_size, len(SPECIALS) + 1, None,
@@ -24,6 +25,8 @@ def _check_args(out: Path, vocab_size, min_count, max_len, val_fraction, test_fr
     check_range("--val-fraction", val_fraction, 0.0, 0.5)
     check_range("--test-fraction", test_fraction, 0.0, 0.5)
     check_range("--seed", seed, 0)
+    if tokenizer not in TOKENIZERS:
+        raise UserError(f"--tokenizer must be one of {', '.join(TOKENIZERS)} (got {tokenizer!r})")
     if out.is_dir():
         raise UserError(f"{out} is a folder; --out names the captions file to write (e.g. {out / 'captions.h5'})")
     if out.exists() and not overwrite:
@@ -62,17 +65,18 @@ def _check_disjoint(records: dict[str, list]) -> None:
             seen[r[0]] = split
 
 
-def _report(out: Path, vocab, splits, stats, skipped: Counter, info: Counter, max_len: int, log) -> dict:
-    """Logs what was written and returns the summary (per split counts and length histograms)."""
+def _report(out: Path, vocab, splits, stats, skipped: Counter, info: Counter, max_len: int, tokenizer: str,
+            log) -> dict:
+    """Logs what was written and returns the summary (per split counts and length histograms, warnings)."""
     root = captions_h5.images_root(out)
-    summary = {"output": str(out), "vocabulary": len(vocab), "splits": {}, "skipped": dict(skipped),
-               "notes": dict(info), "images_root": str(root)}
+    summary = {"output": str(out), "vocabulary": len(vocab), "tokenizer": tokenizer, "splits": {},
+               "skipped": dict(skipped), "notes": dict(info), "images_root": str(root), "warnings": []}
     log(f"wrote {out}")
     if root != out.parent:
         log(f"  the images are not under {out.parent}: file names are relative to {root} "
             "(recorded in the file; readers use it)")
     log(f"  vocabulary: {len(vocab)} words (incl. 4 special tokens) from "
-        f"{len(splits['train'].captions)} training captions")
+        f"{len(splits['train'].captions)} training captions, tokenizer {tokenizer}")
     for name, s in stats.items():
         lens = s.pop("lengths")
         hist = np.bincount(lens, minlength=max_len + 1)
@@ -86,6 +90,9 @@ def _report(out: Path, vocab, splits, stats, skipped: Counter, info: Counter, ma
         log(f"  skipped: {n} x {reason}")
     for reason, n in sorted(info.items()):
         log(f"  note: {n} x {reason}")
+    summary["warnings"] = _warnings(splits, summary["splits"], tokenizer)
+    for w in summary["warnings"]:
+        log(f"warning: {w}")
     return summary
 
 
@@ -93,13 +100,14 @@ def prepare_captions(out: str | os.PathLike, *, pairs: list[tuple[str, str, str]
                      karpathy: str | None = None, images_root: str | None = None,
                      vocab_size: int | None = 12000, min_count: int = 1, max_len: int = 20,
                      val_fraction: float = 0.05, test_fraction: float = 0.05, seed: int = 0,
-                     overwrite: bool = False, log=print) -> dict:
+                     tokenizer: str = "words", overwrite: bool = False, log=print) -> dict:
     """`pairs`: [(split, annotation json, image folder)]. Missing val/test are carved from train.
+    `tokenizer`: "words" or "chars" (each character of a script written without spaces is a token).
 
-    Returns the summary it prints: per split counts, skips by reason, vocabulary stats.
+    Returns the summary it prints: per split counts, skips by reason, vocabulary stats, warnings.
     """
     out = Path(out)
-    _check_args(out, vocab_size, min_count, max_len, val_fraction, test_fraction, seed, overwrite)
+    _check_args(out, vocab_size, min_count, max_len, val_fraction, test_fraction, seed, tokenizer, overwrite)
     skipped: Counter = Counter()
     checksums: dict[str, str] = {}
     records = _load_records(pairs, karpathy, images_root, skipped, checksums)
@@ -108,10 +116,27 @@ def prepare_captions(out: str | os.PathLike, *, pairs: list[tuple[str, str, str]
     if carve:
         records.update(coco.carve_splits(records.pop("train"), carve, seed))
     info: Counter = Counter()
-    splits = {name: coco.to_split_data(recs, info) for name, recs in records.items()}
-    vocab = Vocabulary.build(splits["train"].captions, max_size=vocab_size, min_count=min_count)
+    splits = {name: coco.to_split_data(recs, info, tokenizer) for name, recs in records.items()}
+    vocab = Vocabulary.build(splits["train"].captions, max_size=vocab_size, min_count=min_count,
+                             max_len=max_len, tokenizer=tokenizer)
     config = {"vocab_size": vocab_size, "min_count": min_count, "max_len": max_len, "seed": seed,
-              "val_fraction": val_fraction, "test_fraction": test_fraction,
+              "tokenizer": tokenizer, "val_fraction": val_fraction, "test_fraction": test_fraction,
               "carved": sorted(carve), "sources": [list(p) for p in pairs or []], "karpathy": karpathy}
     stats = captions_h5.write(out, splits, vocab, max_len, config, checksums, overwrite=overwrite)
-    return _report(out, vocab, splits, stats, skipped, info, max_len, log)
+    return _report(out, vocab, splits, stats, skipped, info, max_len, tokenizer, log)
+
+
+def _warnings(splits: dict, stats: dict, tokenizer: str) -> list[str]:
+    """Splits the model cannot learn from or be scored on as they are: one line each, with the fix."""
+    out = []
+    for name, sd in splits.items():
+        if tokenizer == "words" and sd.no_space:
+            out.append(f"{name}: {sd.no_space} captions are in a script written without spaces (Chinese, "
+                       "Japanese, Thai...), so each run of such text became a single token; pass --tokenizer "
+                       "chars to make each of its characters a token")
+    for name, s in stats.items():
+        if name != "train" and s["captions"] and s["unk_rate"] == 1.0:
+            out.append(f"{name}: every caption is only <unk> (none of its words is in the vocabulary built from "
+                       "train); pass a larger --vocab-size, or give captions in the same language as the "
+                       "training split")
+    return out
