@@ -63,7 +63,7 @@ def build_module(run_dir, beam_size: int, top_k: int, max_len: int, length_norm:
         feats = encoder_model(x, training=False)
         ids, _, lp, _ = beam_search(decoder, feats, beam_size=beam_size, max_len=max_len, length_norm=length_norm)
         ids, lp = ids[:, :top_k], lp[:, :top_k]
-        text = tf.where(tf.math.is_finite(lp), ids_to_text(words, ids), "")
+        text = tf.where(tf.math.is_finite(lp), ids_to_text(words, ids, cap.vocab.tokenizer), "")
         return {"captions": text, "log_probs": lp}
 
     archive = keras.export.ExportArchive()       # tracks the models' variables, not their Keras call signatures

@@ -254,11 +254,17 @@ def _block_size(V, k: int) -> int:
     return next((b for b in (32, 40, 48, 24, 50, 60, 64, 30, 36, 20, 16) if V % b == 0), 32)
 
 
-def ids_to_text(words, ids):
-    """[N, k, L] ids -> [N, k] strings, as Vocabulary.decode: stop at <end>, drop <start>/<pad>."""
+def ids_to_text(words, ids, tokenizer: str = "words"):
+    """[N, k, L] ids -> [N, k] strings, as Vocabulary.decode: stop at <end>, drop <start>/<pad>;
+    with the "chars" tokenizer no space next to a character of a script written without spaces."""
     import tensorflow as tf
+    from prepare.vocabulary import NO_SPACE_RE2
     ended = tf.cumsum(tf.cast(tf.equal(ids, END_ID), tf.int32), axis=-1) > 0
     keep = tf.logical_not(ended) & tf.not_equal(ids, START_ID) & tf.not_equal(ids, PAD_ID)
     tokens = tf.where(keep, tf.gather(words, ids), "")
     joined = tf.strings.reduce_join(tokens, axis=-1, separator=" ")
-    return tf.strings.strip(tf.strings.regex_replace(joined, " +", " "))
+    text = tf.strings.strip(tf.strings.regex_replace(joined, " +", " "))
+    if tokenizer == "chars":
+        text = tf.strings.regex_replace(text, f"({NO_SPACE_RE2}) ", r"\1")
+        text = tf.strings.regex_replace(text, f" ({NO_SPACE_RE2})", r"\1")
+    return text

@@ -132,9 +132,13 @@ class Split:
 def read_vocab(path: str | os.PathLike) -> Vocabulary:
     with _open(path) as f:
         tokenizer = f["vocab"].attrs.get("tokenizer", "words")
-        return Vocabulary([w.decode() if isinstance(w, bytes) else w for w in f["vocab/words"][()]],
-                          [int(c) for c in f["vocab/counts"][()]],
-                          tokenizer.decode() if isinstance(tokenizer, bytes) else str(tokenizer))
+        try:
+            return Vocabulary([w.decode() if isinstance(w, bytes) else w for w in f["vocab/words"][()]],
+                              [int(c) for c in f["vocab/counts"][()]],
+                              tokenizer.decode() if isinstance(tokenizer, bytes) else str(tokenizer))
+        except ValueError as e:
+            raise UserError(f"{path}: its vocabulary is damaged ({e}); re-create it with "
+                            f"`python -m prepare captions --overwrite`") from None
 
 
 def split_names(path: str | os.PathLike) -> list[str]:

@@ -43,6 +43,8 @@ _NO_SPACE_RANGES = ((0x0E00, 0x0EFF), (0x0F00, 0x0FFF), (0x1000, 0x109F), (0x178
                     (0x20000, 0x3FFFF))
 _NO_SPACE = "".join(f"{chr(a)}-{chr(b)}" for a, b in _NO_SPACE_RANGES)
 _NO_SPACE_RE = re.compile(f"[{_NO_SPACE}]")
+# The same class in RE2's syntax, for TensorFlow's regex ops (the SavedModel joins tokens in the graph)
+NO_SPACE_RE2 = "[" + "".join(f"\\x{{{a:04X}}}-\\x{{{b:04X}}}" for a, b in _NO_SPACE_RANGES) + "]"
 _JOINERS = "\u200c\u200d"       # ZWNJ, ZWJ: needed inside words of some scripts (Persian, Indic)
 
 
@@ -169,6 +171,8 @@ class Vocabulary:
             self.counts = [0] * len(self.words)
         if len(self.counts) != len(self.words):
             raise ValueError("vocabulary words and counts differ in length")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"unknown tokenizer {self.tokenizer!r} (known: {', '.join(TOKENIZERS)})")
         self._ids = {w: i for i, w in enumerate(self.words)}
         if len(self._ids) != len(self.words):
             raise ValueError("vocabulary has duplicate words")

@@ -231,3 +231,19 @@ def test_sample_log_probs_are_the_teacher_forced_ones_of_the_sampled_words(kind)
     logp = m(np.repeat(feats, K, axis=0), inputs).numpy()                     # [N*K, T, V]
     forced = np.take_along_axis(logp, ids[:, :, None], axis=2)[:, :, 0]
     np.testing.assert_allclose(lps, np.where(pos < lengths[:, None], forced, 0.0).sum(1), rtol=1e-4, atol=1e-4)
+
+
+def test_ids_to_text_joins_as_vocabulary_decode_for_both_tokenizers():
+    """The SavedModel's in-graph join equals Vocabulary.decode, spaces included, on random captions
+    mixing Latin words with characters of scripts written without spaces."""
+    from prepare.vocabulary import Vocabulary
+    words = ["<pad>", "<start>", "<end>", "<unk>", "犬", "が", "red", "ball", "。", "A", "วั", "ก", "x1"]
+    rng = np.random.default_rng(0)
+    seqs = [[1, *rng.integers(3, len(words), size=rng.integers(1, 9)).tolist(), 2] for _ in range(40)]
+    L = max(map(len, seqs))
+    ids = tf.constant([[s + [0] * (L - len(s))] for s in seqs], tf.int32)               # [40, 1, L]
+    for tokenizer in ("words", "chars"):
+        v = Vocabulary(words, tokenizer=tokenizer)
+        got = [b.decode() for b in decoding.ids_to_text(tf.constant(words), ids, tokenizer).numpy()[:, 0]]
+        assert got == [v.decode(s) for s in seqs]
+    assert Vocabulary(words, tokenizer="chars").decode([1, 9, 4, 5, 6, 7, 8, 2]) == "A犬がred ball。"
