@@ -1,4 +1,4 @@
-"""python -m model train | finetune | bench  (each has --help; flags come from the typed configs)"""
+"""python -m model train | finetune | scst | bench  (each has --help; flags come from the typed configs)"""
 from __future__ import annotations
 
 import argparse
@@ -11,8 +11,7 @@ from prepare.cli import run_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from model.config import ModelConfig, TrainConfig, add_flags
-    from model.config import FinetuneConfig
+    from model.config import FinetuneConfig, ModelConfig, ScstConfig, TrainConfig, add_flags
     p = argparse.ArgumentParser(prog="python -m model", description="train the Show and Tell decoder")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="stage 1: train the decoder on cached features")
@@ -30,6 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(f, FinetuneConfig, skip=("recipe",))
     f.add_argument("--force", action="store_true", help="fine-tune even an untrained decoder (not advised)")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
+    s = sub.add_parser("scst", help="self-critical training: sampled captions rewarded by CIDEr-D, on cached features")
+    s.add_argument("--run", required=True, help="a trained run directory to start from (never modified)")
+    s.add_argument("--data", required=True, help="the dataset folder it was trained on (captions.h5)")
+    s.add_argument("--features", help="feature cache folder of the run's encoder (default: the run's own)")
+    s.add_argument("--out", required=True, help="new run directory (an existing self-critical run is resumed)")
+    add_flags(s, ScstConfig)
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
     b = sub.add_parser("bench", help="decoder training throughput on random data (im2txt sizes by default)")
     b.add_argument("--vocab", type=int, default=12000, help="vocabulary size (default 12000)")
     b.add_argument("--size", type=int, default=512, help="embedding and LSTM size (default 512)")
@@ -55,6 +61,10 @@ def main(argv=None) -> int:
         from model.config import FinetuneConfig
         from model.finetune import finetune
         finetune(a.run, a.data, a.out, overrides=flags_of(a, FinetuneConfig), force=a.force, progress=not a.quiet)
+    elif a.cmd == "scst":
+        from model.config import ScstConfig
+        from model.scst import scst
+        scst(a.run, a.data, a.out, features=a.features, overrides=flags_of(a, ScstConfig), progress=not a.quiet)
     else:
         from model import bench
         from prepare.errors import check_range

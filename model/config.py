@@ -79,6 +79,23 @@ class FinetuneConfig:
     sample_max_len: int = setting(30, "max tokens of those captions")
 
 
+@dataclass
+class ScstConfig:
+    epochs: int = setting(3, "passes over the training images")
+    max_steps: int = setting(0, "stop after this many steps in all (0: run all epochs)")
+    batch_size: int = setting(16, "images per step")
+    samples_per_image: int = setting(5, "captions sampled per image each step (K)")
+    baseline: str = setting("mean", "mean: each sample's baseline is the mean reward of the image's other samples "
+                            "(new SCST); greedy: the reward of the greedy caption (Rennie et al.)")
+    lr: float = setting(5e-5, "learning rate (Adam)")
+    temperature: float = setting(1.0, "sampling temperature")
+    max_len: int = setting(0, "tokens of a sampled caption incl. <start>/<end>; 0: the longest training caption + 2")
+    clip_norm: float = setting(5.0, "gradient clipping by global norm")
+    seed: int = setting(0, "data order and the samples drawn")
+    checkpoint_every: int = setting(100, "steps between checkpoints (also one per epoch)")
+    samples: int = setting(3, "validation images whose greedy captions print each epoch")
+
+
 DEFAULT_LR = {"adam": 1e-3, "sgd": 2.0}
 STRATEGIES = ("default", "mirrored")
 DECODERS = ("show_and_tell", "attention")
@@ -115,6 +132,10 @@ RULES = {
     "cnn_optimizer": (lambda v: v in ("auto", "sgd", "adam"), "sgd, adam or auto"),
     "bn": (lambda v: v in ("auto", "train", "frozen"), "train, frozen or auto"),
     "calibration_images": (lambda v: v >= 1, "at least 1"),
+    "samples_per_image": (lambda v: v >= 2, "at least 2 (the mean baseline needs another sample)"),
+    "baseline": (lambda v: v in ("mean", "greedy"), "mean or greedy"),
+    "temperature": (lambda v: v > 0, "above 0"),
+    "max_len": (lambda v: v == 0 or 3 <= v <= 1000, "0 (the run's own) or 3 to 1000"),
 }
 
 

@@ -171,7 +171,7 @@ def _end_of_epoch(phase: TrainingPhase, state: dict, writer, stopped: bool, seen
         state["best_val"] = ev[phase.best_key]
     phase.save_checkpoint(state)
     write_json_atomic(phase.run.file(HISTORY), state["history"])
-    plot_history(state["history"], phase.run.file(CURVE), phase.name)
+    plot_history(state["history"], phase.run.file(CURVE), phase.name, phase.best_key)
 
 
 def _fmt(epoch) -> str:
@@ -212,19 +212,27 @@ def _train_epoch(phase: TrainingPhase, state: dict, writer, progress: bool) -> t
     return False, seen
 
 
-def plot_history(history: list[dict], path, title: str = "train") -> None:
+def plot_history(history: list[dict], path, title: str = "train", key: str = "val_loss") -> None:
+    """Losses (left) and the validation figure that picks the best model (right: perplexity for a
+    loss, else `key`), one point per evaluation."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ep = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
-    a.plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
-    a.set_xlabel("epoch"), a.set_ylabel("loss per token (nats)"), a.legend(), a.grid(alpha=0.3)
-    b.plot(ep, [h["val_perplexity"] for h in history], "o-", color="C1")
-    b.set_xlabel("epoch"), b.set_ylabel("validation perplexity"), b.grid(alpha=0.3)
-    fig.suptitle("Show and Tell decoder training" if title == "train" else "Fine-tuning encoder + decoder")
+    if all("val_loss" in h for h in history):
+        a.plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
+    a.set_xlabel("epoch"), a.set_ylabel("loss per token"), a.legend(), a.grid(alpha=0.3)
+    right = "val_perplexity" if key == "val_loss" else key
+    b.plot(ep, [h.get(right) for h in history], "o-", color="C1")
+    b.set_xlabel("epoch"), b.set_ylabel(right.replace("val_", "validation ")), b.grid(alpha=0.3)
+    fig.suptitle(TITLES.get(title, title))
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+TITLES = {"train": "Show and Tell decoder training", "finetune": "Fine-tuning encoder + decoder",
+          "scst": "Self-critical training (CIDEr-D reward)"}
