@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="new run directory (an existing self-critical run is resumed)")
     add_flags(s, ScstConfig)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub.add_parser("bench-reward", help="CIDEr-D rewards per second (batches of 16 images x 5 samples)")
     b = sub.add_parser("bench", help="decoder training throughput on random data (im2txt sizes by default)")
     b.add_argument("--vocab", type=int, default=12000, help="vocabulary size (default 12000)")
     b.add_argument("--size", type=int, default=512, help="embedding and LSTM size (default 512)")
@@ -65,6 +66,9 @@ def main(argv=None) -> int:
         from model.config import ScstConfig
         from model.scst import scst
         scst(a.run, a.data, a.out, features=a.features, overrides=flags_of(a, ScstConfig), progress=not a.quiet)
+    elif a.cmd == "bench-reward":
+        from model.cider import bench as reward_bench
+        reward_bench()
     else:
         from model import bench
         from prepare.errors import check_range
