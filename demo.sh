@@ -4,6 +4,7 @@
 #   ENCODER=inception_v3 WEIGHTS=none ./demo.sh   pick the encoder / weights yourself
 #   DECODER=show_and_tell ./demo.sh   im2txt's pooled-vector decoder instead of the attention decoder
 #   FINETUNE=1 ./demo.sh     also runs a short stage-2 fine-tune of the CNN (slow on CPU)
+#   SCST=1 ./demo.sh         also runs self-critical training (CIDEr-D reward) on the cached features
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source ./env.sh || exit 1
@@ -57,6 +58,17 @@ python -m model train --data "$DATA" --features "$FEATURES" --out "$RUN" --epoch
 
 echo "== 5/6 evaluate on the test split"
 python -m infer evaluate --run "$RUN" --data "$DATA" --features "$FEATURES" --split test --overwrite "${MAPS[@]}"
+
+if [ -n "${FINETUNE:-}" ] && [ -n "${SCST:-}" ]; then
+  echo "FINETUNE=1 and SCST=1: choose one (self-critical training reads the cached features of the stage-1 encoder)" >&2
+  exit 2
+fi
+if [ -n "${SCST:-}" ]; then
+  echo "== 5b self-critical training of the decoder -> $RUN-scst (SCST=1)"
+  python -m model scst --run "$RUN" --data "$DATA" --features "$FEATURES" --out "$RUN-scst" --epochs "${SCST_EPOCHS:-3}"
+  python -m infer evaluate --run "$RUN-scst" --data "$DATA" --features "$FEATURES" --split test --overwrite "${MAPS[@]}"
+  RUN="$RUN-scst"
+fi
 
 if [ -n "${FINETUNE:-}" ]; then
   echo "== 5b fine-tune $ENCODER + decoder jointly -> $RUN-ft (FINETUNE=1)"
