@@ -17,8 +17,8 @@ import numpy as np
 from model import checkpoint
 from model.config import DEFAULT_LR, FEATURES_OF_DECODER, ModelConfig, TrainConfig, override
 from model.data import CaptionSet, open_data
-from model.loop import TrainingPhase, fit, open_run, perplexity
 from model.decoders import build_decoder
+from model.loop import TrainingPhase, fit, open_run, perplexity
 from model.run import DECODER, Run
 from model.steps import make_steps
 from prepare import captions_h5
