@@ -259,12 +259,11 @@ def imagenet_weights_file() -> Path:
     The file's sha256 sits in a sidecar `<file>.sha256`; a file that does not match it (or has
     none) is converted again. Both are written atomically.
     """
-    from extract.weights_cache import keras_models_dir
-    folder = keras_models_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / IMAGENET_NOTOP_FILE
+    from extract.weights_cache import ensure_keras_models_dir, keras_models_dir
+    path = keras_models_dir() / IMAGENET_NOTOP_FILE
     if _cached_ok(path):
         return path
+    ensure_keras_models_dir()
     state = load_package_state_dict()
     model = build_lite0(include_top=False, pooling=None)
     assign_from_state_dict(model, state)

@@ -182,6 +182,19 @@ def test_offline_imagenet_gives_one_clear_message(tmp_path):
     assert "--weights FILE" in msg[0] and "--encoder efficientnet_lite0" in msg[0]
 
 
+def test_unwritable_home_names_the_weights_folder_and_keras_home(tiny_dataset, tmp_path):
+    """HOME=/dev/null, KERAS_HOME unset: the Keras cache folder cannot be created (a real subprocess)."""
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_HOME"}
+    env["HOME"] = "/dev/null"
+    r = subprocess.run([sys.executable, "-m", "extract", "--captions", str(tiny_dataset / "captions.h5"),
+                        "--out", str(tmp_path / "f"), "--encoder", "efficientnet_lite0", "--quiet"],
+                       cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    line, = r.stderr.strip().splitlines()
+    assert line.startswith("error: cannot create the ImageNet weights cache folder /dev/null/.keras/models")
+    assert "set KERAS_HOME to a writable folder" in line
+
+
 def test_wrong_weights_file_and_small_size_are_refused(tmp_path):
     bad = tmp_path / "x.weights.h5"
     bad.write_bytes(b"nope")
