@@ -163,6 +163,35 @@ def test_bad_images_are_counted_recorded_and_never_crash(tmp_path):
     assert rot[10, 37, 0] > 200 and rot[65, 37, 0] < 50
 
 
+def _odd_files(d: Path) -> dict:
+    """Entries named like images that are not regular files: what each one is."""
+    d.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(d / "fifo.jpg")                      # opening it for reading would wait for a writer forever
+    (d / "loop.jpg").symlink_to("loop.jpg")
+    (d / "x.jpg").symlink_to("/dev/zero")
+    (d / "d.jpg").mkdir()
+    return {"fifo.jpg": "a FIFO", "loop.jpg": "a symlink loop", "x.jpg": "a character device",
+            "d.jpg": "a directory"}
+
+
+def test_fifo_device_folder_and_symlink_loop_are_never_read(tmp_path):
+    from extract.images import BadImage, image_dataset, not_regular
+    odd = _odd_files(tmp_path)
+    signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("blocked reading")))
+    signal.alarm(20)
+    try:
+        for name, what in odd.items():
+            assert not_regular(tmp_path / name) == what
+            with pytest.raises(BadImage, match=re.escape(f"not a regular file ({what})")):
+                load_image(tmp_path / name, 75)
+        paths = [tmp_path / n for n in odd]
+        (imgs, ok, why), = list(image_dataset(paths, 75, 8))      # the tf.data loader extract uses
+        assert not ok.numpy().any() and not imgs.numpy().any()
+        assert [w.decode() for w in why.numpy()] == [f"not a regular file ({w})" for w in odd.values()]
+    finally:
+        signal.alarm(0)
+
+
 def test_offline_imagenet_gives_one_clear_message(tmp_path):
     """A real offline download (proxies pointing at a closed local port), not a patched function."""
     keras_home = tmp_path / "keras_home"
