@@ -163,6 +163,34 @@ def test_bad_images_are_counted_recorded_and_never_crash(tmp_path):
     assert rot[10, 37, 0] > 200 and rot[65, 37, 0] < 50
 
 
+def _split_with_broken_images(tmp_path, broken: int) -> Path:
+    """captions.h5 of a synthetic train (8) and val (4) split, `broken` val images overwritten with text."""
+    from prepare import synth
+    d = tmp_path / "data"
+    synth.generate(d, {"train": 8, "val": 4}, size=75, seed=3, progress=False)
+    pairs = [(s, str(d / "annotations" / f"captions_{s}.json"), str(d / "images" / s)) for s in ("train", "val")]
+    prepare_captions(d / "captions.h5", pairs=pairs, val_fraction=0, test_fraction=0, log=lambda *a: None)
+    for p in sorted((d / "images" / "val").iterdir())[:broken]:
+        p.write_text("not a picture")
+    return d
+
+
+@pytest.mark.parametrize("broken,share", [(4, "every"), (3, "more than half of the"), (2, None)])
+def test_a_split_whose_images_mostly_failed_is_warned_about(tmp_path, broken, share):
+    d = _split_with_broken_images(tmp_path, broken)
+    lines = []
+    m = extract_features(d / "captions.h5", d / "features", weights="none", image_size=75, batch_size=4,
+                         progress=False, log=lines.append)
+    assert len(m["failed"]["val"]) == broken and m["failed"]["train"] == []
+    warnings = [ln for ln in lines if ln.startswith("WARNING:") and "failed" in ln]
+    if share is None:
+        assert warnings == []
+        return
+    w, = warnings
+    assert w.startswith(f"WARNING: {share} 'val' image failed ({broken} of 4; ")
+    assert str(d / "features" / "manifest.json") in w and "re-run extract" in w
+
+
 def _odd_files(d: Path) -> dict:
     """Entries named like images that are not regular files: what each one is."""
     d.mkdir(parents=True, exist_ok=True)
