@@ -38,6 +38,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "encoder.weights.h5"
 WORK = ".work"
 MISSING_LIMIT = 0.5          # a split with more missing image files than this is an error, not a skip
+FAILED_WARN = 0.5            # a split with more failed images than this is warned about in the summary
 
 
 DTYPES = {"pooled": np.float32, "grid": np.float16}
@@ -336,4 +337,8 @@ def _report(out: Path, splits, counts, failed, timing, kind, log) -> None:
             log(f"      failed: {f['file']}: {f['reason']}")
         if len(failed[split]) > 5:
             log(f"      ... and {len(failed[split]) - 5} more (all listed in {out / MANIFEST})")
+        if counts[split] and len(failed[split]) > FAILED_WARN * counts[split]:
+            share = "every" if len(failed[split]) == counts[split] else "more than half of the"
+            log(f"WARNING: {share} '{split}' image failed ({len(failed[split])} of {counts[split]}; listed under "
+                f"'failed' in {out / MANIFEST}): training skips their captions; fix or replace them and re-run extract")
     log(f"wrote {out} ({', '.join(feature_file(out, s, kind).name for s in splits)}, {MANIFEST})")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from prepare.errors import UserError
 from prepare.files import atomic_path, sha256_file
-from extract.weights_cache import keras_models_dir
+from extract.weights_cache import ensure_keras_models_dir, keras_models_dir
 
 DEFAULT_ENCODER = "inception_v3"
 IMAGENET_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"   # Keras' cache name
@@ -99,6 +99,7 @@ def _inception(shape, imagenet: bool):
     import keras
     if not imagenet:
         return keras.applications.InceptionV3(include_top=False, weights=None, input_shape=shape), None
+    ensure_keras_models_dir()   # else Keras quietly caches in /tmp/.keras and the recorded path is wrong
     try:
         base = keras.applications.InceptionV3(include_top=False, weights="imagenet", input_shape=shape)
     except Exception as e:  # Keras raises a bare Exception("URL fetch failure ...")

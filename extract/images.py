@@ -6,12 +6,16 @@
     load_image_bytes(data, size)                      the same for an encoded image in memory
     image_dataset(paths, size, batch) -> tf.data batches of (uint8 [B,S,S,3], ok [B], reason [B])
 
-A bad image (missing, empty, truncated, not an image, a decompression bomb, under 8 px a side)
-raises BadImage(reason) in load_image and yields zeros with ok=False in image_dataset.
+A bad image (missing, not a regular file, empty, truncated, not an image, a decompression bomb,
+under 8 px a side) raises BadImage(reason) in load_image and yields zeros with ok=False in
+image_dataset. A FIFO, device or folder is never read: not_regular() names what it is, and
+load_image opens without blocking and checks the opened file itself.
 """
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -27,15 +31,51 @@ class BadImage(Exception):
     """An image that cannot be used; the message is the reason recorded in the manifest."""
 
 
+_KINDS = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+
+
+def _kind(mode: int) -> str | None:
+    """None for a regular file, else what the file is ('a FIFO', 'a directory', ...)."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _KINDS if test(mode)), "a special file")
+
+
+def not_regular(path: str | os.PathLike) -> str | None:
+    """None when `path` is (a symbolic link to) a regular file or does not exist at all; else what
+    it is instead: 'a FIFO', 'a directory', 'a character device' (/dev/zero), 'a symlink loop', ...
+    Only stat is used: nothing is opened. (A broken symbolic link counts as missing.)"""
+    try:
+        return _kind(os.stat(path).st_mode)
+    except OSError as e:
+        return "a symlink loop" if e.errno == errno.ELOOP else None
+
+
 def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
-    """Decode one image file into uint8 [size, size, 3] RGB, or raise BadImage(reason)."""
+    """Decode one image file into uint8 [size, size, 3] RGB, or raise BadImage(reason).
+
+    The file is opened non-blocking (a FIFO would otherwise wait forever for a writer) and the
+    opened file itself must be regular: no FIFO, device or folder is ever read."""
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
-            raise BadImage("empty file")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
         raise BadImage("missing file")
-    return _decode(path, size)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise BadImage("not a regular file (a symlink loop)")
+        if e.errno == errno.EISDIR:
+            raise BadImage("not a regular file (a directory)")
+        raise BadImage(f"cannot open: {e.strerror or e}")
+    st = os.fstat(fd)
+    what = _kind(st.st_mode)
+    if what or st.st_size == 0:
+        os.close(fd)
+        raise BadImage(f"not a regular file ({what})" if what else "empty file")
+    os.set_blocking(fd, True)
+    with open(fd, "rb") as f:
+        return _decode(f, size)
 
 
 def load_image_bytes(data: bytes, size: int) -> np.ndarray:

@@ -256,12 +256,11 @@ def imagenet_weights_file() -> Path:
     (sha256sum's format), holds the file's sha256; a file that does not match it (or has none) is
     converted again. Converting processes wait for each other (a lock on the cache folder itself).
     """
-    from extract.weights_cache import keras_models_dir
-    folder = keras_models_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / IMAGENET_NOTOP_FILE
+    from extract.weights_cache import ensure_keras_models_dir, keras_models_dir
+    path = keras_models_dir() / IMAGENET_NOTOP_FILE
     if _cached_ok(path):
         return path
+    folder = ensure_keras_models_dir()
     with waiting_lock(folder):
         finish_pending(folder, "lite0")
         if _cached_ok(path):                                    # converted by the process we waited for

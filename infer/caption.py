@@ -29,9 +29,15 @@ def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: 
     check_flags(beam_size=beam_size, top=top, max_len=max_len, batch_size=batch_size)
     out = Path(out)
     check_out_folder(out)
-    paths, missing = expand_inputs(inputs)
+    paths, missing, irregular = expand_inputs(inputs)
     for m in missing:
         log(f"warning: {display_name(m)}: no such file, folder or matching images; skipped")
+    for m, what in irregular:              # FIFOs, devices, folders, symlink loops: never opened
+        log(f"warning: {display_name(m)}: not a regular file ({what}); skipped")
+    if not paths and irregular:
+        more = f" (and {len(irregular) - 1} more such inputs)" if len(irregular) > 1 else ""
+        raise UserError(f"no images to caption: {display_name(irregular[0][0])} is not a regular file "
+                        f"({irregular[0][1]}){more}; pass image files, folders or globs")
     if not paths:
         raise UserError("no images to caption: pass image files, folders or globs")
     names = _output_names(paths)
@@ -59,11 +65,12 @@ def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: 
             write_results = _write_results(pub, rows, coco, log)
             write_jsonl(pub.path("captions.jsonl"), rows)
     log(f"captioned {len(rows)} images in {seconds:.1f}s ({len(rows) / max(seconds, 1e-9):.1f} img/s); "
-        f"{len(bad)} unreadable, {len(not_annotated)} without annotated copy, {len(missing)} inputs not found")
+        f"{len(bad)} unreadable, {len(not_annotated)} without annotated copy, {len(missing)} inputs not found, "
+        f"{len(irregular)} not regular files")
     log(f"wrote {display_name(out / 'annotated')}/, {display_name(out / 'captions.jsonl')}" +
         (f", {display_name(out / 'results.json')}" if write_results else ""))
     return {"captioned": len(rows), "unreadable": bad, "not_annotated": not_annotated, "missing": missing,
-            "seconds": seconds, "results_json": write_results, "max_len": max_len}
+            "not_regular": irregular, "seconds": seconds, "results_json": write_results, "max_len": max_len}
 
 
 def _output_names(paths: list[Path]) -> list[str]:

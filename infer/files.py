@@ -46,20 +46,40 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
-def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
-    """Files, folders (their image files) and globs -> (paths, inputs that matched nothing)."""
-    paths, missing = [], []
+def expand_inputs(items: list[str]) -> tuple[list[Path], list[str], list[tuple[str, str]]]:
+    """Files, folders (their image files) and globs -> (paths, inputs that matched nothing,
+    [(path, what it is)] for entries that are not regular files: a FIFO, a directory named d.jpg
+    inside a folder or a folder given with no image files in it, a symlink loop, a link to
+    /dev/zero). Those are counted, never opened (a FIFO would block the reader forever); a folder's
+    entries without an image suffix are ignored."""
+    from extract.images import not_regular
+    paths, missing, irregular = [], [], []
+
+    def take(q: Path, counted: bool, found: list) -> None:
+        what = not_regular(q)
+        if what is None and q.is_file():
+            found.append(q)
+        elif what is not None and counted:
+            irregular.append((str(q), what))
+
     for item in items:
         p = Path(item)
+        found, before = [], len(irregular)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_EXT)
-        elif p.is_file():
-            found = [p]
+            for q in sorted(p.iterdir()):
+                if q.suffix.lower() in IMAGE_EXT:
+                    take(q, True, found)
+            if not found and len(irregular) == before:
+                irregular.append((item, "a directory with no image files"))
+        elif os.path.lexists(p):
+            take(p, True, found)
         else:
-            found = sorted(Path(q) for q in glob.glob(item, recursive=True) if Path(q).is_file())
-        if not found:
+            for q in sorted(Path(q) for q in glob.glob(item, recursive=True)):
+                take(q, not q.is_dir() or q.suffix.lower() in IMAGE_EXT, found)   # not every folder `**` matches
+        if not found and len(irregular) == before:
             missing.append(item)
         paths += found
-    return list(dict.fromkeys(paths)), missing
+    irregular = list(dict.fromkeys(irregular))
+    return list(dict.fromkeys(paths)), missing, irregular
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from extract.cache import FeatureArray, feature_file, feature_kind, read_manifest
+from extract.cache import MANIFEST, FeatureArray, feature_file, feature_kind, read_manifest
 from prepare import captions_h5
 from prepare.errors import UserError
 from prepare.files import sha256_file
@@ -32,6 +32,8 @@ class CaptionSet:
         bad_rows = {f["row"] for f in manifest["failed"].get(split, [])}
         keep = ~np.isin(sp.image_index, list(bad_rows)) if bad_rows else np.ones(len(sp.image_index), bool)
         self.skipped = int((~keep).sum())
+        self.failed_images, self.num_images = len(bad_rows), len(sp.image_ids)
+        self.manifest_path = Path(features_dir) / MANIFEST
         self.ids = sp.captions[keep]                   # [N, L] int32
         self.image_index = sp.image_index[keep]        # [N]
         self.lengths = sp.lengths[keep]                # [N]

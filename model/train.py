@@ -92,6 +92,10 @@ def check_features_fit(decoder: str, manifest: dict, features_dir) -> None:
 
 
 def _check_splits(trainset: CaptionSet, valset: CaptionSet, captions: Path) -> None:
+    for s in (trainset, valset):          # captions there, but every image failed: extract's fault, not prepare's
+        if len(s) == 0 and s.skipped:
+            raise UserError(f"every {s.split} image failed extraction ({s.failed_images} of {s.num_images}; see "
+                            f"{s.manifest_path} 'failed'): fix or replace them and re-run extract")
     if len(trainset) == 0:
         raise UserError(f"{captions}: no training captions with usable images")
     if len(valset) == 0:

@@ -14,6 +14,8 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     """Run an entry point; turn UserError into `error: ...` on stderr and exit code 2.
     TensorFlow's start-up notices (oneDNN, CUDA probing, CPU features) are filtered out of stderr."""
     code = 2
+    import logging   # matplotlib (Keras imports it) warns in two lines about an unwritable ~/.config and
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)   # then uses a temp folder: not the user's business
     with native_noise_filtered():
         try:
             code = main(argv)

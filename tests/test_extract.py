@@ -163,6 +163,63 @@ def test_bad_images_are_counted_recorded_and_never_crash(tmp_path):
     assert rot[10, 37, 0] > 200 and rot[65, 37, 0] < 50
 
 
+def _split_with_broken_images(tmp_path, broken: int) -> Path:
+    """captions.h5 of a synthetic train (8) and val (4) split, `broken` val images overwritten with text."""
+    from prepare import synth
+    d = tmp_path / "data"
+    synth.generate(d, {"train": 8, "val": 4}, size=75, seed=3, progress=False)
+    pairs = [(s, str(d / "annotations" / f"captions_{s}.json"), str(d / "images" / s)) for s in ("train", "val")]
+    prepare_captions(d / "captions.h5", pairs=pairs, val_fraction=0, test_fraction=0, log=lambda *a: None)
+    for p in sorted((d / "images" / "val").iterdir())[:broken]:
+        p.write_text("not a picture")
+    return d
+
+
+@pytest.mark.parametrize("broken,share", [(4, "every"), (3, "more than half of the"), (2, None)])
+def test_a_split_whose_images_mostly_failed_is_warned_about(tmp_path, broken, share):
+    d = _split_with_broken_images(tmp_path, broken)
+    lines = []
+    m = extract_features(d / "captions.h5", d / "features", weights="none", image_size=75, batch_size=4,
+                         progress=False, log=lines.append)
+    assert len(m["failed"]["val"]) == broken and m["failed"]["train"] == []
+    warnings = [ln for ln in lines if ln.startswith("WARNING:") and "failed" in ln]
+    if share is None:
+        assert warnings == []
+        return
+    w, = warnings
+    assert w.startswith(f"WARNING: {share} 'val' image failed ({broken} of 4; ")
+    assert str(d / "features" / "manifest.json") in w and "re-run extract" in w
+
+
+def _odd_files(d: Path) -> dict:
+    """Entries named like images that are not regular files: what each one is."""
+    d.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(d / "fifo.jpg")                      # opening it for reading would wait for a writer forever
+    (d / "loop.jpg").symlink_to("loop.jpg")
+    (d / "x.jpg").symlink_to("/dev/zero")
+    (d / "d.jpg").mkdir()
+    return {"fifo.jpg": "a FIFO", "loop.jpg": "a symlink loop", "x.jpg": "a character device",
+            "d.jpg": "a directory"}
+
+
+def test_fifo_device_folder_and_symlink_loop_are_never_read(tmp_path):
+    from extract.images import BadImage, image_dataset, not_regular
+    odd = _odd_files(tmp_path)
+    signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("blocked reading")))
+    signal.alarm(20)
+    try:
+        for name, what in odd.items():
+            assert not_regular(tmp_path / name) == what
+            with pytest.raises(BadImage, match=re.escape(f"not a regular file ({what})")):
+                load_image(tmp_path / name, 75)
+        paths = [tmp_path / n for n in odd]
+        (imgs, ok, why), = list(image_dataset(paths, 75, 8))      # the tf.data loader extract uses
+        assert not ok.numpy().any() and not imgs.numpy().any()
+        assert [w.decode() for w in why.numpy()] == [f"not a regular file ({w})" for w in odd.values()]
+    finally:
+        signal.alarm(0)
+
+
 def test_offline_imagenet_gives_one_clear_message(tmp_path):
     """A real offline download (proxies pointing at a closed local port), not a patched function."""
     keras_home = tmp_path / "keras_home"
@@ -180,6 +237,19 @@ def test_offline_imagenet_gives_one_clear_message(tmp_path):
     assert len(msg) == 1 and msg[0].startswith("error: could not download the ImageNet weights for Inception v3")
     assert str(keras_home / "models" / enc.IMAGENET_FILE) in msg[0]
     assert "--weights FILE" in msg[0] and "--encoder efficientnet_lite0" in msg[0]
+
+
+def test_unwritable_home_names_the_weights_folder_and_keras_home(tiny_dataset, tmp_path):
+    """HOME=/dev/null, KERAS_HOME unset: the Keras cache folder cannot be created (a real subprocess)."""
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_HOME"}
+    env["HOME"] = "/dev/null"
+    r = subprocess.run([sys.executable, "-m", "extract", "--captions", str(tiny_dataset / "captions.h5"),
+                        "--out", str(tmp_path / "f"), "--encoder", "efficientnet_lite0", "--quiet"],
+                       cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    line, = r.stderr.strip().splitlines()
+    assert line.startswith("error: cannot create the ImageNet weights cache folder /dev/null/.keras/models")
+    assert "set KERAS_HOME to a writable folder" in line
 
 
 def test_wrong_weights_file_and_small_size_are_refused(tmp_path):

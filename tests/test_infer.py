@@ -224,6 +224,56 @@ def test_out_that_is_an_existing_file_is_refused_before_captioning(tmp_path, cmd
     assert (tmp_path / "taken").read_text() == "precious"
 
 
+def _odd_inputs(d: Path) -> dict:
+    d.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(d / "fifo.jpg")
+    (d / "loop.jpg").symlink_to("loop.jpg")
+    (d / "x.jpg").symlink_to("/dev/zero")
+    (d / "d.jpg").mkdir()
+    return {"fifo.jpg": "a FIFO", "loop.jpg": "a symlink loop", "x.jpg": "a character device",
+            "d.jpg": "a directory"}
+
+
+def test_inputs_that_are_not_regular_files_are_named_and_counted(tmp_path):
+    from infer.files import expand_inputs
+    odd = _odd_inputs(tmp_path / "in")
+    Image.new("RGB", (20, 20)).save(tmp_path / "in" / "ok.jpg")
+    paths, missing, irregular = expand_inputs([str(tmp_path / "in")])             # inside a folder
+    assert paths == [tmp_path / "in" / "ok.jpg"] and missing == []
+    assert sorted(irregular) == sorted((str(tmp_path / "in" / n), w) for n, w in odd.items())
+    direct = [str(tmp_path / "in" / n) for n in odd if n != "d.jpg"]                # given directly
+    paths, missing, irregular = expand_inputs(direct + [str(tmp_path / "in" / "*.jpg")])
+    assert paths == [tmp_path / "in" / "ok.jpg"] and missing == []
+    assert sorted(irregular) == sorted((str(tmp_path / "in" / n), w) for n, w in odd.items())
+    (tmp_path / "empty.jpg").mkdir()
+    assert expand_inputs([str(tmp_path / "empty.jpg")]) == ([], [], [(str(tmp_path / "empty.jpg"),
+                                                                       "a directory with no image files")])
+
+
+def test_caption_skips_and_counts_fifo_device_and_loop(tiny_dataset, tiny_run, tmp_path):
+    odd = _odd_inputs(tmp_path / "in")
+    good = sorted((tiny_dataset / "images" / "test").glob("*.jpg"))[0]
+    shutil.copy(good, tmp_path / "in" / good.name)
+    lines = []
+    s = caption_images(tiny_run, [str(tmp_path / "in"), str(tmp_path / "in" / "fifo.jpg")], tmp_path / "out",
+                       progress=False, log=lines.append)
+    assert s["captioned"] == 1 and s["missing"] == [] and s["unreadable"] == []
+    assert sorted(Path(p).name for p, _ in s["not_regular"]) == sorted(odd)
+    text = "\n".join(lines)
+    for n, what in odd.items():
+        assert f"{tmp_path / 'in' / n}: not a regular file ({what}); skipped" in text
+    assert "no such file" not in text and "4 not regular files" in text
+
+
+def test_caption_cli_given_only_a_fifo_fails_in_one_line(tmp_path):
+    os.mkfifo(tmp_path / "f.jpg")
+    r = _infer_cli("caption", "--run", tmp_path / "no-run", tmp_path / "f.jpg", "--out", tmp_path / "out")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    line, = r.stderr.strip().splitlines()
+    assert line.startswith("error: no images to caption: ") and f"{tmp_path / 'f.jpg'} is not a regular file (a FIFO)" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_annotated_copies_of_tall_narrow_and_16_bit_images_stay_small_and_right(tmp_path):
     from infer.annotate import MAX_PIXELS, annotate
     caps = [("a red star .", 0.5), ("a blue square to the left of a red star .", 0.2)]

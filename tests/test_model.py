@@ -156,6 +156,27 @@ def test_mismatched_captions_and_features_are_refused(tiny_dataset, tiny_feature
         train(d, tmp_path / "run", features=tiny_features, train_overrides={"epochs": 1}, **quiet)
 
 
+def test_every_val_image_failing_extraction_is_named_as_the_cause(tmp_path):
+    """val has captions, but all its images are corrupt: the fix is in the images, not in prepare."""
+    from extract.cache import extract_features
+    from prepare import synth
+    from prepare.prepare_captions import prepare_captions
+    d = tmp_path / "data"
+    synth.generate(d, {"train": 8, "val": 4}, size=75, seed=3, progress=False)
+    pairs = [(s, str(d / "annotations" / f"captions_{s}.json"), str(d / "images" / s)) for s in ("train", "val")]
+    prepare_captions(d / "captions.h5", pairs=pairs, val_fraction=0, test_fraction=0, log=lambda *a: None)
+    for p in (d / "images" / "val").iterdir():
+        p.write_text("not a picture")
+    extract_features(d / "captions.h5", d / "features", weights="none", image_size=75, batch_size=4, **quiet)
+    with pytest.raises(UserError) as e:
+        train(d, tmp_path / "run", model_overrides=TINY, train_overrides={"epochs": 1, "samples": 0}, **quiet)
+    msg = str(e.value)
+    assert msg.startswith("every val image failed extraction (4 of 4; see ")
+    assert f"{d / 'features' / 'manifest.json'} 'failed'" in msg and "re-run extract" in msg
+    assert "prepare captions" not in msg
+    assert not (tmp_path / "run").exists()
+
+
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_dataset, tiny_features, tmp_path,
                                                                     monkeypatch):
     from model import data
