@@ -161,3 +161,13 @@ def test_a_transformer_run_trains_and_captions_with_attention(tiny_dataset, grid
     assert out["captioned"] == 1
     row = json.loads((tmp_path / "cap" / "captions.jsonl").read_text().splitlines()[0])
     assert row["captions"][0]["caption"] == cap.text(res[0].captions[0])
+
+
+def test_bench_times_the_transformer_beside_the_pooled_decoder():
+    from model import bench
+    lines = []
+    r = bench.run(vocab=40, size=8, batch=4, max_len=8, mean_len=6.0, steps=1, decoder="transformer", positions=4,
+                  grid_dim=6, log=lines.append)
+    name = "transformer decoder (4 positions x 6), ours"
+    assert r[name]["real_tokens_s"] > 0 and r[name]["ms_per_step"] > 0
+    assert any(x.startswith("  transformer decoder / pooled decoder: ") for x in lines)
