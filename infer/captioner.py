@@ -62,7 +62,7 @@ class Captioner:
         if not self.has_attention:
             raise UserError(f"--attention: {self.run_dir} holds a {self.config['model'].get('decoder', 'show_and_tell')} "
                             f"decoder, which has no attention to show; train one with `python -m model train "
-                            f"--decoder attention` on grid features")
+                            f"--decoder attention` (or transformer) on grid features")
 
     def attention_maps(self, features: np.ndarray, captions: list[Caption]) -> list[np.ndarray]:
         """Per image, the attention of each word of its caption: [len(ids) - 1, P] (the last row is <end>'s

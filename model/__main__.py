@@ -44,10 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-len", type=int, default=20, help="longest caption in tokens (default 20)")
     b.add_argument("--mean-len", type=float, default=12.5, help="mean caption length (default 12.5)")
     b.add_argument("--steps", type=int, default=12, help="timed steps per variant (default 12)")
-    b.add_argument("--decoder", default="show_and_tell", choices=("show_and_tell", "attention"),
-                   help="attention: also time the attention decoder beside the pooled one (same sizes)")
-    b.add_argument("--positions", type=int, default=49, help="attention: grid positions (default 49: 7x7)")
-    b.add_argument("--grid-dim", type=int, default=1280, help="attention: grid channels (default 1280: Lite0)")
+    b.add_argument("--decoder", default="show_and_tell", choices=("show_and_tell", "attention", "transformer"),
+                   help="attention or transformer: also time that grid decoder beside the pooled one (same sizes)")
+    b.add_argument("--positions", type=int, default=49, help="grid decoders: grid positions (default 49: 7x7)")
+    b.add_argument("--grid-dim", type=int, default=1280, help="grid decoders: grid channels (default 1280: Lite0)")
     return p
 
 

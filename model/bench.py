@@ -50,6 +50,7 @@ def needed_flops(n_real: int, batch: int, E: int, H: int, V: int) -> float:
     return 3.0 * ((n_real + batch) * lstm + n_real * proj)
 
 
+GRID_DECODERS = {"attention": "attention decoder", "transformer": "transformer decoder"}   # timed beside the pooled one
 PEER_NAME = "PyTorch peer: packed sequences, real-token logits (same batches)"
 
 
@@ -87,9 +88,9 @@ def _padded_step(model, opt):
     return step
 
 
-def _variant_step(vocab: int, size: int, fixed: bool, grid: bool, positions: int, grid_dim: int, strategy):
+def _variant_step(vocab: int, size: int, fixed: bool, grid: str | None, positions: int, grid_dim: int, strategy):
     """A freshly seeded decoder and optimizer, and the step that trains them: the baseline's
-    (fixed padding) or ours (model.steps)."""
+    (fixed padding) or ours (model.steps). grid: None (the pooled decoder) or the grid decoder's name."""
     import keras
 
     from model.config import ModelConfig
@@ -97,7 +98,7 @@ def _variant_step(vocab: int, size: int, fixed: bool, grid: bool, positions: int
     from model.optim import FusedAdam
     from model.steps import make_steps
     keras.utils.set_random_seed(0)
-    grid_cfg = dict(decoder="attention", feature_dim=grid_dim, grid_positions=positions, attention_units=size)
+    grid_cfg = dict(decoder=grid, feature_dim=grid_dim, grid_positions=positions, attention_units=size)
     model = build_decoder(ModelConfig(vocab_size=vocab, embedding_size=size, lstm_units=size,
                                       **(grid_cfg if grid else {})))
     opt = FusedAdam(1e-3)
@@ -156,15 +157,16 @@ def _log_results(results: dict, peaks: list, peak: float, attention_name: str | 
         log(f"  PyTorch peer: not measured (PyTorch is not installed; {bench_peer.INSTALL})")
     if attention_name is not None:
         att = results[attention_name]
-        log(f"  attention decoder / pooled decoder: {att['real_tokens_s'] / ours['real_tokens_s']:.2f}x real tokens/s "
-            f"(the FLOP limit ratio counts the LSTM and logits only)")
+        log(f"  {attention_name.split(' (')[0]} / pooled decoder: {att['real_tokens_s'] / ours['real_tokens_s']:.2f}x "
+            f"real tokens/s (the FLOP limit ratio counts the LSTM and logits only)")
     log(f"  peak memory (RSS, TensorFlow's variants): {results['peak_rss_mib']:.0f} MiB")
 
 
 def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20, mean_len: float = 12.5,
         steps: int = 12, decoder: str = "show_and_tell", positions: int = 49, grid_dim: int = 1280,
         log=print) -> dict:
-    """decoder "attention": also times the attention decoder (same sizes, our step) on random grids
+    """decoder "attention" or "transformer": also times that grid decoder (same sizes, our step; the
+    transformer with its default layers, heads and feed-forward size, d_model `size`) on random grids
     of `positions` x `grid_dim` (EfficientNet-Lite0 at 224 px: 49 x 1280)."""
     import tensorflow as tf
     rng = np.random.default_rng(0)
@@ -173,10 +175,10 @@ def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20,
     peak = measure_matmul_flops(batch * 13, size, vocab)     # the step's largest product
 
     results = {}
-    variants = [("ours: dynamic padding, real-token logits", False, False),
-                ("baseline: fixed padding, logits at every position", True, False)]
-    if decoder == "attention":
-        variants.append((f"attention decoder ({positions} positions x {grid_dim}), ours", False, True))
+    variants = [("ours: dynamic padding, real-token logits", False, None),
+                ("baseline: fixed padding, logits at every position", True, None)]
+    if decoder in GRID_DECODERS:
+        variants.append((f"{GRID_DECODERS[decoder]} ({positions} positions x {grid_dim}), ours", False, decoder))
     peaks = [peak]
     for name, fixed, grid in variants:
         peaks.append(measure_matmul_flops(batch * 13, size, vocab))   # the machine's rate drifts: sample it
@@ -195,6 +197,6 @@ def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20,
     results["matmul_gflops"] = peak / 1e9
     results["matmul_gflops_samples"] = [round(p / 1e9, 1) for p in peaks]
     results["peak_rss_mib"] = rss
-    _log_results(results, peaks, peak, variants[2][0] if decoder == "attention" else None, tf.__version__,
+    _log_results(results, peaks, peak, variants[2][0] if decoder in GRID_DECODERS else None, tf.__version__,
                  vocab, size, batch, max_len, mean_len, steps, log)
     return results

@@ -19,8 +19,10 @@ def setting(default, help: str = ""):
 class ModelConfig:
     vocab_size: int = setting(dataclasses.MISSING, "words incl. the 4 special tokens (from captions.h5)")
     decoder: str = setting("show_and_tell", "show_and_tell (im2txt: the pooled vector as the first input; features "
-                           "from `extract --features pooled`) or attention (Show, Attend and Tell: attention over "
-                           "the feature map at every word; features from `extract --features grid`)")
+                           "from `extract --features pooled`) attention (Show, Attend and Tell: attention over "
+                           "the feature map at every word; features from `extract --features grid`) or transformer "
+                           "(a pre-norm Transformer decoder: causal self-attention over the words, cross-attention "
+                           "to the grid; features from `extract --features grid`)")
     feature_dim: int = setting(2048, "encoder output size (Inception v3 avg pool)")
     grid_positions: int = setting(0, "positions of the grid the attention decoder reads (from the cache)")
     embedding_size: int = setting(512, "image and word embedding size (im2txt: 512)")
@@ -37,6 +39,12 @@ class ModelConfig:
     attention_reg: float = setting(0.0, "attention decoder: weight of the doubly stochastic regularisation (Show, "
                                    "Attend and Tell: every position's attention summed over the caption pushed "
                                    "towards 1)")
+    transformer_layers: int = setting(2, "transformer decoder: layers (each self-attention, cross-attention to the "
+                                      "grid, feed-forward; d_model is embedding_size)")
+    transformer_heads: int = setting(4, "transformer decoder: attention heads (embedding_size must be a multiple)")
+    transformer_ff: int = setting(1024, "transformer decoder: hidden size of each layer's feed-forward block")
+    max_positions: int = setting(40, "transformer decoder: the longest input it reads, in tokens (<start> and the "
+                                 "words): the size of its word-position table and of its decoding cache")
 
 
 @dataclass
@@ -98,8 +106,8 @@ class ScstConfig:
 
 DEFAULT_LR = {"adam": 1e-3, "sgd": 2.0}
 STRATEGIES = ("default", "mirrored")
-DECODERS = ("show_and_tell", "attention")
-FEATURES_OF_DECODER = {"show_and_tell": "pooled", "attention": "grid"}   # what `extract --features` feeds each
+DECODERS = ("show_and_tell", "attention", "transformer")
+FEATURES_OF_DECODER = {"show_and_tell": "pooled", "attention": "grid", "transformer": "grid"}   # what `extract --features` feeds each
 
 # Valid values, checked before anything is written: field -> (test, what it must be)
 RULES = {
@@ -111,6 +119,10 @@ RULES = {
     "feature_clip": (lambda v: v >= 0, "0 (off) or more"),
     "feature_std_floor": (lambda v: 0 < v <= 10, "in (0, 10]"),
     "attention_reg": (lambda v: v >= 0, "0 (off) or more"),
+    "transformer_layers": (lambda v: v >= 1, "at least 1"),
+    "transformer_heads": (lambda v: v >= 1, "at least 1"),
+    "transformer_ff": (lambda v: v >= 1, "at least 1"),
+    "max_positions": (lambda v: v >= 2, "at least 2"),
     "embedding_size": (lambda v: v >= 1, "at least 1"),
     "lstm_units": (lambda v: v >= 1, "at least 1"),
     "dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
@@ -146,6 +158,19 @@ def validate(cfg) -> None:
         v = getattr(cfg, f.name)
         if rule and not rule[0](v):
             raise UserError(f"--{f.name.replace('_', '-')} {v}: must be {rule[1]}")
+    if isinstance(cfg, ModelConfig) and cfg.decoder == "transformer":
+        _check_transformer(cfg)
+
+
+def _check_transformer(cfg: ModelConfig) -> None:
+    """What the transformer decoder needs of several fields together."""
+    if cfg.embedding_size % cfg.transformer_heads:
+        raise UserError(f"--transformer-heads {cfg.transformer_heads}: must divide --embedding-size "
+                        f"{cfg.embedding_size} (each head gets embedding_size / heads channels)")
+    side = round(cfg.grid_positions ** 0.5)
+    if cfg.grid_positions and side * side != cfg.grid_positions:
+        raise UserError(f"the transformer decoder needs a square grid (its position embeddings are rows + columns); "
+                        f"the feature cache has {cfg.grid_positions} positions")
 
 
 def from_dict(cls, d: dict, where: str = "config"):

@@ -11,6 +11,9 @@ def decoder_class(name: str):
     if name == "attention":
         from model.attention import AttendAndTell
         return AttendAndTell
+    if name == "transformer":
+        from model.transformer import TransformerDecoder
+        return TransformerDecoder
     raise ValueError(f"unknown decoder {name!r}")
 
 

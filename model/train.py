@@ -91,6 +91,18 @@ def check_features_fit(decoder: str, manifest: dict, features_dir) -> None:
                         f"or pass --decoder {next(d for d, k in FEATURES_OF_DECODER.items() if k == have)}")
 
 
+def check_positions_fit(mcfg: ModelConfig, captions: Path) -> None:
+    """The transformer decoder reads at most max_positions input tokens (a caption less its <end>;
+    past them it reuses its last position, model/transformer.py)."""
+    if mcfg.decoder != "transformer":
+        return
+    longest = captions_h5.max_length(captions, "train")
+    if longest - 1 > mcfg.max_positions:
+        raise UserError(f"--max-positions {mcfg.max_positions}: {captions} has training captions of {longest} "
+                        f"tokens, which the transformer decoder reads as {longest - 1} inputs; pass --max-positions "
+                        f"{longest - 1} or more")
+
+
 def _check_splits(trainset: CaptionSet, valset: CaptionSet, captions: Path) -> None:
     for s in (trainset, valset):          # captions there, but every image failed: extract's fault, not prepare's
         if len(s) == 0 and s.skipped:
@@ -111,6 +123,7 @@ def train(data, out, *, features=None, captions=None, model_overrides: dict | No
     vocab = captions_h5.read_vocab(captions)
     mcfg, tcfg = _configs(vocab, manifest, model_overrides, train_overrides)
     check_features_fit(mcfg.decoder, manifest, features_dir)
+    check_positions_fit(mcfg, captions)
     config = {"model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg),
               "data": {"captions": str(captions.resolve()), "features": str(features_dir.resolve()),
                        "captions_sha256": manifest["captions"]["sha256"],

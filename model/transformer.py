@@ -1,0 +1,177 @@
+"""The Transformer decoder over grid features (`--decoder transformer`): a small pre-norm
+Transformer decoder built from Keras' own layers (MultiHeadAttention, LayerNormalization, Dense,
+Dropout, Embedding), d_model = embedding_size.
+
+    memory   m_p = LayerNorm(W_g norm(x_p) + row[p // s] + col[p % s])      [P, E]   (s = sqrt(P))
+    words    x_t = embed(word_t) + pos[t]                                   [T, E]   (t < max_positions)
+    layer    x += Dropout(SelfAttention(LN(x)), causal)                              each of
+             x += Dropout(CrossAttention(LN(x), m))                                  transformer_layers
+             x += Dropout(W_2 Dropout(relu(W_1 LN(x))))                              (pre-norm)
+    logits   W_o LN(x_t)
+
+It has the faces of the other decoders (model/decoder.py): `hidden`/`project` for teacher forcing
+(the one real-token loss and loop), `initial_state`/`step_logits` for the in-graph beam search,
+greedy decoding, sampling and the SavedModel; `attention(features, ids)` gives the maps [B, T, P]
+(the last layer's cross-attention, averaged over heads).
+
+Its decoding state has fixed shapes, one row per caption, so beam search can repeat and gather it:
+
+    (memory [N, P, E],  cache_1 [N, M, E], ..., cache_L [N, M, E],  position [N, 1] float)
+
+cache_l holds, at each position already read, layer l's self-attention input LN(x) (the keys and
+values MultiHeadAttention projects); a step writes the new word's row at `position` (a one-hot
+blend) and lets the new word attend to positions <= `position` only. M = max_positions: past that,
+the last position is reused (a caption that long is beyond what the decoder was trained for).
+"""
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import layers, ops
+
+from model.config import ModelConfig
+from model.decoder import Decoder, init_seeds
+
+ATTENTION_PARTS = ("query", "key", "value", "output")
+
+
+def transformer_weights(n_layers: int) -> tuple:
+    """The names of the randomly initialised weights, each of which gets its own seed."""
+    per_layer = [f"layer{i}_{block}_{part}" for i in range(n_layers) for block in ("self", "cross")
+                 for part in ATTENTION_PARTS] + [f"layer{i}_ff{j}" for i in range(n_layers) for j in (1, 2)]
+    return ("grid_embedding", "row_embedding", "column_embedding", "word_embedding", "position_embedding",
+            *per_layer, "logits")
+
+
+class TransformerDecoder(Decoder):
+    def __init__(self, config: ModelConfig, seed: int | None = None, **kwargs):
+        super().__init__(config, seed, name="transformer", **kwargs)
+        c = config
+        if c.grid_positions < 1:
+            raise ValueError("the transformer decoder needs grid_positions (from a grid feature cache)")
+        self.side = math.isqrt(c.grid_positions)
+        if self.side * self.side != c.grid_positions:
+            raise ValueError(f"the transformer decoder needs a square grid, not {c.grid_positions} positions")
+        if c.embedding_size % c.transformer_heads:
+            raise ValueError(f"embedding_size {c.embedding_size} is not a multiple of {c.transformer_heads} heads")
+        self._seeds = init_seeds(self.init_seed, transformer_weights(c.transformer_layers))   # depends on the layers
+        self._build_layers()
+
+    def _build_layers(self) -> None:
+        c, init, E = self.config, self.init, self.config.embedding_size
+        self.grid_embedding = layers.Dense(E, kernel_initializer=init("grid_embedding"), name="grid_embedding")
+        self.row_embedding = layers.Embedding(self.side, E, embeddings_initializer=init("row_embedding"),
+                                              name="row_embedding")
+        self.column_embedding = layers.Embedding(self.side, E, embeddings_initializer=init("column_embedding"),
+                                                 name="column_embedding")
+        self.memory_norm = layers.LayerNormalization(epsilon=1e-6, name="memory_norm")
+        self.word_embedding = layers.Embedding(c.vocab_size, E, embeddings_initializer=init("word_embedding"),
+                                               name="word_embedding")
+        self.position_embedding = layers.Embedding(c.max_positions, E,
+                                                   embeddings_initializer=init("position_embedding"),
+                                                   name="position_embedding")
+        self.blocks = [self._block(i) for i in range(c.transformer_layers)]
+        self.final_norm = layers.LayerNormalization(epsilon=1e-6, name="final_norm")
+        self.drop = layers.Dropout(c.dropout)
+        self.logits = layers.Dense(c.vocab_size, kernel_initializer=init("logits"), name="logits")
+
+    def _block(self, i: int) -> dict:
+        c, init, E = self.config, self.init, self.config.embedding_size
+        block = {}
+        for kind in ("self", "cross"):
+            mha = layers.MultiHeadAttention(c.transformer_heads, E // c.transformer_heads, dropout=c.dropout,
+                                            name=f"layer{i}_{kind}_attention")
+            with keras.name_scope(self.name):               # its variables' paths like the other layers'
+                mha.build((None, None, E), (None, None, E))
+            # MultiHeadAttention clones one initializer for its four products: with a seed that
+            # gives them the same values, so each gets its own seeded draw here
+            for part in ATTENTION_PARTS:
+                kernel = getattr(mha, f"{part}_dense").kernel
+                kernel.assign(init(f"layer{i}_{kind}_{part}")(kernel.shape))
+            block[kind] = mha
+            block[f"{kind}_norm"] = layers.LayerNormalization(epsilon=1e-6, name=f"layer{i}_{kind}_norm")
+        block["ff_norm"] = layers.LayerNormalization(epsilon=1e-6, name=f"layer{i}_ff_norm")
+        block["ff1"] = layers.Dense(c.transformer_ff, activation="relu", kernel_initializer=init(f"layer{i}_ff1"),
+                                    name=f"layer{i}_ff1")
+        block["ff2"] = layers.Dense(E, kernel_initializer=init(f"layer{i}_ff2"), name=f"layer{i}_ff2")
+        return block
+
+    @property
+    def feature_shape(self) -> tuple:
+        return (self.config.grid_positions, self.config.feature_dim)
+
+    def state_shapes(self) -> tuple:
+        c = self.config
+        P, E, M = c.grid_positions, c.embedding_size, c.max_positions
+        return ((P, E), *[(M, E)] * c.transformer_layers, (1,))
+
+    # ---- the pieces -----------------------------------------------------------------------
+    def memory(self, features):
+        """[N, P, F] -> the grid the words attend to [N, P, E], with its 2-D position embeddings."""
+        p = ops.arange(self.config.grid_positions, dtype="int32")
+        pos = self.row_embedding(p // self.side) + self.column_embedding(p % self.side)     # [P, E]
+        return self.memory_norm(self.grid_embedding(self.normalise(features)) + pos)
+
+    def embed(self, word_ids, positions, training=False):
+        """word ids [N, T], positions int [T] or [N, T] -> [N, T, E] (the last position reused past the table)."""
+        positions = ops.minimum(positions, self.config.max_positions - 1)
+        return self.drop(self.word_embedding(word_ids) + self.position_embedding(positions), training=training)
+
+    def _layer(self, block, x, memory, self_attend, training=False, return_attention=False):
+        """One pre-norm layer over x [N, T, E]. self_attend(h) -> the self-attention of LN(x)."""
+        x = x + self.drop(self_attend(block["self_norm"](x)), training=training)
+        out = block["cross"](block["cross_norm"](x), memory, memory, training=training,
+                             return_attention_scores=return_attention)
+        att, scores = out if return_attention else (out, None)
+        x = x + self.drop(att, training=training)
+        ff = block["ff2"](self.drop(block["ff1"](block["ff_norm"](x)), training=training))
+        return x + self.drop(ff, training=training), scores
+
+    # ---- teacher forcing --------------------------------------------------------------------
+    def hidden(self, features, input_ids, training=False, return_attention=False):
+        """[B, P, F], [B, T] -> outputs [B, T, E] (after the final LayerNorm) [, attention [B, T, P]]."""
+        memory = self.memory(features)
+        x = self.embed(input_ids, ops.arange(ops.shape(input_ids)[1], dtype="int32"), training)
+        scores = None
+        for i, block in enumerate(self.blocks):
+            last = return_attention and i == len(self.blocks) - 1
+            x, scores = self._layer(block, x, memory,
+                                    lambda h, b=block: b["self"](h, h, h, use_causal_mask=True, training=training),
+                                    training, last)
+        out = self.final_norm(x)
+        return (out, ops.mean(scores, axis=1)) if return_attention else out     # heads averaged: [B, T, P]
+
+    def project(self, h):
+        return self.logits(h)
+
+    def attention(self, features, input_ids):
+        """Attention maps of a given caption: [B, P, F], [B, T] -> [B, T, P] (inference mode): the last
+        layer's cross-attention weights, averaged over heads."""
+        return self.hidden(features, input_ids, training=False, return_attention=True)[1]
+
+    # ---- decoding ----------------------------------------------------------------------------
+    def initial_state(self, features):
+        """[N, P, F] -> (memory [N, P, E], an empty cache [N, M, E] per layer, position [N, 1] = 0)."""
+        memory = self.memory(features)
+        n, c = ops.shape(features)[0], self.config
+        cache = ops.zeros((n, c.max_positions, c.embedding_size), dtype=memory.dtype)
+        return (memory, *[cache] * c.transformer_layers, ops.zeros((n, 1), dtype=memory.dtype))
+
+    def step_logits(self, word_ids, state):
+        """word_ids [N], state (memory, caches..., position) -> (logits [N, V], new state)."""
+        memory, caches, position = state[0], list(state[1:-1]), state[-1]
+        M = self.config.max_positions
+        pos = ops.minimum(ops.cast(position[:, 0], "int32"), M - 1)                         # [N]
+        write = ops.one_hot(pos, M, dtype=memory.dtype)[:, :, None]                         # [N, M, 1]
+        visible = (ops.arange(M, dtype="int32")[None, :] <= pos[:, None])[:, None, :]      # [N, 1, M]
+        x = self.embed(word_ids[:, None], pos[:, None])                                      # [N, 1, E]
+        new_caches = []
+        for block, cache in zip(self.blocks, caches):
+            def attend(h, b=block, cache=cache):
+                cache = cache * (1.0 - write) + h * write                                   # h: [N, 1, E]
+                new_caches.append(cache)
+                return b["self"](h, cache, cache, attention_mask=visible)
+            x, _ = self._layer(block, x, memory, attend)
+        logits = self.project(self.final_norm(x)[:, 0])
+        return logits, (memory, *new_caches, position + 1.0)
