@@ -78,6 +78,64 @@ def test_a_killed_export_is_finished_by_the_rerun(tiny_run, tmp_path, fault):
     assert (out / "saved_model.pb").read_bytes() != first          # the new export (beam 2, top 1)
 
 
+def _encoded(size, fmt, mode="RGB"):
+    import io
+    buf = io.BytesIO()
+    Image.new(mode, size, 0 if mode == "1" else (90, 120, 30)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _headers_claiming(w, h):
+    """Files whose headers claim w x h (and hold no pixels): a limit must refuse them before any decoding."""
+    import struct
+    png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    gif = b"GIF89a" + struct.pack("<HHBBB", w, h, 0, 0, 0) + b";"
+    bmp = b"BM" + struct.pack("<IHHI", 0, 0, 0, 54) + struct.pack("<IiiHH", 40, w, -h, 1, 24) + b"\0" * 24
+    return {"png": png, "gif": gif, "bmp": bmp}
+
+
+def test_savedmodel_limits_are_read_from_the_header_per_element(tiny_run):
+    """Bombs, tiny and non-images are refused in their own row (errors), the rest captioned as before."""
+    import tensorflow as tf
+
+    from extract.images import MAX_PIXELS
+    from infer.export import build_module, image_header_error
+    for fmt in ("PNG", "GIF", "BMP", "JPEG"):
+        assert image_header_error(tf.constant(_encoded((8, 9), fmt))).numpy() == b"", fmt
+        assert image_header_error(tf.constant(_encoded((7, 30), fmt))).numpy().decode() == \
+            "too small (7x30); needs at least 8 pixels a side", fmt
+    for fmt, data in _headers_claiming(9500, 9500).items():
+        assert image_header_error(tf.constant(data)).numpy().decode() == \
+            f"too large (9500x9500 pixels > {MAX_PIXELS}): possible decompression bomb", fmt
+    for fmt, data in _headers_claiming(9000, 9000).items():
+        assert image_header_error(tf.constant(data)).numpy() == b"", fmt        # 81 Mpx: within the limit
+    module, _ = build_module(tiny_run, beam_size=3, top_k=2, max_len=10)
+    serve = module._tf_trackable.serve        # the endpoint's tf.function: the graph write_out saves
+    good = _encoded((40, 30), "PNG")
+    bomb = _encoded((16000, 16000), "PNG", mode="1")               # 256 Mpx in a few tens of kB
+    batch = [good, b"this is not a picture", _encoded((1, 1), "PNG"), bomb, b"", _encoded((40, 30), "JPEG")]
+    t0 = time.monotonic()
+    out = serve(tf.constant(batch))
+    assert time.monotonic() - t0 < 30                              # was 14-18 s and 7 GB for the bomb alone
+    errors = [e.decode() for e in out["errors"].numpy()]
+    assert errors[0] == errors[5] == ""
+    assert errors[1] == "not an image (unknown format; JPEG, PNG, GIF or BMP)"
+    assert errors[2] == "too small (1x1); needs at least 8 pixels a side"
+    assert errors[3] == f"too large (16000x16000 pixels > {MAX_PIXELS}): possible decompression bomb"
+    assert errors[4] == "empty file"
+    caps, lps = out["captions"].numpy(), out["log_probs"].numpy()
+    assert caps.shape == lps.shape == (6, 2)
+    alone = serve(tf.constant([good]))
+    assert caps[0].tolist() == alone["captions"].numpy()[0].tolist() and caps[0][0] != b""
+    np.testing.assert_allclose(lps[0], alone["log_probs"].numpy()[0], rtol=1e-5)
+    for i in (1, 2, 3, 4):
+        assert caps[i].tolist() == [b"", b""] and np.all(np.isneginf(lps[i]))
+    empty = serve(tf.constant([], tf.string))
+    assert empty["captions"].shape == (0, 2) and empty["log_probs"].shape == (0, 2) and empty["errors"].shape == (0,)
+    only_bad = serve(tf.constant([b"x"]))
+    assert only_bad["captions"].numpy().tolist() == [[b"", b""]] and only_bad["errors"].numpy()[0] != b""
+
+
 # ---- serve: a real server process ----------------------------------------------------------
 def _get(url: str):
     try:
