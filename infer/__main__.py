@@ -66,6 +66,8 @@ def _add_serve(sub) -> None:
     v.add_argument("--beam-size", type=int, default=3, help="1-100 (default 3)")
     v.add_argument("--max-mb", type=float, default=10.0, help="largest upload in MB (default 10): larger -> 413")
     v.add_argument("--max-batch", type=int, default=16, help="images captioned together at most (default 16)")
+    v.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request's whole body may take to arrive (default 30): slower -> 408")
 
 
 def _add_serve_bench(sub) -> None:
@@ -117,7 +119,8 @@ def _export(a) -> None:
 
 def _serve(a) -> None:
     from infer.serve import serve
-    serve(a.run, a.host, a.port, beam_size=a.beam_size, max_mb=a.max_mb, max_batch=a.max_batch)
+    serve(a.run, a.host, a.port, beam_size=a.beam_size, max_mb=a.max_mb, max_batch=a.max_batch,
+          body_timeout=a.body_timeout)
 
 
 def _serve_bench(a) -> None:

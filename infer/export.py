@@ -1,9 +1,15 @@
 """python -m infer export: a run directory -> a TensorFlow SavedModel that captions image bytes.
 
 Signature `serving_default`:
-    images     tf.string [N]        encoded image files (JPEG, PNG, GIF's first frame, BMP)
+    images     tf.string [N]        encoded image files (JPEG, PNG, GIF's first frame, BMP); N may be 0
  -> captions   tf.string [N, k]     best first ("" where fewer than k captions exist)
     log_probs  float32   [N, k]     the sum of the words' log-probabilities (-inf where no caption)
+    errors     tf.string [N]        "" for a captioned image, else why it was refused (its row: "" and -inf)
+
+Each image's width and height are read from its header before anything is decoded, and the limits of
+`infer caption` and `serve` apply (extract/images.py: at most MAX_PIXELS, at least MIN_SOURCE_SIDE
+a side): a decompression bomb or a 1x1 image is refused in its own row, never decoded, and one bad
+element never fails the call. Images are decoded one at a time, so memory is bounded by one image.
 
 Everything runs in the graph: decoding, resizing, the run's encoder, the decoder and beam search
 (model/decoding.py: a tf.while_loop with im2txt's semantics). So
@@ -31,8 +37,65 @@ from prepare.files import LOCK_FILE, PENDING, Publication, exclusive_lock
 EXPORT_RECORD = "export.json"
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def image_header_error(data):
+    """Encoded image (tf.string scalar) -> tf.string scalar: "" when it may be decoded, else the reason.
+
+    Reads only the header: JPEG through tf.image.extract_jpeg_shape; PNG (IHDR, big-endian uint32 at
+    bytes 16-23), GIF (logical screen, little-endian uint16 at 6-9) and BMP (DIB header at 14) parsed
+    from the bytes. The limits are extract/images.py's, so every path into the model shares them."""
+    import tensorflow as tf
+
+    from extract.images import MAX_PIXELS, MIN_SOURCE_SIDE
+    head = tf.strings.substr(tf.strings.join([tf.strings.substr(data, 0, 32), b"\0" * 32]), 0, 32)
+    b = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)      # the first 32 bytes, zero-padded
+
+    def uint(i, n, big):
+        v = tf.constant(0, tf.int64)
+        for j in (range(i, i + n) if big else range(i + n - 1, i - 1, -1)):
+            v = v * 256 + b[j]
+        return v
+
+    def signed32(v):
+        return tf.where(v >= 2 ** 31, v - 2 ** 32, v)
+    def at(i, n):                                                 # (substr past the end is an error)
+        return tf.strings.substr(head, i, n)
+    png = tf.logical_and(tf.equal(at(0, 8), PNG_SIGNATURE), tf.equal(at(12, 4), "IHDR"))
+    gif = tf.logical_or(tf.equal(at(0, 6), "GIF87a"), tf.equal(at(0, 6), "GIF89a"))
+    bmp = tf.equal(at(0, 2), "BM")
+    jpeg = tf.io.is_jpeg(data)
+    core = tf.equal(uint(14, 4, False), 12)                       # BITMAPCOREHEADER: 16-bit sizes
+    bmp_w = tf.where(core, uint(18, 2, False), tf.abs(signed32(uint(18, 4, False))))
+    bmp_h = tf.where(core, uint(20, 2, False), tf.abs(signed32(uint(22, 4, False))))
+    w = tf.where(png, uint(16, 4, True), tf.where(gif, uint(6, 2, False), bmp_w))
+    h = tf.where(png, uint(20, 4, True), tf.where(gif, uint(8, 2, False), bmp_h))
+    jpeg_hw = tf.cond(jpeg, lambda: tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int64),
+                      lambda: tf.zeros([2], tf.int64))
+    w, h = tf.where(jpeg, jpeg_hw[1], w), tf.where(jpeg, jpeg_hw[0], h)
+    known = tf.reduce_any(tf.stack([jpeg, png, gif, bmp]))
+    large = tf.strings.format("too large ({}x{} pixels > {}): possible decompression bomb", (w, h, MAX_PIXELS))
+    small = tf.strings.format("too small ({}x{}); needs at least {} pixels a side", (w, h, MIN_SOURCE_SIDE))
+    return tf.where(tf.equal(tf.strings.length(data), 0), "empty file",
+           tf.where(tf.logical_not(known), "not an image (unknown format; JPEG, PNG, GIF or BMP)",
+           tf.where(w * h > MAX_PIXELS, large,
+           tf.where(tf.minimum(w, h) < MIN_SOURCE_SIDE, small, ""))))
+
+
+def decode_checked(data, size: int):
+    """Encoded image -> (float32 [size, size, 3], error): decoded only when its header passes the limits;
+    zeros and the reason otherwise."""
+    import tensorflow as tf
+    error = image_header_error(data)
+    img = tf.cond(tf.equal(error, ""), lambda: decode_image_bytes(data, size),
+                  lambda: tf.zeros([size, size, 3], tf.float32))
+    return img, error
+
+
 def decode_image_bytes(data, size: int):
-    """Encoded image -> float32 [size, size, 3] in 0..255 (RGB; grey expanded, alpha dropped)."""
+    """Encoded image -> float32 [size, size, 3] in 0..255 (RGB; grey expanded, alpha dropped).
+    No limits here: callers check image_header_error first (decode_checked)."""
     import tensorflow as tf
     img = tf.cond(tf.io.is_jpeg(data),      # libjpeg's accurate integer IDCT: Pillow's, pixel for pixel
                   lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
@@ -57,14 +120,26 @@ def build_module(run_dir, beam_size: int, top_k: int, max_len: int, length_norm:
     size = cap.image_size
     words = tf.constant(cap.vocab.words)
 
-    def serve(images):
-        x = tf.map_fn(lambda b: decode_image_bytes(b, size), images,
-                      fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+    def caption(x):                              # float32 [n, size, size, 3], n >= 1
         feats = encoder_model(x, training=False)
         ids, _, lp, _ = beam_search(decoder, feats, beam_size=beam_size, max_len=max_len, length_norm=length_norm)
         ids, lp = ids[:, :top_k], lp[:, :top_k]
-        text = tf.where(tf.math.is_finite(lp), ids_to_text(words, ids, cap.vocab.tokenizer), "")
-        return {"captions": text, "log_probs": lp}
+        return tf.where(tf.math.is_finite(lp), ids_to_text(words, ids, cap.vocab.tokenizer), ""), lp
+
+    def serve(images):
+        # one image decoded at a time (parallel_iterations=1): memory is bounded by one image
+        x, errors = tf.map_fn(lambda b: decode_checked(b, size), images, parallel_iterations=1,
+                              fn_output_signature=(tf.TensorSpec([size, size, 3], tf.float32),
+                                                   tf.TensorSpec([], tf.string)))
+        ok = tf.equal(errors, "")
+        n_ok = tf.reduce_sum(tf.cast(ok, tf.int32))
+        text, lp = tf.cond(n_ok > 0, lambda: caption(tf.boolean_mask(x, ok)),
+                           lambda: (tf.zeros([0, top_k], tf.string), tf.zeros([0, top_k], tf.float32)))
+        # the good rows' results in place, "" and -inf in the refused rows (an extra row gathered for them)
+        row = tf.where(ok, tf.cumsum(tf.cast(ok, tf.int32)) - 1, n_ok)
+        text = tf.gather(tf.concat([text, tf.fill([1, top_k], "")], 0), row)
+        lp = tf.gather(tf.concat([lp, tf.fill([1, top_k], float("-inf"))], 0), row)
+        return {"captions": text, "log_probs": lp, "errors": errors}
 
     archive = keras.export.ExportArchive()       # tracks the models' variables, not their Keras call signatures
     archive.track(encoder_model)
@@ -79,6 +154,7 @@ def export(run, out, *, beam_size: int = 3, top_k: int = 3, max_len: int | None 
     export.json last) replace the previous export's in one publication (prepare.files, label "export")."""
     import tensorflow as tf
 
+    from extract.images import MAX_PIXELS, MIN_SOURCE_SIDE
     from infer.files import display_name
     from infer.options import check_flags, run_max_len
     check_flags(beam_size=beam_size, top=top_k, max_len=max_len)
@@ -99,9 +175,11 @@ def export(run, out, *, beam_size: int = 3, top_k: int = 3, max_len: int | None 
               "length_norm": length_norm, "image_size": cap.image_size,
               "decoder": cap.config["model"].get("decoder", "show_and_tell"),
               "encoder": cap.manifest.get("encoder"), "encoder_sha256": cap.encoder_sha256(),
-              "signature": {"inputs": {"images": "tf.string [N], encoded JPEG/PNG files"},
-                            "outputs": {"captions": "tf.string [N, top_k], best first",
-                                        "log_probs": "float32 [N, top_k]"}}}
+              "signature": {"inputs": {"images": "tf.string [N], encoded JPEG/PNG/GIF/BMP files (N may be 0)"},
+                            "outputs": {"captions": "tf.string [N, top_k], best first (\"\" in a refused row)",
+                                        "log_probs": "float32 [N, top_k] (-inf in a refused row)",
+                                        "errors": "tf.string [N], \"\" for a captioned image, else the reason"},
+                            "limits": {"max_pixels": MAX_PIXELS, "min_side": MIN_SOURCE_SIDE}}}
     with exclusive_lock(out):
         with Publication(out, "export") as pub:
             new = pub.tree(lambda d: module.write_out(str(d), verbose=False))
@@ -110,5 +188,5 @@ def export(run, out, *, beam_size: int = 3, top_k: int = 3, max_len: int | None 
                 if p.name not in (LOCK_FILE, PENDING, EXPORT_RECORD, *new) and not p.name.startswith(".tmp-"):
                     pub.discard(p.name)
     log(f"exported {display_name(Path(run))} to {display_name(out)} (SavedModel, signature serving_default: "
-        f"images -> captions, log_probs; beam {beam_size}, top {top_k}, max length {max_len})")
+        f"images -> captions, log_probs, errors; beam {beam_size}, top {top_k}, max length {max_len})")
     return record

@@ -2,9 +2,11 @@
 
     GET  /              a page (infer/static/index.html): pick or drop images, see each with its caption drawn on it and the
                         top 3 captions with probabilities
-    POST /api/caption   multipart field `image` (repeatable) -> 200 {"results": [{"name", "captions":
-                        [{"text", "p"}], "annotated": "data:image/jpeg;base64,..."}]}; an unreadable
-                        upload -> 400 {"error": "<name>: <reason>"}; a file over --max-mb -> 413
+    POST /api/caption   multipart field `image` (repeatable, at most MAX_FILES) -> 200 {"results": [{"name",
+                        "captions": [{"text", "p"}], "annotated": "data:image/jpeg;base64,..."}]}; an unreadable
+                        upload -> 400 {"error": "<name>: <reason>"}; a file over --max-mb, a body over
+                        max_body(--max-mb), over MAX_FILES files or over MAX_REQUEST_PIXELS pixels in all -> 413;
+                        a body not received within --body-timeout seconds -> 408 (each with {"error"})
     GET  /healthz       200 {"status": "ok"} once the model is loaded (503 before)
 
 Built on Starlette (the ASGI toolkit under FastAPI) served by uvicorn: routing, multipart parsing
@@ -14,8 +16,11 @@ FastAPI's pydantic layer, which a three-route service does not need.
 Concurrency: every request's images go into one queue; a single worker thread takes whatever is
 waiting (up to --max-batch images), captions it as one batch (encoder and beam search batched) and
 hands each request its own slice, so concurrent requests are batched, never mixed up, and the
-model is only ever used by one thread. Uploads live only in memory or in Starlette's spooled
-temporary files (the system temporary folder); nothing is written anywhere else.
+model is only ever used by one thread. Decoding and drawing run in Starlette's thread pool, never
+on the event loop, so /healthz and other clients are answered while a heavy request is decoded.
+The body is counted as it streams in: reading stops at the limit (chunked uploads included).
+Uploads live only in memory or in Starlette's spooled temporary files (the system temporary
+folder); nothing is written anywhere else.
 """
 from __future__ import annotations
 
@@ -30,9 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
+from extract.images import MAX_PIXELS
 from prepare.errors import UserError, check_range
 
 MAX_FILES = 32          # images per request
+MAX_REQUEST_PIXELS = 4 * MAX_PIXELS     # pixels of all a request's images together (each: MAX_PIXELS)
 STATIC = Path(__file__).parent / "static"   # the web page (index.html)
 
 
@@ -97,9 +104,57 @@ class BatchingCaptioner:
                 j.done.set()
 
 
+def max_body(max_bytes: int) -> int:
+    """The largest request body: MAX_FILES files of --max-mb and 1 MB of multipart framing."""
+    return max_bytes * MAX_FILES + (1 << 20)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyTimeout(Exception):
+    pass
+
+
+def limited_receive(receive, limit: int, timeout: float):
+    """An ASGI receive that counts the body's bytes as they arrive: BodyTooLarge once over `limit`
+    (nothing more is read), BodyTimeout when the whole body has not arrived `timeout` s after the start."""
+    loop = asyncio.get_running_loop()
+    deadline, seen = loop.time() + timeout, 0
+
+    async def receive_limited():
+        nonlocal seen
+        try:
+            message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+        except asyncio.TimeoutError:
+            raise BodyTimeout() from None
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge()
+        return message
+    return receive_limited
+
+
+def _header_pixels(data: bytes) -> int:
+    """Width x height from the header (nothing decoded); 0 when Pillow cannot read it (the decode says why)."""
+    import warnings
+
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size[0] * im.size[1]
+    except Exception:  # noqa: BLE001 - unreadable: load_image_bytes gives the reason
+        return 0
+
+
 def create_app(run, *, beam_size: int = 3, max_len: int | None = None, max_bytes: int = 10 << 20,
-               max_batch: int = 16, top: int = 3):
+               max_batch: int = 16, top: int = 3, body_timeout: float = 30.0):
     from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse
     from starlette.routing import Route
@@ -132,48 +187,76 @@ def create_app(run, *, beam_size: int = 3, max_len: int | None = None, max_bytes
         if model is None:
             return JSONResponse({"error": state["error"] or "the model is still loading; retry shortly"},
                                 status_code=503)
+        limit = max_body(max_bytes)
+        too_large = JSONResponse({"error": f"request body over {limit} bytes ({MAX_FILES} files of --max-mb "
+                                           f"and 1 MB)"}, status_code=413)
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_bytes * MAX_FILES + (1 << 20):
-            return JSONResponse({"error": f"request too large ({int(length)} bytes)"}, status_code=413)
+        if length and length.isdigit() and int(length) > limit:
+            return too_large
         try:
-            form = await request.form(max_files=MAX_FILES, max_fields=MAX_FILES)
+            form = await Request(request.scope, limited_receive(request.receive, limit, body_timeout)).form(
+                max_files=MAX_FILES, max_fields=MAX_FILES)
+        except BodyTooLarge:
+            return too_large
+        except BodyTimeout:
+            return JSONResponse({"error": f"the request body did not arrive within {body_timeout:g} s "
+                                          f"(--body-timeout)"}, status_code=408)
         except Exception as e:  # noqa: BLE001 - malformed multipart bodies
-            return JSONResponse({"error": f"not a multipart form with `image` fields ({e})"}, status_code=400)
+            why = getattr(e, "detail", None) or str(e)
+            if "Too many files" in why:
+                return JSONResponse({"error": f"too many files: at most {MAX_FILES} images per request"},
+                                    status_code=413)
+            return JSONResponse({"error": f"not a multipart form with `image` fields ({why})"}, status_code=400)
         try:
             uploads = [u for u in form.getlist("image") if hasattr(u, "read")]
             if not uploads:
                 return JSONResponse({"error": "no `image` field: send the images as multipart field `image`"},
                                     status_code=400)
-            names, images, raw = [], [], []
+            names, raw = [], []
             for u in uploads:
                 name = Path(u.filename or "upload").name[:200]
                 data = await u.read(max_bytes + 1)
                 if len(data) > max_bytes:
                     return JSONResponse({"error": f"{name}: larger than {max_bytes} bytes (--max-mb)"},
                                         status_code=413)
-                try:
-                    images.append(load_image_bytes(data, model.image_size))
-                except BadImage as e:
-                    return JSONResponse({"error": f"{name}: {e}"}, status_code=400)
                 names.append(name)
                 raw.append(data)
         finally:
             await form.close()
+        decoded = await run_in_threadpool(_decode_all, names, raw, model.image_size, load_image_bytes, BadImage)
+        if isinstance(decoded, JSONResponse):
+            return decoded
+        images = decoded
         try:
             caps = await asyncio.get_running_loop().run_in_executor(None, model.caption, images)
         except RuntimeError as e:
             return JSONResponse({"error": f"captioning failed: {e}"}, status_code=500)
-        results = []
-        for name, data, cs in zip(names, raw, caps):
-            best = [(model.cap.text(c), math.exp(c.logprob)) for c in cs[:top]]
-            results.append({"name": name, "captions": [{"text": pretty(t), "p": p} for t, p in best],
-                            "annotated": _annotated(render, data, best)})
-        return JSONResponse({"results": results})
+        bests = [[(model.cap.text(c), math.exp(c.logprob)) for c in cs[:top]] for cs in caps]
+        drawn = await run_in_threadpool(lambda: [_annotated(render, d, b) for d, b in zip(raw, bests)])
+        return JSONResponse({"results": [{"name": n, "captions": [{"text": pretty(t), "p": p} for t, p in best],
+                                          "annotated": a} for n, best, a in zip(names, bests, drawn)]})
 
     app = Starlette(routes=[Route("/", page), Route("/healthz", healthz),
                             Route("/api/caption", api_caption, methods=["POST"])])
     threading.Thread(target=load, daemon=True, name="load-model").start()
     return app
+
+
+def _decode_all(names, raw, size: int, load_image_bytes, BadImage):
+    """In a worker thread: the uploads' images, or the JSON error (413 over MAX_REQUEST_PIXELS in all,
+    from the headers before anything is decoded; 400 for the first unreadable upload)."""
+    from starlette.responses import JSONResponse
+    pixels = sum(_header_pixels(d) for d in raw)
+    if pixels > MAX_REQUEST_PIXELS:
+        return JSONResponse({"error": f"too many pixels in one request ({pixels} > {MAX_REQUEST_PIXELS}, 4 x "
+                                      f"{MAX_PIXELS}): send fewer or smaller images per request"}, status_code=413)
+    images = []
+    for name, data in zip(names, raw):
+        try:
+            images.append(load_image_bytes(data, size))
+        except BadImage as e:
+            return JSONResponse({"error": f"{name}: {e}"}, status_code=400)
+    return images
 
 
 def _annotated(render, data: bytes, best) -> str | None:
@@ -187,7 +270,7 @@ def _annotated(render, data: bytes, best) -> str | None:
 
 
 def serve(run, host: str = "127.0.0.1", port: int = 8000, *, beam_size: int = 3, max_mb: float = 10.0,
-          max_batch: int = 16, log=print) -> None:
+          max_batch: int = 16, body_timeout: float = 30.0, log=print) -> None:
     import uvicorn
 
     from model.run import Run
@@ -196,7 +279,10 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, *, beam_size: int = 3,
     check_range("--max-batch", max_batch, 1, 1024)
     if not max_mb > 0:
         raise UserError(f"--max-mb {max_mb}: must be above 0")
+    if not body_timeout > 0:
+        raise UserError(f"--body-timeout {body_timeout}: must be above 0 seconds")
     Run(run).verify()                              # a broken run directory: one line, before the server starts
-    app = create_app(run, beam_size=beam_size, max_bytes=int(max_mb * (1 << 20)), max_batch=max_batch)
+    app = create_app(run, beam_size=beam_size, max_bytes=int(max_mb * (1 << 20)), max_batch=max_batch,
+                     body_timeout=body_timeout)
     log(f"serving {run} on http://{host}:{port}/  (API: POST /api/caption, health: GET /healthz)")
     uvicorn.run(app, host=host, port=port, log_level="warning")

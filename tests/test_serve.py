@@ -78,6 +78,64 @@ def test_a_killed_export_is_finished_by_the_rerun(tiny_run, tmp_path, fault):
     assert (out / "saved_model.pb").read_bytes() != first          # the new export (beam 2, top 1)
 
 
+def _encoded(size, fmt, mode="RGB"):
+    import io
+    buf = io.BytesIO()
+    Image.new(mode, size, 0 if mode == "1" else (90, 120, 30)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _headers_claiming(w, h):
+    """Files whose headers claim w x h (and hold no pixels): a limit must refuse them before any decoding."""
+    import struct
+    png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    gif = b"GIF89a" + struct.pack("<HHBBB", w, h, 0, 0, 0) + b";"
+    bmp = b"BM" + struct.pack("<IHHI", 0, 0, 0, 54) + struct.pack("<IiiHH", 40, w, -h, 1, 24) + b"\0" * 24
+    return {"png": png, "gif": gif, "bmp": bmp}
+
+
+def test_savedmodel_limits_are_read_from_the_header_per_element(tiny_run):
+    """Bombs, tiny and non-images are refused in their own row (errors), the rest captioned as before."""
+    import tensorflow as tf
+
+    from extract.images import MAX_PIXELS
+    from infer.export import build_module, image_header_error
+    for fmt in ("PNG", "GIF", "BMP", "JPEG"):
+        assert image_header_error(tf.constant(_encoded((8, 9), fmt))).numpy() == b"", fmt
+        assert image_header_error(tf.constant(_encoded((7, 30), fmt))).numpy().decode() == \
+            "too small (7x30); needs at least 8 pixels a side", fmt
+    for fmt, data in _headers_claiming(9500, 9500).items():
+        assert image_header_error(tf.constant(data)).numpy().decode() == \
+            f"too large (9500x9500 pixels > {MAX_PIXELS}): possible decompression bomb", fmt
+    for fmt, data in _headers_claiming(9000, 9000).items():
+        assert image_header_error(tf.constant(data)).numpy() == b"", fmt        # 81 Mpx: within the limit
+    module, _ = build_module(tiny_run, beam_size=3, top_k=2, max_len=10)
+    serve = module._tf_trackable.serve        # the endpoint's tf.function: the graph write_out saves
+    good = _encoded((40, 30), "PNG")
+    bomb = _encoded((16000, 16000), "PNG", mode="1")               # 256 Mpx in a few tens of kB
+    batch = [good, b"this is not a picture", _encoded((1, 1), "PNG"), bomb, b"", _encoded((40, 30), "JPEG")]
+    t0 = time.monotonic()
+    out = serve(tf.constant(batch))
+    assert time.monotonic() - t0 < 30                              # was 14-18 s and 7 GB for the bomb alone
+    errors = [e.decode() for e in out["errors"].numpy()]
+    assert errors[0] == errors[5] == ""
+    assert errors[1] == "not an image (unknown format; JPEG, PNG, GIF or BMP)"
+    assert errors[2] == "too small (1x1); needs at least 8 pixels a side"
+    assert errors[3] == f"too large (16000x16000 pixels > {MAX_PIXELS}): possible decompression bomb"
+    assert errors[4] == "empty file"
+    caps, lps = out["captions"].numpy(), out["log_probs"].numpy()
+    assert caps.shape == lps.shape == (6, 2)
+    alone = serve(tf.constant([good]))
+    assert caps[0].tolist() == alone["captions"].numpy()[0].tolist() and caps[0][0] != b""
+    np.testing.assert_allclose(lps[0], alone["log_probs"].numpy()[0], rtol=1e-5)
+    for i in (1, 2, 3, 4):
+        assert caps[i].tolist() == [b"", b""] and np.all(np.isneginf(lps[i]))
+    empty = serve(tf.constant([], tf.string))
+    assert empty["captions"].shape == (0, 2) and empty["log_probs"].shape == (0, 2) and empty["errors"].shape == (0,)
+    only_bad = serve(tf.constant([b"x"]))
+    assert only_bad["captions"].numpy().tolist() == [[b"", b""]] and only_bad["errors"].numpy()[0] != b""
+
+
 # ---- serve: a real server process ----------------------------------------------------------
 def _get(url: str):
     try:
@@ -97,7 +155,8 @@ def server(tiny_run, tmp_path_factory):
     from infer.serve_bench import start_server
     tmp = tmp_path_factory.mktemp("serve-tmp")
     try:                                   # waits on the condition (model loaded), no fixed sleep
-        proc, base = start_server(tiny_run, "--max-mb", "0.05", env={"TMPDIR": str(tmp)}, timeout=180)
+        proc, base = start_server(tiny_run, "--max-mb", "0.05", "--body-timeout", "4", env={"TMPDIR": str(tmp)},
+                                  timeout=180)
     except RuntimeError as e:
         pytest.fail(str(e))
     yield base, tmp
@@ -154,6 +213,103 @@ def test_forty_concurrent_requests_from_eight_clients_get_their_own_answers(serv
         for r in body["results"]:
             got = [(c["text"], round(c["p"], 5)) for c in r["captions"]]
             assert got == [(c["text"], round(c["p"], 5)) for c in single[r["name"]]]
+
+
+def _raw_request(base: str, head: bytes):
+    """A socket to the server with the request line and headers sent."""
+    import socket
+    host, port = base.rsplit("/", 1)[1].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(head)
+    return sock
+
+
+def _read_response(sock, timeout: float) -> tuple[int, dict]:
+    """Status and JSON body of the response on `sock` (Content-Length framed), within `timeout` s."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+            [h.split(b":")[1] for h in data.split(b"\r\n") if h.lower().startswith(b"content-length:")][0]):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_chunked_upload_is_refused_once_the_body_passes_the_limit_not_after_it_is_spooled(server):
+    import select
+    base, _ = server
+    sock = _raw_request(base, b"POST /api/caption HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+                              b"Content-Type: multipart/form-data; boundary=XyZ\r\n\r\n")
+    part = b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="huge.png"\r\n\r\n'
+    block = b"\x89" * (1 << 16)
+    sent, total = 0, 60 << 20                            # the server's limit: 32 x 0.05 MB + 1 MB = 2.6 MB
+    with sock:
+        sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+        while sent < total and not select.select([sock], [], [], 0)[0]:      # until the server answers
+            try:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(block), block))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(block)
+        status, body = _read_response(sock, 30)
+    assert status == 413 and "request body over" in body["error"], body
+    assert sent < total // 2, sent                       # answered long before the 60 MB were sent
+
+
+def test_a_body_that_stops_arriving_is_answered_408_after_the_body_timeout(server):
+    base, _ = server
+    t0 = time.monotonic()
+    with _raw_request(base, b"POST /api/caption HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n"
+                            b"Content-Type: multipart/form-data; boundary=XyZ\r\n\r\n--XyZ\r\n"
+                            b'Content-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n\x89PNG') as sock:
+        status, body = _read_response(sock, 30)          # --body-timeout 4 on this server
+    assert status == 408 and "--body-timeout" in body["error"], body
+    assert time.monotonic() - t0 < 20
+
+
+def _bilevel_png(side: int) -> bytes:
+    """A side x side single-colour PNG: side**2 pixels in about side**2 / 8000 bytes."""
+    import io
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_requests_are_capped_in_pixels_and_files_with_a_clear_413(server, tiny_dataset):
+    from infer.serve import MAX_FILES, MAX_REQUEST_PIXELS
+    base, _ = server
+    big = _bilevel_png(9000)                             # 81 Mpx (under MAX_PIXELS), 10 kB
+    status, body = _post(base + "/api/caption", [(f"b{i}.png", big) for i in range(5)])     # 405 Mpx in all
+    assert status == 413 and f"> {MAX_REQUEST_PIXELS}" in body["error"], body
+    name, data = _images(tiny_dataset, 1)[0]
+    status, body = _post(base + "/api/caption", [(name, data)] * (MAX_FILES + 1))
+    assert status == 413 and body["error"] == f"too many files: at most {MAX_FILES} images per request"
+    assert _post(base + "/api/caption", [(name, data)] * MAX_FILES)[0] == 200
+
+
+def test_healthz_answers_while_a_heavy_request_is_decoded(server):
+    import threading
+    base, _ = server
+    heavy = [(f"h{i}.png", _bilevel_png(9000)) for i in range(3)]   # 243 Mpx: seconds of decoding and drawing
+    done, answer = threading.Event(), []
+
+    def post():
+        answer.append(_post(base + "/api/caption", heavy))
+        done.set()
+    threading.Thread(target=post, daemon=True).start()
+    latencies = []
+    deadline = time.monotonic() + 120
+    while not done.is_set() and time.monotonic() < deadline:
+        t0 = time.monotonic()
+        status, _ = _get(base + "/healthz")
+        if not done.is_set():                            # answered while the heavy request was in flight
+            latencies.append(time.monotonic() - t0)
+        assert status == 200
+    assert done.wait(120) and answer[0][0] == 200, answer
+    assert len(latencies) >= 3 and max(latencies) < 2.0, latencies
 
 
 # ---- the page in a real browser --------------------------------------------------------------
