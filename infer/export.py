@@ -4,11 +4,13 @@ Signature `serving_default`:
     images     tf.string [N]        encoded image files (JPEG, PNG, GIF's first frame, BMP)
  -> captions   tf.string [N, k]     best first ("" where fewer than k captions exist)
     log_probs  float32   [N, k]     the sum of the words' log-probabilities (-inf where no caption)
+    unsure     bool      [N, k]     the mean log-probability per word below --unsure-below
 
 Everything runs in the graph: decoding, resizing, the run's encoder, the decoder and beam search
 (model/decoding.py: a tf.while_loop with im2txt's semantics). So
 `tf.saved_model.load(DIR)` captions images in any Python with TensorFlow, and TensorFlow Serving
-can load DIR. Beam size, k and max length are fixed at export and recorded in DIR/export.json.
+can load DIR. Beam size, k, max length and the decoding guards (model/decoding.py: on unless
+--no-guards) are fixed at export and recorded in DIR/export.json.
 
 Where it differs from `infer caption`: images are decoded by TensorFlow instead of Pillow. JPEGs
 are decoded with libjpeg's accurate integer IDCT, which gives Pillow's pixels exactly (TensorFlow's
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from model.decoding import beam_search, ids_to_text
+from model.decoding import beam_search, ids_to_text, unsure
 from prepare.errors import UserError
 from prepare.files import LOCK_FILE, PENDING, Publication, exclusive_lock
 
@@ -45,13 +47,13 @@ def decode_image_bytes(data, size: int):
     return tf.round(tf.clip_by_value(img, 0.0, 255.0))
 
 
-def build_module(run_dir, beam_size: int, top_k: int, max_len: int, length_norm: float = 0.0):
+def build_module(run_dir, beam_size: int, top_k: int, max_len: int, length_norm: float = 0.0, guards=None):
     """A Keras ExportArchive of the run's encoder and decoder with one endpoint, `serve`."""
     import keras
     import tensorflow as tf
 
     from infer.captioner import Captioner
-    cap = Captioner(run_dir)
+    cap = Captioner(run_dir, guards=guards)
     encoder_model = cap.encoder_model()
     decoder = cap.model
     size = cap.image_size
@@ -61,10 +63,11 @@ def build_module(run_dir, beam_size: int, top_k: int, max_len: int, length_norm:
         x = tf.map_fn(lambda b: decode_image_bytes(b, size), images,
                       fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
         feats = encoder_model(x, training=False)
-        ids, _, lp, _ = beam_search(decoder, feats, beam_size=beam_size, max_len=max_len, length_norm=length_norm)
-        ids, lp = ids[:, :top_k], lp[:, :top_k]
+        ids, n, lp, _ = beam_search(decoder, feats, beam_size=beam_size, max_len=max_len, length_norm=length_norm,
+                                    guards=cap.beam_guards)
+        ids, n, lp = ids[:, :top_k], n[:, :top_k], lp[:, :top_k]
         text = tf.where(tf.math.is_finite(lp), ids_to_text(words, ids, cap.vocab.tokenizer), "")
-        return {"captions": text, "log_probs": lp}
+        return {"captions": text, "log_probs": lp, "unsure": unsure(lp, n, cap.guards.unsure_below)}
 
     archive = keras.export.ExportArchive()       # tracks the models' variables, not their Keras call signatures
     archive.track(encoder_model)
@@ -74,7 +77,7 @@ def build_module(run_dir, beam_size: int, top_k: int, max_len: int, length_norm:
 
 
 def export(run, out, *, beam_size: int = 3, top_k: int = 3, max_len: int | None = None, length_norm: float = 0.0,
-           overwrite: bool = False, log=print) -> dict:
+           overwrite: bool = False, guards=None, log=print) -> dict:
     """Write the SavedModel into OUT atomically: its entries (saved_model.pb, variables/, ...,
     export.json last) replace the previous export's in one publication (prepare.files, label "export")."""
     import tensorflow as tf
@@ -94,14 +97,14 @@ def export(run, out, *, beam_size: int = 3, top_k: int = 3, max_len: int | None 
     if max_len is None:
         max_len, why = run_max_len(run)
         log(f"--max-len {max_len}: {why}")
-    module, cap = build_module(run, beam_size, top_k, max_len, length_norm)
+    module, cap = build_module(run, beam_size, top_k, max_len, length_norm, guards)
     record = {"run": str(Path(run).resolve()), "beam_size": beam_size, "top_k": top_k, "max_len": max_len,
-              "length_norm": length_norm, "image_size": cap.image_size,
+              "length_norm": length_norm, "image_size": cap.image_size, "guards": cap.guards.record(),
               "decoder": cap.config["model"].get("decoder", "show_and_tell"),
               "encoder": cap.manifest.get("encoder"), "encoder_sha256": cap.encoder_sha256(),
               "signature": {"inputs": {"images": "tf.string [N], encoded JPEG/PNG files"},
                             "outputs": {"captions": "tf.string [N, top_k], best first",
-                                        "log_probs": "float32 [N, top_k]"}}}
+                                        "log_probs": "float32 [N, top_k]", "unsure": "bool [N, top_k]"}}}
     with exclusive_lock(out):
         with Publication(out, "export") as pub:
             new = pub.tree(lambda d: module.write_out(str(d), verbose=False))
@@ -110,5 +113,5 @@ def export(run, out, *, beam_size: int = 3, top_k: int = 3, max_len: int | None 
                 if p.name not in (LOCK_FILE, PENDING, EXPORT_RECORD, *new) and not p.name.startswith(".tmp-"):
                     pub.discard(p.name)
     log(f"exported {display_name(Path(run))} to {display_name(out)} (SavedModel, signature serving_default: "
-        f"images -> captions, log_probs; beam {beam_size}, top {top_k}, max length {max_len})")
+        f"images -> captions, log_probs, unsure; beam {beam_size}, top {top_k}, max length {max_len})")
     return record

@@ -3,7 +3,7 @@
     GET  /              a page (infer/static/index.html): pick or drop images, see each with its caption drawn on it and the
                         top 3 captions with probabilities
     POST /api/caption   multipart field `image` (repeatable) -> 200 {"results": [{"name", "captions":
-                        [{"text", "p"}], "annotated": "data:image/jpeg;base64,..."}]}; an unreadable
+                        [{"text", "p", "unsure"}], "annotated": "data:image/jpeg;base64,..."}]}; an unreadable
                         upload -> 400 {"error": "<name>: <reason>"}; a file over --max-mb -> 413
     GET  /healthz       200 {"status": "ok"} once the model is loaded (503 before)
 
@@ -47,12 +47,12 @@ class _Job:
 class BatchingCaptioner:
     """One worker thread owns the model; jobs from any thread are batched together."""
 
-    def __init__(self, run, beam_size: int = 3, max_len: int | None = None, max_batch: int = 16):
+    def __init__(self, run, beam_size: int = 3, max_len: int | None = None, max_batch: int = 16, guards=None):
         from infer.captioner import Captioner
         from infer.options import run_max_len
         if max_len is None:
             max_len, _ = run_max_len(run)
-        self.cap = Captioner(run, beam_size=beam_size, max_len=max_len)
+        self.cap = Captioner(run, beam_size=beam_size, max_len=max_len, guards=guards)
         self.forward = self.cap.encoder()
         self.max_batch = max_batch
         self.jobs: queue.Queue[_Job] = queue.Queue()
@@ -98,7 +98,7 @@ class BatchingCaptioner:
 
 
 def create_app(run, *, beam_size: int = 3, max_len: int | None = None, max_bytes: int = 10 << 20,
-               max_batch: int = 16, top: int = 3):
+               max_batch: int = 16, top: int = 3, guards=None):
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse
@@ -112,7 +112,7 @@ def create_app(run, *, beam_size: int = 3, max_len: int | None = None, max_bytes
     def load() -> None:
         try:
             state["model"] = BatchingCaptioner(run, beam_size=max(beam_size, top), max_len=max_len,
-                                               max_batch=max_batch)
+                                               max_batch=max_batch, guards=guards)
         except Exception as e:  # noqa: BLE001 - reported by /healthz and every request
             state["error"] = f"{type(e).__name__}: {e}"
 
@@ -165,9 +165,9 @@ def create_app(run, *, beam_size: int = 3, max_len: int | None = None, max_bytes
             return JSONResponse({"error": f"captioning failed: {e}"}, status_code=500)
         results = []
         for name, data, cs in zip(names, raw, caps):
-            best = [(model.cap.text(c), math.exp(c.logprob)) for c in cs[:top]]
-            results.append({"name": name, "captions": [{"text": pretty(t), "p": p} for t, p in best],
-                            "annotated": _annotated(render, data, best)})
+            best = [(model.cap.text(c), math.exp(c.logprob), model.cap.unsure(c)) for c in cs[:top]]
+            results.append({"name": name, "captions": [{"text": pretty(t), "p": p, "unsure": u} for t, p, u in best],
+                            "annotated": _annotated(render, data, [(t + " (unsure)" * u, p) for t, p, u in best])})
         return JSONResponse({"results": results})
 
     app = Starlette(routes=[Route("/", page), Route("/healthz", healthz),
@@ -187,7 +187,7 @@ def _annotated(render, data: bytes, best) -> str | None:
 
 
 def serve(run, host: str = "127.0.0.1", port: int = 8000, *, beam_size: int = 3, max_mb: float = 10.0,
-          max_batch: int = 16, log=print) -> None:
+          max_batch: int = 16, guards=None, log=print) -> None:
     import uvicorn
 
     from model.run import Run
@@ -197,6 +197,6 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, *, beam_size: int = 3,
     if not max_mb > 0:
         raise UserError(f"--max-mb {max_mb}: must be above 0")
     Run(run).verify()                              # a broken run directory: one line, before the server starts
-    app = create_app(run, beam_size=beam_size, max_bytes=int(max_mb * (1 << 20)), max_batch=max_batch)
+    app = create_app(run, beam_size=beam_size, max_bytes=int(max_mb * (1 << 20)), max_batch=max_batch, guards=guards)
     log(f"serving {run} on http://{host}:{port}/  (API: POST /api/caption, health: GET /healthz)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
