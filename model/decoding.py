@@ -68,9 +68,10 @@ class Guards:
         return BeamGuards(no_end_after=tuple(sorted({index[w] for w in self.no_end_after if w in index})))
 
     def record(self) -> dict:
-        """For export.json and metrics.json."""
+        """For export.json and metrics.json (unsure_below None: -inf, never unsure; JSON has no -inf)."""
         return {"on": self.on, "repeats": self.on, "trigrams": self.on,
-                "no_end_after": list(self.no_end_after) if self.on else [], "unsure_below": self.unsure_below}
+                "no_end_after": list(self.no_end_after) if self.on else [],
+                "unsure_below": float(self.unsure_below) if np.isfinite(self.unsure_below) else None}
 
 
 def mean_word_log_prob(log_probs, lengths):
