@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from infer.options import add_guard_flags, guards_of  # noqa: E402
 from prepare.cli import run_cli  # noqa: E402
 from prepare.errors import check_range  # noqa: E402
 
@@ -28,6 +29,7 @@ def _add_caption(sub) -> None:
                    "OUT/attention/<name>.png, the image with a heat map of where it looked for each word")
     c.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     c.add_argument("--quiet", action="store_true")
+    add_guard_flags(c)
 
 
 def _add_evaluate(sub) -> None:
@@ -45,6 +47,7 @@ def _add_evaluate(sub) -> None:
                    "of the first N images into OUT/attention/ (default 0)")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--quiet", action="store_true")
+    add_guard_flags(e)
 
 
 def _add_export(sub) -> None:
@@ -56,6 +59,7 @@ def _add_export(sub) -> None:
     x.add_argument("--max-len", type=int, default=None, help=MAX_LEN_HELP)
     x.add_argument("--length-norm", type=float, default=0.0, help="rank by logprob / length ** this")
     x.add_argument("--overwrite", action="store_true", help="replace the SavedModel in --out")
+    add_guard_flags(x)
 
 
 def _add_serve(sub) -> None:
@@ -68,6 +72,7 @@ def _add_serve(sub) -> None:
     v.add_argument("--max-batch", type=int, default=16, help="images captioned together at most (default 16)")
     v.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a request's whole body may take to arrive (default 30): slower -> 408")
+    add_guard_flags(v)
 
 
 def _add_serve_bench(sub) -> None:
@@ -101,26 +106,26 @@ def _caption(a) -> None:
     from infer.caption import caption_images
     caption_images(a.run, a.images, a.out, beam_size=a.beam_size, max_len=a.max_len, top=a.top,
                    batch_size=a.batch_size, length_norm=a.length_norm, overwrite=a.overwrite,
-                   attention=a.attention, progress=not a.quiet)
+                   attention=a.attention, progress=not a.quiet, guards=guards_of(a))
 
 
 def _evaluate(a) -> None:
     from infer.evaluate import evaluate
     evaluate(a.run, a.data, split=a.split, beam_size=a.beam_size, max_len=a.max_len, features=a.features,
              out=a.out, batch_size=a.batch_size, limit=a.limit, overwrite=a.overwrite, progress=not a.quiet,
-             attention_maps=a.attention_maps)
+             attention_maps=a.attention_maps, guards=guards_of(a))
 
 
 def _export(a) -> None:
     from infer.export import export
     export(a.run, a.out, beam_size=a.beam_size, top_k=a.top, max_len=a.max_len, length_norm=a.length_norm,
-           overwrite=a.overwrite)
+           overwrite=a.overwrite, guards=guards_of(a))
 
 
 def _serve(a) -> None:
     from infer.serve import serve
     serve(a.run, a.host, a.port, beam_size=a.beam_size, max_mb=a.max_mb, max_batch=a.max_batch,
-          body_timeout=a.body_timeout)
+          body_timeout=a.body_timeout, guards=guards_of(a))
 
 
 def _serve_bench(a) -> None:

@@ -14,7 +14,7 @@ from prepare.files import Publication, exclusive_lock, fault_point, finish_pendi
 
 def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: int | None = None, top: int = 3,
                    batch_size: int = 32, length_norm: float = 0.0, overwrite: bool = False,
-                   attention: bool = False, progress: bool = True, log=print) -> dict:
+                   attention: bool = False, progress: bool = True, guards=None, log=print) -> dict:
     """Caption files, folders and globs; write OUT/annotated/<name>.jpg, OUT/captions.jsonl and,
     when every captioned file's name carries a distinct COCO image id, OUT/results.json; with
     `attention` (attention-decoder runs) also OUT/attention/<name>.png, a heat map per word.
@@ -24,7 +24,10 @@ def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: 
     names with the undecodable bytes as U+FFFD (display_name). An image that cannot be read, or
     whose annotated copy cannot be made, is listed with its reason; it never stops the others.
     All outputs are published together (prepare.files.Publication, label "caption", captions.jsonl
-    last): a killed run leaves the old outputs or the new ones, and the same command finishes it."""
+    last): a killed run leaves the old outputs or the new ones, and the same command finishes it.
+    guards: model.decoding.Guards (None: the defaults, on); captions the model rates unlikely are
+    marked ("unsure": true in captions.jsonl, "(unsure)" printed and on the annotated copy), and the
+    summary counts the degenerate best captions (model.metrics.degenerate)."""
     from infer.captioner import Captioner
     check_flags(beam_size=beam_size, top=top, max_len=max_len, batch_size=batch_size)
     out = Path(out)
@@ -54,7 +57,7 @@ def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: 
         if max_len is None:
             max_len, why = run_max_len(run)
             log(f"--max-len {max_len}: {why}")
-        cap = Captioner(run, beam_size=max(beam_size, top), max_len=max_len, length_norm=length_norm)
+        cap = Captioner(run, beam_size=max(beam_size, top), max_len=max_len, length_norm=length_norm, guards=guards)
         if attention:
             cap.check_attention()
         t0 = time.time()
@@ -64,13 +67,16 @@ def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: 
             rows, coco, bad, not_annotated = _annotate_all(cap, results, names, out, top, log, pub)
             write_results = _write_results(pub, rows, coco, log)
             write_jsonl(pub.path("captions.jsonl"), rows)
+    degenerate = sum(bool(r["captions"]) and cap.degenerate(r["captions"][0]["caption"]) for r in rows)
+    unsure = sum(bool(r["captions"]) and r["captions"][0]["unsure"] for r in rows)
     log(f"captioned {len(rows)} images in {seconds:.1f}s ({len(rows) / max(seconds, 1e-9):.1f} img/s); "
         f"{len(bad)} unreadable, {len(not_annotated)} without annotated copy, {len(missing)} inputs not found, "
-        f"{len(irregular)} not regular files")
+        f"{len(irregular)} not regular files; best captions: {degenerate} degenerate, {unsure} unsure")
     log(f"wrote {display_name(out / 'annotated')}/, {display_name(out / 'captions.jsonl')}" +
         (f", {display_name(out / 'results.json')}" if write_results else ""))
     return {"captioned": len(rows), "unreadable": bad, "not_annotated": not_annotated, "missing": missing,
-            "not_regular": irregular, "seconds": seconds, "results_json": write_results, "max_len": max_len}
+            "not_regular": irregular, "seconds": seconds, "results_json": write_results, "max_len": max_len,
+            "degenerate": degenerate, "unsure": unsure}
 
 
 def _output_names(paths: list[Path]) -> list[str]:
@@ -98,11 +104,13 @@ def _annotate_all(cap, results, names: list[str], out: Path, top: int, log, pub:
             continue
         best = r.captions[:top]
         log(f"Captions for image {display_name(Path(r.path).name)}:")
+        shown_texts = [cap.text(c) + (" (unsure)" if cap.unsure(c) else "") for c in best]
         for i, c in enumerate(best):
-            log(f"  {i}) {cap.text(c)} (p={math.exp(c.logprob):.6f})")
+            log(f"  {i}) {shown_texts[i]} (p={math.exp(c.logprob):.6f})")
         dst = out / "annotated" / name
         try:
-            annotate(r.path, [(cap.text(c), math.exp(c.logprob)) for c in best], pub.path(f"annotated/{name}"))
+            annotate(r.path, [(t, math.exp(c.logprob)) for t, c in zip(shown_texts, best)],
+                     pub.path(f"annotated/{name}"))
         except Exception as e:  # noqa: BLE001 - one picture must never stop the batch
             why = f"{type(e).__name__}: {e}"
             not_annotated.append((shown, why))
@@ -113,7 +121,8 @@ def _annotate_all(cap, results, names: list[str], out: Path, top: int, log, pub:
         strip = None if strip is None else out / strip
         iid = image_id_from_name(r.path)
         rows.append({"file": shown, "image_id": iid, "annotated": None if dst is None else display_name(dst),
-                     "captions": [{"caption": cap.text(c), "logprob": c.logprob} for c in best]} |
+                     "captions": [{"caption": cap.text(c), "logprob": c.logprob, "unsure": cap.unsure(c)}
+                                  for c in best]} |
                     ({"attention": display_name(strip)} if strip else {}))
         if iid is not None:
             coco.append({"image_id": iid, "caption": cap.text(best[0]), "file": shown})

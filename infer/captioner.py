@@ -38,9 +38,14 @@ def numpy_decoding(model):
 
 
 class Captioner:
-    def __init__(self, run_dir, beam_size: int = 3, max_len: int = 20, length_norm: float = 0.0):
+    def __init__(self, run_dir, beam_size: int = 3, max_len: int = 20, length_norm: float = 0.0, guards=None):
+        """guards: model.decoding.Guards, the in-graph search's (default: on, the default words and
+        threshold); caption_features_python, the reference, never has any."""
+        from model.decoding import Guards
         self.run_dir = Path(run_dir)
         self.model, self.vocab, self.config, self.manifest = load_run(self.run_dir)   # every file verified
+        self.guards = guards or Guards()
+        self.beam_guards = self.guards.resolve(self.vocab.words)
         self._encoder_sha256 = Run(self.run_dir).encoder_sha256() or self.manifest["weights"]["sha256"]
         self.beam_size, self.max_len, self.length_norm = beam_size, max_len, length_norm
         self._init, self._step = numpy_decoding(self.model)
@@ -129,7 +134,7 @@ class Captioner:
             @tf.function(input_signature=[tf.TensorSpec([None, *self.model.feature_shape], tf.float32)])
             def search(f):
                 return decoding.beam_search(self.model, f, beam_size=self.beam_size, max_len=self.max_len,
-                                            length_norm=self.length_norm)
+                                            length_norm=self.length_norm, guards=self.beam_guards)
             self._graph = search
         ids, lengths, lps, complete = (x.numpy() for x in self._graph(features))
         return [[Caption([int(w) for w in ids[i, j, :lengths[i, j]]], float(lps[i, j]),
@@ -166,4 +171,15 @@ class Captioner:
 
     def text(self, cap: Caption) -> str:
         return self.vocab.decode(cap.ids)
+
+    def unsure(self, cap: Caption) -> bool:
+        """Does the model itself rate the caption unlikely: mean log-probability per word (<end>
+        counted) below the guards' unsure_below?"""
+        from model.decoding import unsure
+        return bool(unsure(cap.logprob, len(cap.ids), self.guards.unsure_below))
+
+    def degenerate(self, text: str) -> bool:
+        """Does the caption babble (model.metrics.degenerate, with this run's --no-end-after words)?"""
+        from model.metrics import degenerate
+        return degenerate(text, self.guards.no_end_after)
 

@@ -82,12 +82,14 @@ def model_leave_one_out(refs: dict[int, list[str]], hyp: dict[int, str]) -> dict
 
 def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int | None = None, features=None,
              out=None, batch_size: int = 32, overwrite: bool = False, limit: int = 0, progress: bool = True,
-             attention_maps: int = 0, log=print) -> dict:
+             attention_maps: int = 0, guards=None, log=print) -> dict:
     """Caption a split and score it; writes OUT/results.json and OUT/metrics.json (metrics.json last:
     it exists only beside the results.json it scored, even after a kill during --overwrite). Two
     publications (prepare.files, label "evaluate"): results.json and the attention strips replace
     the old outputs and remove metrics.json together; after scoring, metrics.json.
-    max_len None: the run's own (infer.options.run_max_len)."""
+    max_len None: the run's own (infer.options.run_max_len). guards: model.decoding.Guards (None: the
+    defaults, on); metrics.json records them, and counts the best captions that are degenerate
+    (model.metrics.degenerate) and unsure."""
     from infer.options import check_flags, run_max_len
     check_flags(beam_size=beam_size, max_len=max_len, batch_size=batch_size, limit=limit)
     if attention_maps < 0:
@@ -99,7 +101,7 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
     if max_len is None:
         max_len, why = run_max_len(run)
         log(f"--max-len {max_len}: {why}")
-    cap = Captioner(run, beam_size=beam_size, max_len=max_len)
+    cap = Captioner(run, beam_size=beam_size, max_len=max_len, guards=guards)
     if attention_maps:
         cap.check_attention()
     n = len(sp.image_ids) if not limit else min(limit, len(sp.image_ids))
@@ -127,6 +129,8 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
         truth = {int(sp.image_ids[r]): json.loads(sp.objects[r])["objects"] for r in beams if sp.objects[r]}
         metrics = {"split": split, "images": len(hyp), "failed_images": len(failed), "beam_size": beam_size,
                    "max_len": max_len, "results_sha256": sha256_file(out / "results.json"), "source": source,
+                   "guards": cap.guards.record(), "degenerate": sum(cap.degenerate(t) for t in hyp.values()),
+                   "unsure": sum(cap.unsure(b[0]) for b in beams.values()),
                    **_scores(dict(refs), hyp, truth)}
         publish(out, {"metrics.json": lambda p: write_json_atomic(p, metrics)}, label="evaluate")
     log(format_table(metrics))
@@ -202,6 +206,9 @@ def format_table(m: dict) -> str:
         lines.append(f"{k:10s} {cell(m['model'][k])}   {cell(loo)}   {cell(h)}")
     lines.append("(compare the model with humans in the leave-one-out columns: both are scored against the "
                  "same references, one fewer than all)")
+    if "degenerate" in m:
+        lines.append(f"degenerate captions (a word 3 times in a row, a repeated trigram, a bad last word): "
+                     f"{m['degenerate']} of {m['images']}; unsure: {m.get('unsure', 0)}")
     if m.get("content"):
         c = m["content"]
         lines.append(f"content accuracy (exact objects and relations): {100 * c['exact']:.1f}% of {c['images']} images")

@@ -5,6 +5,7 @@ Signature `serving_default`:
  -> captions   tf.string [N, k]     best first ("" where fewer than k captions exist)
     log_probs  float32   [N, k]     the sum of the words' log-probabilities (-inf where no caption)
     errors     tf.string [N]        "" for a captioned image, else why it was refused (its row: "" and -inf)
+    unsure     bool      [N, k]     the mean log-probability per word below --unsure-below
 
 Each image's width and height are read from its header before anything is decoded, and the limits of
 `infer caption` and `serve` apply (extract/images.py: at most MAX_PIXELS, at least MIN_SOURCE_SIDE
@@ -14,7 +15,8 @@ element never fails the call. Images are decoded one at a time, so memory is bou
 Everything runs in the graph: decoding, resizing, the run's encoder, the decoder and beam search
 (model/decoding.py: a tf.while_loop with im2txt's semantics). So
 `tf.saved_model.load(DIR)` captions images in any Python with TensorFlow, and TensorFlow Serving
-can load DIR. Beam size, k and max length are fixed at export and recorded in DIR/export.json.
+can load DIR. Beam size, k, max length and the decoding guards (model/decoding.py: on unless
+--no-guards) are fixed at export and recorded in DIR/export.json.
 
 Where it differs from `infer caption`: images are decoded by TensorFlow instead of Pillow. JPEGs
 are decoded with libjpeg's accurate integer IDCT, which gives Pillow's pixels exactly (TensorFlow's
@@ -30,7 +32,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from model.decoding import beam_search, ids_to_text
+from model.decoding import beam_search, ids_to_text, unsure
 from prepare.errors import UserError
 from prepare.files import LOCK_FILE, PENDING, Publication, exclusive_lock
 
@@ -108,13 +110,13 @@ def decode_image_bytes(data, size: int):
     return tf.round(tf.clip_by_value(img, 0.0, 255.0))
 
 
-def build_module(run_dir, beam_size: int, top_k: int, max_len: int, length_norm: float = 0.0):
+def build_module(run_dir, beam_size: int, top_k: int, max_len: int, length_norm: float = 0.0, guards=None):
     """A Keras ExportArchive of the run's encoder and decoder with one endpoint, `serve`."""
     import keras
     import tensorflow as tf
 
     from infer.captioner import Captioner
-    cap = Captioner(run_dir)
+    cap = Captioner(run_dir, guards=guards)
     encoder_model = cap.encoder_model()
     decoder = cap.model
     size = cap.image_size
@@ -122,9 +124,11 @@ def build_module(run_dir, beam_size: int, top_k: int, max_len: int, length_norm:
 
     def caption(x):                              # float32 [n, size, size, 3], n >= 1
         feats = encoder_model(x, training=False)
-        ids, _, lp, _ = beam_search(decoder, feats, beam_size=beam_size, max_len=max_len, length_norm=length_norm)
-        ids, lp = ids[:, :top_k], lp[:, :top_k]
-        return tf.where(tf.math.is_finite(lp), ids_to_text(words, ids, cap.vocab.tokenizer), ""), lp
+        ids, n, lp, _ = beam_search(decoder, feats, beam_size=beam_size, max_len=max_len, length_norm=length_norm,
+                                    guards=cap.beam_guards)
+        ids, n, lp = ids[:, :top_k], n[:, :top_k], lp[:, :top_k]
+        text = tf.where(tf.math.is_finite(lp), ids_to_text(words, ids, cap.vocab.tokenizer), "")
+        return text, lp, unsure(lp, n, cap.guards.unsure_below)
 
     def serve(images):
         # one image decoded at a time (parallel_iterations=1): memory is bounded by one image
@@ -133,13 +137,15 @@ def build_module(run_dir, beam_size: int, top_k: int, max_len: int, length_norm:
                                                    tf.TensorSpec([], tf.string)))
         ok = tf.equal(errors, "")
         n_ok = tf.reduce_sum(tf.cast(ok, tf.int32))
-        text, lp = tf.cond(n_ok > 0, lambda: caption(tf.boolean_mask(x, ok)),
-                           lambda: (tf.zeros([0, top_k], tf.string), tf.zeros([0, top_k], tf.float32)))
-        # the good rows' results in place, "" and -inf in the refused rows (an extra row gathered for them)
+        text, lp, unsure_ = tf.cond(n_ok > 0, lambda: caption(tf.boolean_mask(x, ok)),
+                                    lambda: (tf.zeros([0, top_k], tf.string), tf.zeros([0, top_k], tf.float32),
+                                             tf.zeros([0, top_k], tf.bool)))
+        # the good rows' results in place, "", -inf and False in the refused rows (an extra row gathered for them)
         row = tf.where(ok, tf.cumsum(tf.cast(ok, tf.int32)) - 1, n_ok)
         text = tf.gather(tf.concat([text, tf.fill([1, top_k], "")], 0), row)
         lp = tf.gather(tf.concat([lp, tf.fill([1, top_k], float("-inf"))], 0), row)
-        return {"captions": text, "log_probs": lp, "errors": errors}
+        unsure_ = tf.gather(tf.concat([unsure_, tf.fill([1, top_k], False)], 0), row)
+        return {"captions": text, "log_probs": lp, "errors": errors, "unsure": unsure_}
 
     archive = keras.export.ExportArchive()       # tracks the models' variables, not their Keras call signatures
     archive.track(encoder_model)
@@ -149,7 +155,7 @@ def build_module(run_dir, beam_size: int, top_k: int, max_len: int, length_norm:
 
 
 def export(run, out, *, beam_size: int = 3, top_k: int = 3, max_len: int | None = None, length_norm: float = 0.0,
-           overwrite: bool = False, log=print) -> dict:
+           overwrite: bool = False, guards=None, log=print) -> dict:
     """Write the SavedModel into OUT atomically: its entries (saved_model.pb, variables/, ...,
     export.json last) replace the previous export's in one publication (prepare.files, label "export")."""
     import tensorflow as tf
@@ -170,15 +176,16 @@ def export(run, out, *, beam_size: int = 3, top_k: int = 3, max_len: int | None 
     if max_len is None:
         max_len, why = run_max_len(run)
         log(f"--max-len {max_len}: {why}")
-    module, cap = build_module(run, beam_size, top_k, max_len, length_norm)
+    module, cap = build_module(run, beam_size, top_k, max_len, length_norm, guards)
     record = {"run": str(Path(run).resolve()), "beam_size": beam_size, "top_k": top_k, "max_len": max_len,
-              "length_norm": length_norm, "image_size": cap.image_size,
+              "length_norm": length_norm, "image_size": cap.image_size, "guards": cap.guards.record(),
               "decoder": cap.config["model"].get("decoder", "show_and_tell"),
               "encoder": cap.manifest.get("encoder"), "encoder_sha256": cap.encoder_sha256(),
               "signature": {"inputs": {"images": "tf.string [N], encoded JPEG/PNG/GIF/BMP files (N may be 0)"},
                             "outputs": {"captions": "tf.string [N, top_k], best first (\"\" in a refused row)",
                                         "log_probs": "float32 [N, top_k] (-inf in a refused row)",
-                                        "errors": "tf.string [N], \"\" for a captioned image, else the reason"},
+                                        "errors": "tf.string [N], \"\" for a captioned image, else the reason",
+                                        "unsure": "bool [N, top_k] (False in a refused row)"},
                             "limits": {"max_pixels": MAX_PIXELS, "min_side": MIN_SOURCE_SIDE}}}
     with exclusive_lock(out):
         with Publication(out, "export") as pub:
@@ -188,5 +195,5 @@ def export(run, out, *, beam_size: int = 3, top_k: int = 3, max_len: int | None 
                 if p.name not in (LOCK_FILE, PENDING, EXPORT_RECORD, *new) and not p.name.startswith(".tmp-"):
                     pub.discard(p.name)
     log(f"exported {display_name(Path(run))} to {display_name(out)} (SavedModel, signature serving_default: "
-        f"images -> captions, log_probs, errors; beam {beam_size}, top {top_k}, max length {max_len})")
+        f"images -> captions, log_probs, errors, unsure; beam {beam_size}, top {top_k}, max length {max_len})")
     return record

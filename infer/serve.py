@@ -3,8 +3,8 @@
     GET  /              a page (infer/static/index.html): pick or drop images, see each with its caption drawn on it and the
                         top 3 captions with probabilities
     POST /api/caption   multipart field `image` (repeatable, at most MAX_FILES) -> 200 {"results": [{"name",
-                        "captions": [{"text", "p"}], "annotated": "data:image/jpeg;base64,..."}]}; an unreadable
-                        upload -> 400 {"error": "<name>: <reason>"}; a file over --max-mb, a body over
+                        "captions": [{"text", "p", "unsure"}], "annotated": "data:image/jpeg;base64,..."}]}; an
+                        unreadable upload -> 400 {"error": "<name>: <reason>"}; a file over --max-mb, a body over
                         max_body(--max-mb), over MAX_FILES files or over MAX_REQUEST_PIXELS pixels in all -> 413;
                         a body not received within --body-timeout seconds -> 408 (each with {"error"})
     GET  /healthz       200 {"status": "ok"} once the model is loaded (503 before)
@@ -54,12 +54,12 @@ class _Job:
 class BatchingCaptioner:
     """One worker thread owns the model; jobs from any thread are batched together."""
 
-    def __init__(self, run, beam_size: int = 3, max_len: int | None = None, max_batch: int = 16):
+    def __init__(self, run, beam_size: int = 3, max_len: int | None = None, max_batch: int = 16, guards=None):
         from infer.captioner import Captioner
         from infer.options import run_max_len
         if max_len is None:
             max_len, _ = run_max_len(run)
-        self.cap = Captioner(run, beam_size=beam_size, max_len=max_len)
+        self.cap = Captioner(run, beam_size=beam_size, max_len=max_len, guards=guards)
         self.forward = self.cap.encoder()
         self.max_batch = max_batch
         self.jobs: queue.Queue[_Job] = queue.Queue()
@@ -152,7 +152,7 @@ def _header_pixels(data: bytes) -> int:
 
 
 def create_app(run, *, beam_size: int = 3, max_len: int | None = None, max_bytes: int = 10 << 20,
-               max_batch: int = 16, top: int = 3, body_timeout: float = 30.0):
+               max_batch: int = 16, top: int = 3, body_timeout: float = 30.0, guards=None):
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
@@ -167,7 +167,7 @@ def create_app(run, *, beam_size: int = 3, max_len: int | None = None, max_bytes
     def load() -> None:
         try:
             state["model"] = BatchingCaptioner(run, beam_size=max(beam_size, top), max_len=max_len,
-                                               max_batch=max_batch)
+                                               max_batch=max_batch, guards=guards)
         except Exception as e:  # noqa: BLE001 - reported by /healthz and every request
             state["error"] = f"{type(e).__name__}: {e}"
 
@@ -231,10 +231,12 @@ def create_app(run, *, beam_size: int = 3, max_len: int | None = None, max_bytes
             caps = await asyncio.get_running_loop().run_in_executor(None, model.caption, images)
         except RuntimeError as e:
             return JSONResponse({"error": f"captioning failed: {e}"}, status_code=500)
-        bests = [[(model.cap.text(c), math.exp(c.logprob)) for c in cs[:top]] for cs in caps]
-        drawn = await run_in_threadpool(lambda: [_annotated(render, d, b) for d, b in zip(raw, bests)])
-        return JSONResponse({"results": [{"name": n, "captions": [{"text": pretty(t), "p": p} for t, p in best],
-                                          "annotated": a} for n, best, a in zip(names, bests, drawn)]})
+        bests = [[(model.cap.text(c), math.exp(c.logprob), model.cap.unsure(c)) for c in cs[:top]] for cs in caps]
+        drawn = await run_in_threadpool(lambda: [_annotated(render, d, [(t + " (unsure)" * u, p) for t, p, u in b])
+                                                 for d, b in zip(raw, bests)])
+        return JSONResponse({"results": [{"name": n, "captions": [{"text": pretty(t), "p": p, "unsure": u}
+                                                                  for t, p, u in best], "annotated": a}
+                                         for n, best, a in zip(names, bests, drawn)]})
 
     app = Starlette(routes=[Route("/", page), Route("/healthz", healthz),
                             Route("/api/caption", api_caption, methods=["POST"])])
@@ -270,7 +272,7 @@ def _annotated(render, data: bytes, best) -> str | None:
 
 
 def serve(run, host: str = "127.0.0.1", port: int = 8000, *, beam_size: int = 3, max_mb: float = 10.0,
-          max_batch: int = 16, body_timeout: float = 30.0, log=print) -> None:
+          max_batch: int = 16, body_timeout: float = 30.0, guards=None, log=print) -> None:
     import uvicorn
 
     from model.run import Run
@@ -283,6 +285,6 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, *, beam_size: int = 3,
         raise UserError(f"--body-timeout {body_timeout}: must be above 0 seconds")
     Run(run).verify()                              # a broken run directory: one line, before the server starts
     app = create_app(run, beam_size=beam_size, max_bytes=int(max_mb * (1 << 20)), max_batch=max_batch,
-                     body_timeout=body_timeout)
+                     body_timeout=body_timeout, guards=guards)
     log(f"serving {run} on http://{host}:{port}/  (API: POST /api/caption, health: GET /healthz)")
     uvicorn.run(app, host=host, port=port, log_level="warning")

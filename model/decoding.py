@@ -14,12 +14,83 @@ the complete ones are returned, or the partial ones if none completed. The one d
 between equally probable captions are broken by position instead of by word ids.
 
 `max_len` counts tokens including <start>, as everywhere: at most max_len - 1 words are decoded.
+
+Guards (issue #22: decoding that never babbles), inside the beam search, given as BeamGuards
+(word ids; Guards.resolve makes them from the flags and the run's vocabulary): at each step the
+forbidden words' log-probabilities are set to -inf before the top-k, so a beam never takes them
+(the probabilities of the others are the model's own, not renormalised); a beam whose every word is
+forbidden dies (score -inf). Off (guards=None) the search is exactly the one pinned on the
+reference. Forbidden:
+    repeats       a word right after itself (<end> excepted)
+    trigrams      a word completing a trigram already in the caption: w with (prefix[-2], prefix[-1], w)
+                  earlier in the prefix
+    no_end_after  <end> right after one of these words (NO_END_AFTER: a, the, of, ',' ...)
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from prepare.vocabulary import END_ID, PAD_ID, START_ID
+
+
+# Words an English caption cannot end on: <end> may not follow them (--no-end-after replaces the list)
+NO_END_AFTER = ("a", "an", "the", "of", "with", "on", "in", "to", "and", "at", "by", "for", "from", "is", "are",
+                "its", "their", "his", "her", "or", "as", "into", "onto", "under", "over", "near", "next",
+                "behind", "beside", "between", ",", ";", ":", "-", "(", "&")
+# A caption whose mean log-probability per word (<end> counted) is below this is marked unsure
+# (--unsure-below; measured in docs/results.md: "Decoding guards")
+UNSURE_BELOW = -1.0
+
+
+@dataclass(frozen=True)
+class BeamGuards:
+    """What beam_search forbids, in word ids (see the module's docstring)."""
+    repeats: bool = True
+    trigrams: bool = True
+    no_end_after: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Guards:
+    """infer's decoding options, in words: on (--no-guards: off), the words <end> may not follow
+    (--no-end-after) and the unsure mark's threshold (--unsure-below; marks are made guards on or off)."""
+    on: bool = True
+    no_end_after: tuple[str, ...] = NO_END_AFTER
+    unsure_below: float = UNSURE_BELOW
+
+    def resolve(self, words) -> BeamGuards | None:
+        """The BeamGuards for a vocabulary (id -> word; listed words it lacks are ignored); None when off."""
+        if not self.on:
+            return None
+        index = {w: i for i, w in enumerate(words)}
+        return BeamGuards(no_end_after=tuple(sorted({index[w] for w in self.no_end_after if w in index})))
+
+    def record(self) -> dict:
+        """For export.json and metrics.json (unsure_below None: -inf, never unsure; JSON has no -inf)."""
+        return {"on": self.on, "repeats": self.on, "trigrams": self.on,
+                "no_end_after": list(self.no_end_after) if self.on else [],
+                "unsure_below": float(self.unsure_below) if np.isfinite(self.unsure_below) else None}
+
+
+def mean_word_log_prob(log_probs, lengths):
+    """Per caption, its log-probability over its words (<end> counted, <start> not): log_probs and
+    lengths (tokens with <start>) numpy or tensors of the same shape."""
+    import tensorflow as tf
+    if isinstance(log_probs, tf.Tensor):
+        return log_probs / tf.cast(tf.maximum(lengths - 1, 1), log_probs.dtype)
+    return np.asarray(log_probs) / np.maximum(np.asarray(lengths) - 1, 1)
+
+
+def unsure(log_probs, lengths, below: float):
+    """True where a caption's mean log-probability per word is below `below` (never where there is
+    no caption: log_prob -inf)."""
+    import tensorflow as tf
+    mean = mean_word_log_prob(log_probs, lengths)
+    if isinstance(mean, tf.Tensor):
+        return tf.math.is_finite(log_probs) & (mean < below)
+    return np.isfinite(log_probs) & (mean < below)
 
 
 def compiled_decoding(model):
@@ -39,11 +110,13 @@ def compiled_decoding(model):
     return init, step
 
 
-def beam_search(decoder, features, *, beam_size: int, max_len: int, length_norm: float = 0.0):
-    """In-graph batched beam search over decoder.initial_state / decoder.step.
+def beam_search(decoder, features, *, beam_size: int, max_len: int, length_norm: float = 0.0,
+                guards: BeamGuards | None = None):
+    """In-graph batched beam search over decoder.initial_state / decoder.step; guards: the words
+    each beam may not take (None: none, the reference's search).
 
     features [N, ...] -> (ids int32 [N, k, max_len] (<start> ... <end>, then <pad>), lengths [N, k],
-    log_probs [N, k], complete bool [N, k]), best first."""
+    log_probs [N, k] (-inf: no caption), complete bool [N, k]), best first."""
     import tensorflow as tf
     k, L = beam_size, max_len
     neg_inf = tf.constant(-np.inf, tf.float32)
@@ -67,13 +140,10 @@ def beam_search(decoder, features, *, beam_size: int, max_len: int, length_norm:
         words = tf.reshape(ids[:, :, t], [-1])                                  # [n*k] the last word
         logits, new_state = decoder.step_logits(words, state)
         logits = tf.cast(logits, tf.float32)                                    # [n*k, V]
-        # the k best words by logit are the k best by log-probability; only they are normalised
-        top_l, top_w = top_k_words(logits, k)                                   # [n*k, k]
-        # log-sum-exp of the row = best logit - log(best word's probability); that probability,
-        # 1 / sum(exp(logits - max)), is at least 1/V, so its log is precise; the softmax kernel
-        # (oneDNN's) takes a third of the time of tf.exp alone
-        best_p = tf.gather(tf.nn.softmax(logits), top_w[:, :1], batch_dims=1)      # [n*k, 1]
-        top_lp = top_l - (top_l[:, :1] - tf.math.log(best_p))
+        if guards is None:
+            top_lp, top_w = _top_log_probs(logits, k)                           # [n*k, k]
+        else:
+            top_lp, top_w = _guarded_top_log_probs(logits, forbidden_words(ids, t, tf.shape(logits)[1], guards), k)
         flat_lp = tf.reshape(top_lp, [n, k * k])
         flat_total = tf.repeat(live_lp, k, axis=1) + flat_lp                    # [n, k*k]
         flat_total = tf.where(tf.math.is_finite(flat_lp), flat_total, neg_inf)  # a -inf word is never taken
@@ -122,6 +192,55 @@ def beam_search(decoder, features, *, beam_size: int, max_len: int, length_norm:
     out_lp = tf.where(any_done, done_lp, live_lp)
     out_len = tf.where(any_done, done_len, live_len)
     return out_ids, out_len, out_lp, tf.broadcast_to(any_done, tf.shape(out_lp))
+
+
+def _top_log_probs(logits, k: int):
+    """The k best words of each row and their log-probabilities. The k best words by logit are the
+    k best by log-probability; only they are normalised: log-sum-exp of the row = best logit -
+    log(best word's probability); that probability, 1 / sum(exp(logits - max)), is at least 1/V,
+    so its log is precise; the softmax kernel (oneDNN's) takes a third of the time of tf.exp alone."""
+    import tensorflow as tf
+    top_l, top_w = top_k_words(logits, k)                                   # [rows, k]
+    best_p = tf.gather(tf.nn.softmax(logits), top_w[:, :1], batch_dims=1)      # [rows, 1]
+    return top_l - (top_l[:, :1] - tf.math.log(best_p)), top_w
+
+
+def _guarded_top_log_probs(logits, forbidden, k: int):
+    """The same with the forbidden words' log-probabilities at -inf before the top-k (the others'
+    are the model's, normalised over the whole row; a row with every word forbidden: all -inf)."""
+    import tensorflow as tf
+    lse = tf.reduce_max(logits, 1, keepdims=True) - tf.math.log(tf.reduce_max(tf.nn.softmax(logits), 1,
+                                                                              keepdims=True))
+    top_l, top_w = top_k_words(tf.where(forbidden, tf.constant(-np.inf, tf.float32), logits), k)
+    return top_l - lse, top_w
+
+
+def forbidden_words(ids, t, vocab_size, guards: BeamGuards):
+    """bool [n*k, V]: the words each beam may not take next. ids int32 [n, k, L] (the beams' words
+    so far, <start> first), t: the position of their last word."""
+    import tensorflow as tf
+    L = ids.shape[-1]
+    flat = tf.reshape(ids, [-1, L])                                         # [r, L]
+    r = tf.shape(flat)[0]
+    rows = tf.range(r)
+    last = tf.gather(flat, t, axis=1)                                       # [r]
+    index, count = [tf.zeros([0, 2], tf.int32)], [tf.zeros([0], tf.bool)]
+    if guards.repeats:
+        index.append(tf.stack([rows, last], 1))
+        count.append(tf.not_equal(last, END_ID))
+    if guards.trigrams and L >= 3:                     # (ids[j], ids[j+1], ids[j+2]) with j + 2 <= t
+        prev = tf.gather(flat, tf.maximum(t - 1, 0), axis=1)
+        match = (tf.equal(flat[:, :-2], prev[:, None]) & tf.equal(flat[:, 1:-1], last[:, None])
+                 & (tf.range(L - 2) + 2 <= t)[None, :])
+        third = flat[:, 2:]
+        index.append(tf.reshape(tf.stack([tf.broadcast_to(rows[:, None], tf.shape(third)), third], -1), [-1, 2]))
+        count.append(tf.reshape(match, [-1]))
+    if guards.no_end_after:
+        bad = tf.reduce_any(tf.equal(last[:, None], tf.constant(guards.no_end_after, tf.int32)[None, :]), axis=1)
+        index.append(tf.stack([rows, tf.fill([r], END_ID)], 1))
+        count.append(bad)
+    hits = tf.scatter_nd(tf.concat(index, 0), tf.cast(tf.concat(count, 0), tf.int32), tf.stack([r, vocab_size]))
+    return hits > 0
 
 
 def greedy_ids(decoder, features, max_len):

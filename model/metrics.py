@@ -3,6 +3,8 @@
     score_content(text, truth)          what one caption of the built-in dataset says, checked
                                         against the image's true objects (per attribute)
     content_accuracy(captions, truth)   the share of images captioned exactly right, and per attribute
+    degenerate(text), count_degenerate(texts)   babble: a word three times in a row, a repeated
+                                        trigram, or ending on a word no caption ends on
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from model.decoding import NO_END_AFTER
 from prepare.synth import parse_caption, relation_holds
 
 
@@ -51,3 +54,20 @@ def content_accuracy(captions: dict[int, str], truth: dict[int, list[dict]]) -> 
             if v is not None:
                 tallies[k].append(bool(v))
     return {k: float(np.mean(v)) for k, v in tallies.items()} | {"images": len(captions)}
+
+
+def degenerate(text: str, no_end_after=NO_END_AFTER) -> bool:
+    """Does a caption (tokens joined by spaces) babble: a word three times in a row, a trigram twice,
+    or its last word (a final '.', '!' or '?' aside) one that cannot end a sentence (no_end_after)?"""
+    words = text.split()
+    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    if any(a == b == c for a, b, c in grams) or len(set(grams)) < len(grams):
+        return True
+    while words and words[-1] in (".", "!", "?"):
+        words = words[:-1]
+    return bool(words) and words[-1] in set(no_end_after)
+
+
+def count_degenerate(texts, no_end_after=NO_END_AFTER) -> int:
+    """How many of the captions are degenerate (see degenerate)."""
+    return sum(degenerate(t, no_end_after) for t in texts)

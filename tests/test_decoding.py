@@ -105,6 +105,104 @@ def test_graph_beam_search_never_expands_a_word_of_zero_probability():
     assert not complete.numpy()[0, :2].any()
 
 
+
+# ---- guards (issue #22): hand-made tables whose best path babbles --------------------------
+S, E, TA, TB, TC = 0, 1, 2, 3, 4                 # the tables' words; vocabulary ids are one more (C = 5)
+C = 5
+
+
+def _by_last_word(rule, depth=6):
+    """A table whose next-word probabilities depend on the last word only: rule[last word]."""
+    import itertools
+    return {(S, *rest): rule[rest[-1] if rest else S] for n in range(depth + 1)
+            for rest in itertools.product(range(5), repeat=n)}
+
+
+def _search(table, beam, max_len, guards, default=(0, 1, 0, 0, 0), n=1):
+    ids, lengths, lps, complete = decoding.beam_search(TableDecoder(table, list(default)), tf.zeros([n, 1]),
+                                                       beam_size=beam, max_len=max_len, guards=guards)
+    assert not np.isnan(lps.numpy()).any()
+    return [([w - 1 for w in c], round(math.exp(lp), 6)) for c, lp in _graph_captions(ids, lengths, lps)[0]]
+
+
+REPEATS = {(S,): [0, .1, .6, .3, 0], (S, TA): [0, .05, .8, .15, 0], (S, TA, TA): [0, .9, .1, 0, 0],
+           (S, TA, TB): [0, .9, .1, 0, 0], (S, TB): [0, .5, .4, .1, 0]}
+#                         <s> <end>  A    B    C
+TRIGRAMS = _by_last_word({S: [0, 0, .9, .1, 0], TA: [0, .1, 0, .9, 0], TB: [0, .3, .6, 0, .1],
+                          TC: [0, .9, .1, 0, 0], E: [0, 1, 0, 0, 0]})
+ENDS = {(S,): [0, .05, .8, .15, 0], (S, TA): [0, .1, 0, .2, .7], (S, TA, TC): [0, .8, 0, .2, 0],
+        (S, TA, TC, TB): [0, .9, .1, 0, 0]}
+ON = decoding.BeamGuards(no_end_after=(C,))               # C plays "the"
+
+
+@pytest.mark.parametrize("table,beam,max_len,off,on", [
+    (REPEATS, 1, 4, [([S, TA, TA, E], .432)], [([S, TA, TB, E], .081)]),
+    (REPEATS, 2, 4, [([S, TA, TA, E], .432), ([S, TB, E], .15)],
+     [([S, TB, E], .15), ([S, TB, TA, E], .12)]),          # S A B E (.081) falls out
+    (TRIGRAMS, 1, 8, [([S, TA, TB, TA, TB, TA, TB, TA], .9 ** 4 * .6 ** 3)],
+     [([S, TA, TB, TA, TB, E], round(.9 ** 3 * .6 * .3, 6))]),      # A would repeat the trigram (A, B, A)
+    (ENDS, 1, 5, [([S, TA, TC, E], .448)], [([S, TA, TC, TB, E], .1008)]),
+])
+def test_guarded_beam_search_gives_the_hand_computed_beams_and_unguarded_the_references(table, beam, max_len,
+                                                                                        off, on):
+    default = [0, 1, 0, 0, 0]
+    assert _search(table, beam, max_len, None) == run(beam, max_len, table=table, default=default)[0] == \
+        [(c, round(p, 6)) for c, p in off]
+    assert _search(table, beam, max_len, ON) == [(c, round(p, 6)) for c, p in on]
+
+
+def test_each_guard_alone_and_a_beam_whose_every_word_is_forbidden_dies_without_nan():
+    only = lambda **kw: decoding.BeamGuards(**{"repeats": False, "trigrams": False, **kw})  # noqa: E731
+    assert _search(REPEATS, 1, 4, only(repeats=True)) == [([S, TA, TB, E], .081)]
+    assert _search(REPEATS, 1, 4, only(trigrams=True, no_end_after=(C,))) == [([S, TA, TA, E], .432)]
+    assert _search(ENDS, 1, 5, only(no_end_after=(C,))) == [([S, TA, TC, TB, E], .1008)]
+    assert _search(ENDS, 1, 5, only(no_end_after=(C + 1,))) == [([S, TA, TC, E], .448)]
+    assert _search(TRIGRAMS, 1, 8, only(repeats=True)) == _search(TRIGRAMS, 1, 8, None)
+    # A, then only A again (a repeat): the one beam dies; with beam 2 the other one lives on
+    stuck = {(S,): [0, 0, .7, .3, 0], (S, TA): [0, 0, 1, 0, 0], (S, TB): [0, .5, .4, .1, 0]}
+    assert _search(stuck, 1, 4, ON) == []
+    assert _search(stuck, 1, 4, None) == [([S, TA, TA, E], .7)]
+    assert _search(stuck, 2, 4, ON) == [([S, TB, E], .15), ([S, TB, TA, E], .12)]
+    ids, lengths, lps, complete = decoding.beam_search(TableDecoder(stuck, [0, 1, 0, 0, 0]), tf.zeros([2, 1]),
+                                                       beam_size=1, max_len=4, guards=ON)
+    assert lps.numpy().tolist() == [[-np.inf]] * 2 and not complete.numpy().any()
+
+
+@pytest.mark.parametrize("kind", ["show_and_tell", "attention"])
+def test_guards_that_forbid_nothing_give_the_unguarded_search_and_guarded_beams_never_babble(kind):
+    m, feats = _random_decoder(kind, sharp=4.0)
+    f = tf.constant(feats)
+    plain = decoding.beam_search(m, f, beam_size=3, max_len=9)
+    none = decoding.beam_search(m, f, beam_size=3, max_len=9, guards=decoding.BeamGuards(False, False, ()))
+    np.testing.assert_array_equal(plain[0], none[0])
+    np.testing.assert_allclose(plain[2], none[2], rtol=1e-5)
+    ids, lengths, lps, _ = (x.numpy() for x in decoding.beam_search(m, f, beam_size=3, max_len=9,
+                                                                     guards=decoding.BeamGuards(no_end_after=(5,))))
+    seen = 0
+    for i in range(len(ids)):
+        for j in range(3):
+            c = ids[i, j, :lengths[i, j]].tolist()
+            if not np.isfinite(lps[i, j]):
+                continue
+            seen += 1
+            assert all(a != b for a, b in zip(c, c[1:]))
+            grams = [tuple(c[x:x + 3]) for x in range(len(c) - 2)]
+            assert len(grams) == len(set(grams))
+            assert not (c[-1] == END_ID and c[-2] == 5)
+    assert seen > 10
+    babble = sum(any(a == b for a, b in zip(c, c[1:])) for c in plain[0].numpy().reshape(-1, 9).tolist())
+    assert babble > 0                                                    # the guards had work to do
+
+
+def test_unsure_marks_a_low_mean_log_prob_per_word():
+    lp, lengths = np.array([[-1.0, -6.0, -np.inf]]), np.array([[3, 4, 1]])
+    assert decoding.unsure(lp, lengths, -1.5).tolist() == [[False, True, False]]       # -0.5, -2 per word
+    assert decoding.unsure(tf.constant(lp, tf.float32), tf.constant(lengths), -1.5).numpy().tolist() == \
+        [[False, True, False]]
+    g = decoding.Guards(no_end_after=("the", "zebra", ","))
+    assert g.resolve(["<pad>", "<start>", "<end>", "<unk>", ",", "the"]) == decoding.BeamGuards(no_end_after=(4, 5))
+    assert decoding.Guards(on=False).resolve(["<pad>"]) is None
+
 def _random_decoder(kind, vocab=13, sharp=25.0, seed=3):
     """A small decoder whose logits are scaled up: distributions peaked enough that no two
     captions tie to float32 rounding."""

@@ -144,6 +144,8 @@ def test_metrics_table_shows_model_all_refs_leave_one_out_and_human_side_by_side
 def test_evaluate_writes_metrics_with_ceiling_and_content(tiny_dataset, tiny_run, tmp_path):
     m = evaluate(tiny_run, tiny_dataset, split="test", out=tmp_path / "e", progress=False, log=lambda *a: None)
     assert m["source"] == "cache" and m["images"] == 12
+    assert m["guards"]["on"] and "the" in m["guards"]["no_end_after"] and isinstance(m["degenerate"], int)
+    assert 0 <= m["unsure"] <= 12
     assert set(m["model"]) >= {"Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr"} | ({"METEOR"} if m["java"] else set())
     assert m["human_ceiling"]["Bleu_1"] > 0.5
     assert set(m["model_leave_one_out"]) == set(m["human_ceiling"]) == set(m["model"])
@@ -397,3 +399,45 @@ def test_a_kill_during_evaluate_overwrite_never_leaves_old_metrics_beside_new_re
                     log=lambda *a: None)
     assert not (out / "metrics.json").exists()
     assert len(json.loads((out / "results.json").read_text())) == 3     # the new results, alone
+
+
+# ---- decoding guards (#22) ---------------------------------------------------------------
+def test_guards_on_by_default_off_with_a_flag_and_unsure_captions_are_marked(tiny_dataset, tiny_run, tmp_path):
+    from model.decoding import NO_END_AFTER, Guards
+    imgs = [str(p) for p in sorted((tiny_dataset / "images" / "test").glob("*.jpg"))[:6]]
+
+    def rows_of(out, guards):
+        lines = []
+        s = caption_images(tiny_run, imgs, tmp_path / out, top=3, guards=guards, progress=False, log=lines.append)
+        rows = [json.loads(x) for x in (tmp_path / out / "captions.jsonl").read_text().splitlines()]
+        return s, lines, [c for r in rows for c in r["captions"]]
+    s, lines, on = rows_of("on", None)                                   # the defaults: guards on
+    assert all(isinstance(c["unsure"], bool) for c in on)
+    for c in on:
+        w = c["caption"].split()
+        assert all(a != b for a, b in zip(w, w[1:])), c                  # never a word twice in a row
+        grams = [tuple(w[i:i + 3]) for i in range(len(w) - 2)]
+        assert len(grams) == len(set(grams)) and not (w and w[-1] in NO_END_AFTER), c
+    assert re.search(rf"best captions: {s['degenerate']} degenerate, \d+ unsure$", lines[-2], re.M)
+    s, lines, off = rows_of("off", Guards(on=False, unsure_below=-np.inf))
+    assert any(a == b for c in off for a, b in zip(c["caption"].split(), c["caption"].split()[1:]))
+    assert not any(c["unsure"] for c in off) and s["unsure"] == 0
+    s, lines, marked = rows_of("marked", Guards(unsure_below=0.0))      # every caption is below 0
+    assert all(c["unsure"] for c in marked) and s["unsure"] == 6
+    assert [c["caption"] for c in marked] == [c["caption"] for c in on]
+    assert sum("(unsure) (p=" in ln for ln in lines) == len(marked)
+    s, _, words = rows_of("words", Guards(no_end_after=()))             # the list replaced: "" for none
+    assert s["captioned"] == 6
+
+
+@pytest.mark.parametrize("cmd", ["caption", "evaluate", "export", "serve"])
+def test_guard_flags_are_checked_before_anything(tmp_path, cmd):
+    args = {"caption": ["caption", "--run", tmp_path / "no-run", tmp_path / "a.png", "--out", tmp_path / "o"],
+            "evaluate": ["evaluate", "--run", tmp_path / "no-run", "--data", tmp_path, "--out", tmp_path / "o"],
+            "export": ["export", "--run", tmp_path / "no-run", "--out", tmp_path / "o"],
+            "serve": ["serve", "--run", tmp_path / "no-run"]}[cmd]
+    r = _infer_cli(*args, "--unsure-below", "nan", "--no-guards", "--no-end-after", "the of ,")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    line, = r.stderr.strip().splitlines()
+    assert line.startswith("error: --unsure-below nan: must be a number")
+    assert not (tmp_path / "o").exists()

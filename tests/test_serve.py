@@ -28,6 +28,7 @@ def test_savedmodel_captions_image_bytes_like_infer_caption_without_the_project(
     out = tmp_path / "saved"
     rec = export(tiny_run, out, beam_size=3, top_k=2, **{"log": lambda *a: None})
     assert json.loads((out / "export.json").read_text())["top_k"] == 2 and rec["beam_size"] == 3
+    assert rec["guards"]["on"] and "the" in rec["guards"]["no_end_after"]           # on by default, recorded
     imgs = sorted((tiny_dataset / "images" / "test").glob("*.jpg"))[:10]
     caption_images(tiny_run, [str(p) for p in imgs], tmp_path / "cap", top=2, **quiet)
     want = {Path(r["file"]).name: r["captions"][0]["caption"]
@@ -38,7 +39,8 @@ def test_savedmodel_captions_image_bytes_like_infer_caption_without_the_project(
             "files = sys.argv[2:]\n"
             "out = m.signatures['serving_default'](images=tf.constant([open(f, 'rb').read() for f in files]))\n"
             "print(json.dumps({'captions': out['captions'].numpy().astype(str).tolist(),"
-            " 'log_probs': out['log_probs'].numpy().tolist()}))\n")
+            " 'log_probs': out['log_probs'].numpy().tolist(), 'unsure': out['unsure'].numpy().tolist(),"
+            " 'unsure_dtype': out['unsure'].dtype.name}))\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -46,7 +48,8 @@ def test_savedmodel_captions_image_bytes_like_infer_caption_without_the_project(
                        cwd=empty, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
-    assert np.array(got["log_probs"]).shape == (10, 2)
+    assert np.array(got["log_probs"]).shape == np.array(got["unsure"]).shape == (10, 2)
+    assert got["unsure_dtype"] == "bool"
     assert all(a >= b for a, b in got["log_probs"])                       # best first
     same = sum(got["captions"][i][0] == want[p.name] for i, p in enumerate(imgs))
     assert same >= 9, (got["captions"], want)
@@ -181,6 +184,7 @@ def test_api_captions_good_uploads_and_refuses_bad_ones(server, tiny_dataset, ti
         assert [c["text"] for c in res["captions"]] == [pretty(c["caption"]) for c in row["captions"]]
         assert res["annotated"].startswith("data:image/jpeg;base64,")
         assert 0 < res["captions"][0]["p"] <= 1
+        assert [c["unsure"] for c in res["captions"]] == [c["unsure"] for c in row["captions"]]
     status, body = _post(base + "/api/caption", [files[0], ("notes.jpg", b"this is not a picture")])
     assert status == 400 and body["error"].startswith("notes.jpg: not an image")
     big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8))
