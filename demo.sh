@@ -3,6 +3,7 @@
 #   DATA=data/synth RUN=runs/synth EPOCHS=8 ./demo.sh
 #   ENCODER=inception_v3 WEIGHTS=none ./demo.sh   pick the encoder / weights yourself
 #   DECODER=show_and_tell ./demo.sh   im2txt's pooled-vector decoder instead of the attention decoder
+#   DECODER=transformer ./demo.sh     the Transformer decoder over the same grid
 #   FINETUNE=1 ./demo.sh     also runs a short stage-2 fine-tune of the CNN (slow on CPU)
 #   SCST=1 ./demo.sh         also runs self-critical training (CIDEr-D reward) on the cached features
 set -euo pipefail
@@ -31,9 +32,9 @@ case "$ENCODER" in efficientnet_lite0) FEAT_SIZE="${FEAT_SIZE:-224}" ;; *) FEAT_
 # pooled-vector Show and Tell decoder.
 DECODER="${DECODER:-attention}"
 case "$DECODER" in
-  attention) KIND=grid; SHOW=(--attention); MAPS=(--attention-maps 6) ;;
+  attention|transformer) KIND=grid; SHOW=(--attention); MAPS=(--attention-maps 6) ;;
   show_and_tell) KIND=pooled; SHOW=(); MAPS=() ;;
-  *) echo "DECODER=$DECODER: choose attention or show_and_tell" >&2; exit 2 ;;
+  *) echo "DECODER=$DECODER: choose attention, transformer or show_and_tell" >&2; exit 2 ;;
 esac
 FEATURES="$DATA/features-$ENCODER-$WEIGHTS-$FEAT_SIZE-$KIND"
 RUN="${RUN:-runs/synth-$ENCODER-$DECODER}"
@@ -90,7 +91,7 @@ echo "  features:       $FEATURES (manifest.json says which encoder and weights 
 echo "  run directory:  $RUN (training_curve.png, history.json, tb/ for TensorBoard)"
 echo "  metrics:        $RUN/eval-test/metrics.json"
 echo "  captions:       $OUT/annotated/*.jpg, $OUT/captions.jsonl"
-if [ "$DECODER" = attention ]; then
+if [ "$KIND" = grid ]; then
   echo "  attention maps: $OUT/attention/*.png, $RUN/eval-test/attention/*.png (where it looked for each word)"
 fi
 echo "Use it elsewhere:  source env.sh; python -m infer export --run $RUN --out exported/   (a SavedModel)"
