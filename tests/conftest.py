@@ -31,6 +31,20 @@ def tiny_features(tiny_dataset):
     return tiny_dataset / "features"
 
 
+# A random-init EfficientNet-Lite0 at 64 px: its grid is 2x2 (4 positions x 1280 channels)
+TINY_GRID = dict(encoder="efficientnet_lite0", weights="none", image_size=64, batch_size=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_grid(tiny_dataset, tmp_path_factory):
+    """Grid features of the tiny dataset (extract --features grid), shared read-only by tests."""
+    from extract.cache import extract_features
+    out = tmp_path_factory.mktemp("grid") / "features"
+    extract_features(tiny_dataset / "captions.h5", out, features="grid", **TINY_GRID, progress=False,
+                     log=lambda *a: None)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_dataset, tiny_features, tmp_path_factory):
     """A small decoder trained a few epochs on the tiny dataset."""

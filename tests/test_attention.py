@@ -116,14 +116,7 @@ def test_beam_search_carries_each_beams_attention_state(monkeypatch):
 
 
 # ---- the grid cache -------------------------------------------------------------------------
-LITE = dict(encoder="efficientnet_lite0", weights="none", image_size=64, batch_size=16)   # a 2x2 grid
-
-
-@pytest.fixture(scope="module")
-def tiny_grid(tiny_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("grid") / "features"
-    extract_features(tiny_dataset / "captions.h5", out, features="grid", **LITE, **quiet)
-    return out
+from tests.conftest import TINY_GRID as LITE  # noqa: E402  (the settings of the tiny_grid fixture)
 
 
 def test_grid_cache_is_float16_positions_by_channels_and_pools_to_the_pooled_cache(tiny_dataset, tiny_grid, tmp_path):

@@ -86,6 +86,17 @@ def _graph_captions(ids, lengths, lps):
              if np.isfinite(lps[i, j])] for i in range(len(ids))]
 
 
+def assert_same_beams(want, ids, lengths, lps, complete) -> None:
+    """The graph search's beams (ids, lengths, log-probs, complete) are the Python reference's `want`,
+    and the images' best captions differ (the features really reach the decoder)."""
+    got = _graph_captions(ids, lengths, lps)
+    for i, caps in enumerate(want):
+        assert [c.ids for c in caps] == [c for c, _ in got[i]]
+        np.testing.assert_allclose([c.logprob for c in caps], [lp for _, lp in got[i]], rtol=1e-4, atol=1e-4)
+        assert [c.complete for c in caps] == list(complete.numpy()[i][:len(caps)])
+    assert len({tuple(c[0][0]) for c in got}) > 1                      # the images really differ
+
+
 # ---- beam search ---------------------------------------------------------------------------
 @pytest.mark.parametrize("beam,max_len,norm", [(b, L, 0.0) for b in (1, 2, 3) for L in (1, 2, 3, 4)]
                          + [(2, 4, 1.0), (3, 6, 0.0), (2, 6, 0.7)])
@@ -223,12 +234,7 @@ def test_graph_beam_search_equals_the_python_one_on_random_decoders(kind, beam, 
                              length_norm=norm)
     ids, lengths, lps, complete = decoding.beam_search(m, tf.constant(feats), beam_size=beam, max_len=max_len,
                                                        length_norm=norm)
-    got = _graph_captions(ids, lengths, lps)
-    for i, caps in enumerate(want):
-        assert [c.ids for c in caps] == [c for c, _ in got[i]]
-        np.testing.assert_allclose([c.logprob for c in caps], [lp for _, lp in got[i]], rtol=1e-4, atol=1e-4)
-        assert [c.complete for c in caps] == list(complete.numpy()[i][:len(caps)])
-    assert len({tuple(c[0][0]) for c in got}) > 1                      # the images really differ
+    assert_same_beams(want, ids, lengths, lps, complete)
 
 
 def test_in_graph_beam_search_equals_the_python_one_on_the_same_features(tiny_run):

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from extract.cache import extract_features
 from infer.beam_search import beam_search_batch
 from infer.captioner import numpy_decoding
 from model import decoding
@@ -18,7 +17,7 @@ from model.steps import masked_token_loss
 from model.train import train
 from prepare.errors import UserError
 from prepare.vocabulary import END_ID, START_ID
-from tests.test_decoding import _graph_captions
+from tests.test_decoding import assert_same_beams
 
 quiet = dict(progress=False, log=lambda *a: None)
 TINY = dict(decoder="transformer", embedding_size=8, transformer_layers=2, transformer_heads=2, transformer_ff=16,
@@ -87,12 +86,7 @@ def test_graph_beam_search_equals_the_python_one(beam, max_len):
     init, step = numpy_decoding(m)
     want = beam_search_batch(step, init(feats), start_id=START_ID, end_id=END_ID, beam_size=beam, max_len=max_len)
     ids, lengths, lps, complete = decoding.beam_search(m, tf.constant(feats), beam_size=beam, max_len=max_len)
-    got = _graph_captions(ids, lengths, lps)
-    for i, caps in enumerate(want):
-        assert [c.ids for c in caps] == [c for c, _ in got[i]]
-        np.testing.assert_allclose([c.logprob for c in caps], [lp for _, lp in got[i]], rtol=1e-4, atol=1e-4)
-        assert [c.complete for c in caps] == list(complete.numpy()[i][:len(caps)])
-    assert len({tuple(c[0][0]) for c in got}) > 1                      # the images really differ
+    assert_same_beams(want, ids, lengths, lps, complete)
 
 
 def test_greedy_is_the_argmax_of_teacher_forcing_word_by_word():
@@ -121,27 +115,19 @@ def test_config_checks_heads_and_grid_before_anything_is_built():
 
 
 # ---- a tiny run: trained on a grid cache, loaded by infer ------------------------------------
-LITE = dict(encoder="efficientnet_lite0", weights="none", image_size=64, batch_size=16)   # a 2x2 grid
 TINY_RUN = {"decoder": "transformer", "embedding_size": 16, "transformer_heads": 2, "transformer_ff": 32,
             "dropout": 0.0}
 
 
-@pytest.fixture(scope="module")
-def grid_cache(tiny_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tgrid") / "features"
-    extract_features(tiny_dataset / "captions.h5", out, features="grid", **LITE, **quiet)
-    return out
-
-
-def test_a_transformer_run_trains_and_captions_with_attention(tiny_dataset, grid_cache, tmp_path):
+def test_a_transformer_run_trains_and_captions_with_attention(tiny_dataset, tiny_grid, tmp_path):
     from infer.caption import caption_images
     from infer.captioner import Captioner
     with pytest.raises(UserError, match="--max-positions 4: .* pass --max-positions"):
-        train(tiny_dataset, tmp_path / "short", features=grid_cache, model_overrides={**TINY_RUN, "max_positions": 4},
+        train(tiny_dataset, tmp_path / "short", features=tiny_grid, model_overrides={**TINY_RUN, "max_positions": 4},
               train_overrides={"epochs": 1}, **quiet)
     assert not (tmp_path / "short").exists()
     run = tmp_path / "run"
-    train(tiny_dataset, run, features=grid_cache, model_overrides=TINY_RUN,
+    train(tiny_dataset, run, features=tiny_grid, model_overrides=TINY_RUN,
           train_overrides={"epochs": 3, "batch_size": 16, "lr": 5e-3, "samples": 1}, **quiet)
     history = json.loads((run / "history.json").read_text())
     assert len(history) == 3
