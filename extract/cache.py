@@ -20,6 +20,7 @@ published together (prepare.files.publish, label "extract"), then the work folde
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -242,7 +243,7 @@ def _extract_split(captions: Path, root: Path, out: Path, split: str, forward, r
         if not (arr_path.exists() and prog["done"] > 0):
             prog = {"done": 0, "failed": {}}
         arr = (np.lib.format.open_memmap(arr_path, mode="r+") if prog["done"] > 0
-               else np.lib.format.open_memmap(arr_path, mode="w+", dtype=DTYPES[kind], shape=(n, *row_shape)))
+               else _new_array(arr_path, DTYPES[kind], (n, *row_shape)))
         start = row = prog["done"]
         if start % batch_size and start != n:
             raise UserError(f"{prog_path}: progress {start} is not a multiple of --batch-size {batch_size}; "
@@ -271,6 +272,28 @@ def _extract_split(captions: Path, root: Path, out: Path, split: str, forward, r
     failed = [{"row": int(r), "image_id": int(sp.image_ids[int(r)]), "file": sp.file_names[int(r)], "reason": why}
               for r, why in sorted(prog["failed"].items(), key=lambda kv: int(kv[0]))]
     return n, failed
+
+
+def _new_array(path: Path, dtype, shape: tuple) -> np.ndarray:
+    """A memory-mapped .npy of `shape`, its blocks allocated up front: a full disk fails here with
+    ENOSPC naming the file (one line: run_cli) instead of killing the process with SIGBUS when a
+    page is first written (a sparse file on a full tmpfs). The file is removed if that fails."""
+    arr = None
+    try:
+        arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):     # else: a file system without fallocate
+                raise
+        finally:
+            os.close(fd)
+    except OSError as e:
+        del arr
+        path.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    return arr
 
 
 def _train_stats(work: Path, failed: list[dict], kind: str, scale: float) -> dict:

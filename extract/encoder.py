@@ -22,13 +22,14 @@ the registry entry; encoder.weights.h5 files are the backbone's weights.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prepare.errors import UserError
-from prepare.files import atomic_path, sha256_file
+from prepare.files import atomic_path, need_space, sha256_file
 from extract.weights_cache import ensure_keras_models_dir, keras_models_dir
 
 DEFAULT_ENCODER = "inception_v3"
@@ -197,9 +198,12 @@ def load_encoder_weights(model, path: str | os.PathLike, spec: EncoderSpec | Non
 def save_encoder_weights(encoder, path: str | os.PathLike) -> None:
     """Save the backbone's weights (Keras `.weights.h5`), atomically."""
     path = Path(path)
+    backbone = backbone_of(encoder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    need_space(path, 4 * sum(math.prod(w.shape) for w in backbone.weights))   # Keras's HDF5 crashes on a full disk
     with atomic_path(path) as tmp:
         tmp_named = tmp.with_name(tmp.name + ".weights.h5")
-        backbone_of(encoder).save_weights(str(tmp_named))
+        backbone.save_weights(str(tmp_named))
         shutil.move(tmp_named, tmp)
 
 

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from prepare.errors import UserError
-from prepare.files import atomic_path
+from prepare.files import atomic_path, h5_written
 
 FORMAT = "keyed-1"
 _NUMBERED = re.compile(r"(.*?)(?:_(\d+))?")
@@ -83,7 +83,7 @@ def save(path, model, optimizer=None, state: dict | None = None) -> None:
     if optimizer is not None:
         groups["optimizer"] = _optimizer_keys(_optimizers(optimizer), keys)
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with h5_written(tmp) as f:
             for group, variables in groups.items():
                 g = f.create_group(group)
                 for key, v in variables.items():

@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 
 from prepare.errors import UserError
-from prepare.files import atomic_path, inside, not_inside
+from prepare.files import atomic_path, h5_written, inside, not_inside
 from prepare.vocabulary import Vocabulary
 
 FORMAT_VERSION = 1
@@ -59,7 +59,7 @@ def write(path: str | os.PathLike, splits: dict, vocab: Vocabulary, max_len: int
     root = images_root_for(path, [p for sd in splits.values() for p in sd.file_paths])
     base = root or os.path.normpath(os.path.abspath(path.parent))
     with atomic_path(path, overwrite=overwrite) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with h5_written(tmp) as f:
             f.attrs["format_version"] = FORMAT_VERSION
             if root:
                 f.attrs["images_root"] = root

@@ -84,6 +84,33 @@ def _umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def h5_written(path: str | os.PathLike) -> Iterator:
+    """An h5py File (mode "w") that is built in memory and written to `path` (an atomic_path
+    temporary) in one go when the block ends. HDF5 writing straight to a full disk crashes the
+    process (it retries the failed write while freeing its objects, then segfaults); a plain write
+    fails with an ordinary OSError (ENOSPC) instead."""
+    import io
+
+    import h5py
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        yield f
+    with open(path, "wb") as out:
+        out.write(buf.getbuffer())
+
+
+def need_space(path: str | os.PathLike, nbytes: int) -> None:
+    """OSError ENOSPC naming `path` unless its folder's file system has room for about `nbytes`
+    (with 10% and 1 MB to spare): for writers that cannot fail cleanly part-way (Keras's HDF5)."""
+    import errno
+    folder = Path(path).parent
+    free = shutil.disk_usage(folder).free
+    if free < nbytes * 1.1 + (1 << 20):
+        raise OSError(errno.ENOSPC, f"No space left on device ({nbytes >> 20} MB needed, "
+                                    f"{free >> 20} MB free)", str(path))
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

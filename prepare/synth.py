@@ -213,6 +213,7 @@ def _make_image(args) -> dict:
             "captions": pick_captions(scene, side, rng)}
 
 
+UNFINISHED = ".synth-unfinished"   # in --out while generate() writes: a re-run starts the dataset over
 MIN_SIZE, MAX_SIZE = 64, 4096    # below 64 px a small shape is a few pixels; above 4096 a JPEG is ~50 MB
 MAX_IMAGES = 10_000_000
 
@@ -230,7 +231,7 @@ def check_args(out: str | os.PathLike, counts: dict[str, int], size: int, seed: 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and any(out.iterdir()) and not overwrite and not (out / UNFINISHED).exists():
         raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace the dataset in it")
 
 
@@ -239,7 +240,8 @@ def generate(out: str | os.PathLike, counts: dict[str, int], size: int = 128, se
              log=print) -> dict[str, int]:
     """Write the dataset; deterministic for (counts, size, seed). Returns captions per split.
 
-    A non-empty `out` is refused unless `overwrite`; then the dataset's own files in it
+    A non-empty `out` is refused unless `overwrite` or it holds the UNFINISHED mark of a run that
+    stopped part-way (full disk, kill); then the dataset's own files in it
     (images/<split>/, annotations/captions_<split>.json) are removed first, so no stale
     split or image is left behind. Anything else in the folder is kept (and named).
     """
@@ -250,14 +252,17 @@ def generate(out: str | os.PathLike, counts: dict[str, int], size: int = 128, se
     from prepare.files import write_json_atomic
     check_args(out, counts, size, seed, overwrite)
     out = Path(out)
-    if out.is_dir() and overwrite:
+    unfinished = (out / UNFINISHED).exists()      # a run stopped part-way (full disk, kill): start over
+    if out.is_dir() and (overwrite or unfinished):
         for split in SPLITS:
             (out / "annotations" / f"captions_{split}.json").unlink(missing_ok=True)
             shutil.rmtree(out / "images" / split, ignore_errors=True)
         derived = [p for p in (out / "captions.h5", out / "features") if p.exists()]
-        if derived:
+        if derived and not unfinished:
             log(f"warning: {' and '.join(map(str, derived))} were made from the replaced dataset; "
                 "re-make them (prepare captions --overwrite, extract --force)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / UNFINISHED).write_text("prepare synth is writing this dataset; re-run it to start over\n")
     next_id, next_ann, summary = 1, 1, {}
     workers = workers or os.cpu_count() or 1
     with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -282,4 +287,5 @@ def generate(out: str | os.PathLike, counts: dict[str, int], size: int = 128, se
                    "images": images, "annotations": anns}
             write_json_atomic(out / "annotations" / f"captions_{split}.json", doc)
             summary[split] = len(anns)
+    (out / UNFINISHED).unlink()
     return summary
