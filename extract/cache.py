@@ -290,7 +290,7 @@ def _new_array(path: Path, dtype, shape: tuple) -> np.ndarray:
         finally:
             os.close(fd)
     except OSError as e:
-        del arr
+        arr = None                                # the map closed before the file goes
         path.unlink(missing_ok=True)
         raise OSError(e.errno, e.strerror, str(path)) from None
     return arr

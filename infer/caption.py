@@ -32,17 +32,7 @@ def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: 
     check_flags(beam_size=beam_size, top=top, max_len=max_len, batch_size=batch_size)
     out = Path(out)
     check_out_folder(out)
-    paths, missing, irregular = expand_inputs(inputs)
-    for m in missing:
-        log(f"warning: {display_name(m)}: no such file, folder or matching images; skipped")
-    for m, what in irregular:              # FIFOs, devices, folders, symlink loops: never opened
-        log(f"warning: {display_name(m)}: not a regular file ({what}); skipped")
-    if not paths and irregular:
-        more = f" (and {len(irregular) - 1} more such inputs)" if len(irregular) > 1 else ""
-        raise UserError(f"no images to caption: {display_name(irregular[0][0])} is not a regular file "
-                        f"({irregular[0][1]}){more}; pass image files, folders or globs")
-    if not paths:
-        raise UserError("no images to caption: pass image files, folders or globs")
+    paths, missing, irregular = _inputs(inputs, log)
     names = _output_names(paths)
     with exclusive_lock(out):                  # one process writes this --out at a time
         targets = [out / "captions.jsonl", out / "results.json"] + [out / "annotated" / n for n in names] + \
@@ -77,6 +67,23 @@ def caption_images(run, inputs: list[str], out, *, beam_size: int = 3, max_len: 
     return {"captioned": len(rows), "unreadable": bad, "not_annotated": not_annotated, "missing": missing,
             "not_regular": irregular, "seconds": seconds, "results_json": write_results, "max_len": max_len,
             "degenerate": degenerate, "unsure": unsure}
+
+
+def _inputs(inputs: list[str], log) -> tuple[list[Path], list, list]:
+    """The image files of the inputs; those not found or not regular files (FIFOs, devices,
+    folders, symlink loops: never opened) are warned about and skipped; none left is an error."""
+    paths, missing, irregular = expand_inputs(inputs)
+    for m in missing:
+        log(f"warning: {display_name(m)}: no such file, folder or matching images; skipped")
+    for m, what in irregular:
+        log(f"warning: {display_name(m)}: not a regular file ({what}); skipped")
+    if not paths and irregular:
+        more = f" (and {len(irregular) - 1} more such inputs)" if len(irregular) > 1 else ""
+        raise UserError(f"no images to caption: {display_name(irregular[0][0])} is not a regular file "
+                        f"({irregular[0][1]}){more}; pass image files, folders or globs")
+    if not paths:
+        raise UserError("no images to caption: pass image files, folders or globs")
+    return paths, missing, irregular
 
 
 def _output_names(paths: list[Path]) -> list[str]:
