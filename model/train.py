@@ -23,6 +23,7 @@ from model.run import DECODER, Run
 from model.steps import make_steps
 from prepare import captions_h5
 from prepare.errors import UserError
+from prepare.vocabulary import END_ID, PAD_ID, START_ID, UNK_ID
 
 # Training settings that may change when a run is resumed (the rest must match the run's config).
 RESUMABLE_CHANGES = {"epochs", "max_steps", "checkpoint_every", "samples", "sample_max_len",
@@ -103,6 +104,12 @@ def check_positions_fit(mcfg: ModelConfig, captions: Path) -> None:
                         f"{longest - 1} or more")
 
 
+def only_unknown_words(ids: np.ndarray) -> bool:
+    """Are all the words of these captions (ids [N, L] with <start>, <end>, <pad>) <unk>?"""
+    words = ids[(ids != PAD_ID) & (ids != START_ID) & (ids != END_ID)]
+    return bool(len(ids)) and bool(np.all(words == UNK_ID))
+
+
 def _check_splits(trainset: CaptionSet, valset: CaptionSet, captions: Path) -> None:
     for s in (trainset, valset):          # captions there, but every image failed: extract's fault, not prepare's
         if len(s) == 0 and s.skipped:
@@ -132,6 +139,10 @@ def train(data, out, *, features=None, captions=None, model_overrides: dict | No
     trainset = CaptionSet(captions, features_dir, "train", manifest)
     valset = CaptionSet(captions, features_dir, "val", manifest)
     _check_splits(trainset, valset, captions)
+    if only_unknown_words(valset.ids):
+        log(f"warning: every val caption of {captions} is only <unk> (none of its words is in the vocabulary), so "
+            f"the best model is chosen by its loss on <unk> targets; re-run `python -m prepare captions` with a "
+            f"larger --vocab-size, or with val captions in the training split's language")
     run = Run(out)
     with run.lock():
         resume = open_run(run, config, vocab, RESUMABLE_CHANGES, same_kind=_same_encoder(manifest, features_dir),

@@ -272,3 +272,13 @@ def test_features_far_outside_the_training_range_are_clipped(decoder):
     np.testing.assert_allclose(m(far, ids).numpy(), m(edge, ids).numpy(), atol=1e-6)
     m.config.feature_clip = 0.0                  # off: the far value reaches the decoder
     assert np.asarray(m.normalise(far)).max() > 1000
+
+
+def test_a_val_split_of_only_unknown_words_is_recognised():
+    """#23 item 13, training's half: train warns when every val caption is <unk> (checked here on ids)."""
+    from model.train import only_unknown_words
+    from prepare.vocabulary import END_ID, PAD_ID, START_ID, UNK_ID
+    only_unk = np.array([[START_ID, UNK_ID, UNK_ID, END_ID, PAD_ID], [START_ID, UNK_ID, END_ID, PAD_ID, PAD_ID]])
+    assert only_unknown_words(only_unk)
+    assert not only_unknown_words(np.array([[START_ID, UNK_ID, 7, END_ID, PAD_ID]]))     # one known word
+    assert not only_unknown_words(np.zeros((0, 5), np.int32))                          # no captions: other error
