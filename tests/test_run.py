@@ -176,4 +176,4 @@ def test_model_cli_trains_a_run_and_refuses_bad_flags_in_one_line(tiny_dataset, 
     assert r.returncode == 2 and r.stderr.strip() == "error: --dropout 1.5: must be in [0, 1)"
     assert not (tmp_path / "bad").exists()
     r = subprocess.run([sys.executable, "-m", "model", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert "{train,finetune,bench}" in r.stdout
+    assert "{train,finetune,scst,bench-reward,bench}" in r.stdout
