@@ -72,3 +72,15 @@ def killed_after_saves():
         r = subprocess.run([sys.executable, "-c", code], capture_output=True)
         assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
     return run
+
+
+def odd_files(d: Path) -> dict:
+    """Entries named like images that are not regular files, made in `d`: name -> what each one is."""
+    import os
+    d.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(d / "fifo.jpg")                      # opening it for reading would wait for a writer forever
+    (d / "loop.jpg").symlink_to("loop.jpg")
+    (d / "x.jpg").symlink_to("/dev/zero")
+    (d / "d.jpg").mkdir()
+    return {"fifo.jpg": "a FIFO", "loop.jpg": "a symlink loop", "x.jpg": "a character device",
+            "d.jpg": "a directory"}

@@ -16,6 +16,7 @@ from extract.cache import extract_features, read_manifest
 from prepare import captions_h5
 from prepare.prepare_captions import prepare_captions
 from prepare.errors import UserError
+from tests.conftest import odd_files
 
 ROOT = Path(__file__).resolve().parents[1]
 quiet = dict(progress=False, log=lambda *a: None)
@@ -191,20 +192,9 @@ def test_a_split_whose_images_mostly_failed_is_warned_about(tmp_path, broken, sh
     assert str(d / "features" / "manifest.json") in w and "re-run extract" in w
 
 
-def _odd_files(d: Path) -> dict:
-    """Entries named like images that are not regular files: what each one is."""
-    d.mkdir(parents=True, exist_ok=True)
-    os.mkfifo(d / "fifo.jpg")                      # opening it for reading would wait for a writer forever
-    (d / "loop.jpg").symlink_to("loop.jpg")
-    (d / "x.jpg").symlink_to("/dev/zero")
-    (d / "d.jpg").mkdir()
-    return {"fifo.jpg": "a FIFO", "loop.jpg": "a symlink loop", "x.jpg": "a character device",
-            "d.jpg": "a directory"}
-
-
 def test_fifo_device_folder_and_symlink_loop_are_never_read(tmp_path):
     from extract.images import BadImage, image_dataset, not_regular
-    odd = _odd_files(tmp_path)
+    odd = odd_files(tmp_path)
     signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("blocked reading")))
     signal.alarm(20)
     try:

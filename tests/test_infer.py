@@ -17,6 +17,7 @@ from infer.captioner import Captioner
 from infer.evaluate import evaluate, human_ceiling
 from prepare import captions_h5
 from prepare.errors import UserError
+from tests.conftest import odd_files
 
 
 def _skimage_photo(name: str) -> Path:
@@ -226,19 +227,9 @@ def test_out_that_is_an_existing_file_is_refused_before_captioning(tmp_path, cmd
     assert (tmp_path / "taken").read_text() == "precious"
 
 
-def _odd_inputs(d: Path) -> dict:
-    d.mkdir(parents=True, exist_ok=True)
-    os.mkfifo(d / "fifo.jpg")
-    (d / "loop.jpg").symlink_to("loop.jpg")
-    (d / "x.jpg").symlink_to("/dev/zero")
-    (d / "d.jpg").mkdir()
-    return {"fifo.jpg": "a FIFO", "loop.jpg": "a symlink loop", "x.jpg": "a character device",
-            "d.jpg": "a directory"}
-
-
 def test_inputs_that_are_not_regular_files_are_named_and_counted(tmp_path):
     from infer.files import expand_inputs
-    odd = _odd_inputs(tmp_path / "in")
+    odd = odd_files(tmp_path / "in")
     Image.new("RGB", (20, 20)).save(tmp_path / "in" / "ok.jpg")
     paths, missing, irregular = expand_inputs([str(tmp_path / "in")])             # inside a folder
     assert paths == [tmp_path / "in" / "ok.jpg"] and missing == []
@@ -253,7 +244,7 @@ def test_inputs_that_are_not_regular_files_are_named_and_counted(tmp_path):
 
 
 def test_caption_skips_and_counts_fifo_device_and_loop(tiny_dataset, tiny_run, tmp_path):
-    odd = _odd_inputs(tmp_path / "in")
+    odd = odd_files(tmp_path / "in")
     good = sorted((tiny_dataset / "images" / "test").glob("*.jpg"))[0]
     shutil.copy(good, tmp_path / "in" / good.name)
     lines = []
