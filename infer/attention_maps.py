@@ -37,8 +37,10 @@ def heat_rgb(weights: np.ndarray, size: int) -> tuple[Image.Image, Image.Image]:
 
 
 def attention_strip(image: str | Path | Image.Image, words: list[str], maps: np.ndarray, dst: str | Path,
-                    tile: int = TILE) -> None:
-    """Write the strip to dst (PNG, atomically): the image, then one tile per word."""
+                    tile: int = TILE, boxes: list | None = None) -> None:
+    """Write the strip to dst (PNG, atomically): the image, then one tile per word. boxes: per word
+    None or the box (x0, y0, x1, y1, fractions of the image) of the object the word names, drawn
+    on its tile in cyan (where the attention should be)."""
     from extract.images import to_rgb
     from infer.annotate import _font
     if isinstance(image, Image.Image):
@@ -51,10 +53,13 @@ def attention_strip(image: str | Path | Image.Image, words: list[str], maps: np.
     maps = np.asarray(maps)
     n = min(len(words), len(maps))
     tiles = [(im, "(image)", "")]
-    for w, m in zip(words[:n], maps[:n]):
+    boxes = list(boxes or []) + [None] * n
+    for w, m, box in zip(words[:n], maps[:n], boxes):
         colour, alpha = heat_rgb(m, tile)
         t = im.copy()
         t.paste(colour, (0, 0), alpha)
+        if box is not None:
+            ImageDraw.Draw(t).rectangle([v * tile for v in box], outline=(0, 230, 255), width=2)
         tiles.append((t, w, f"peak {float(np.max(m)):.2f}"))
     cols = min(PER_ROW, len(tiles))
     rows = math.ceil(len(tiles) / cols)

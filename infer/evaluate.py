@@ -107,10 +107,15 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
     n = len(sp.image_ids) if not limit else min(limit, len(sp.image_ids))
     t0 = time.time()
     paths = sp.image_paths(Path(cap.manifest.get("images_root") or captions.parent))
+    grounded = cap.has_attention and any(sp.objects[:n])      # pointing accuracy needs every caption's maps
     source, beams, maps, failed = _caption_split(cap, sp, split, n, paths, Path(features) if features else
                                                  data / "features", captions, batch_size, progress,
-                                                 attention_maps, log)
+                                                 len(sp.image_ids) if grounded else attention_maps, log)
     seconds = time.time() - t0
+    truth = {r: json.loads(sp.objects[r]) for r in beams if sp.objects[r]}
+    strips = {r: maps[r] for r in sorted(maps)[:attention_maps]}
+    boxes = {r: _named_boxes(cap.vocab, beams[r][0].ids, truth[r]["objects"], _image_size(truth[r], paths[r]))
+             for r in strips if r in truth}
     hyp = {int(sp.image_ids[r]): cap.text(b[0]) for r, b in beams.items()}
     refs: dict[int, list[str]] = defaultdict(list)
     for text, row in zip(sp.texts, sp.image_index):
@@ -118,20 +123,20 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
             refs[int(sp.image_ids[row])].append(text)
     with exclusive_lock(out):                  # one process writes this --out at a time
         with Publication(out, "evaluate") as pub:
-            if maps:
-                _write_attention_maps(cap, beams, maps, paths, pub, log)
+            if strips:
+                _write_attention_maps(cap, beams, strips, paths, pub, boxes, log)
             write_json_atomic(pub.path("results.json"), [{"image_id": i, "caption": c} for i, c in hyp.items()])
             pub.discard("metrics.json")                       # never an old metrics.json beside new results
-        if maps:
-            log(f"wrote {len(maps)} attention strips to {out / 'attention'}")
+        if strips:
+            log(f"wrote {len(strips)} attention strips to {out / 'attention'}")
         log(f"captioned {len(hyp)} {split} images from the {source} in {seconds:.1f}s "
             f"({len(hyp) / max(seconds, 1e-9):.1f} captions/s); scoring...")
-        truth = {int(sp.image_ids[r]): json.loads(sp.objects[r])["objects"] for r in beams if sp.objects[r]}
         metrics = {"split": split, "images": len(hyp), "failed_images": len(failed), "beam_size": beam_size,
                    "max_len": max_len, "results_sha256": sha256_file(out / "results.json"), "source": source,
                    "guards": cap.guards.record(), "degenerate": sum(cap.degenerate(t) for t in hyp.values()),
                    "unsure": sum(cap.unsure(b[0]) for b in beams.values()),
-                   **_scores(dict(refs), hyp, truth)}
+                   **_scores(dict(refs), hyp, {int(sp.image_ids[r]): t["objects"] for r, t in truth.items()}),
+                   "pointing": _pointing(cap, beams, maps, truth, paths) if grounded else None}
         publish(out, {"metrics.json": lambda p: write_json_atomic(p, metrics)}, label="evaluate")
     log(format_table(metrics))
     log(f"wrote {out / 'metrics.json'} and {out / 'results.json'}")
@@ -164,8 +169,10 @@ def _caption_split(cap, sp, split: str, n: int, paths: list, feats_dir: Path, ca
             failed = {f["row"] for f in m["failed"].get(split, []) if f["row"] < n}
             good = [r for r in range(n) if r not in failed]
             beams = dict(zip(good, cap.caption_features(feats[good], batch_size)))
-            shown = sorted(beams)[:attention_maps]
-            maps = dict(zip(shown, cap.attention_maps(feats[shown], [beams[r][0] for r in shown]))) if shown else {}
+            shown, maps = sorted(beams)[:attention_maps], {}
+            for k in range(0, len(shown), batch_size):               # in batches: memory stays flat
+                rows = shown[k:k + batch_size]
+                maps.update(zip(rows, cap.attention_maps(feats[rows], [beams[r][0] for r in rows])))
             return "cache", beams, maps, failed
     log(f"{feats_dir} does not hold this run's features ({cap.features_kind}, from its encoder): captioning "
         f"from the images")
@@ -186,13 +193,49 @@ def _scores(refs: dict[int, list[str]], hyp: dict[int, str], truth: dict) -> dic
                      ([] if java_available() else ["METEOR left out and a simple tokenizer used: no Java found"])}
 
 
-def _write_attention_maps(cap, beams: dict, maps: dict, paths: list, pub: Publication, log) -> None:
-    """OUT/attention/<image>.png for the rows of `maps` (row -> the best caption's maps), staged in `pub`."""
+def _image_size(truth: dict, path) -> tuple[int, int]:
+    """(width, height) of an image whose objects are recorded: from its caption file's entry, else
+    from the image file's header."""
+    if isinstance(truth.get("width"), int) and isinstance(truth.get("height"), int):
+        return truth["width"], truth["height"]
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.size
+
+
+def _named_boxes(vocab, ids: list[int], objects: list[dict], size: tuple[int, int]) -> list:
+    """Per word of a caption (ids from <start>), the box of the true object it names, as fractions
+    of the (width, height) image (x0, y0, x1, y1), or None."""
+    from infer.attention_maps import caption_words
+    from model.metrics import named_objects
+    w, h = size
+    return [None if o is None else
+            ((o["cx"] - o["r"]) / w, (o["cy"] - o["r"]) / h, (o["cx"] + o["r"]) / w, (o["cy"] + o["r"]) / h)
+            for o in named_objects(caption_words(vocab, ids, len(ids)), objects)]
+
+
+def _pointing(cap, beams: dict, maps: dict, truth: dict, paths: list) -> dict:
+    """Pointing accuracy over the split (model.metrics.pointing): the share of the words naming a
+    true object whose attention peaks inside that object's box."""
+    from infer.attention_maps import caption_words
+    from model.metrics import pointing
+    hits = scored = 0
+    for r, t in truth.items():
+        if r in maps:
+            words = caption_words(cap.vocab, beams[r][0].ids, len(maps[r]))
+            h, s = pointing(words, maps[r], t["objects"], *_image_size(t, paths[r]))
+            hits, scored = hits + h, scored + s
+    return {"words": scored, "hits": hits, "accuracy": hits / scored if scored else None}
+
+
+def _write_attention_maps(cap, beams: dict, maps: dict, paths: list, pub: Publication, boxes: dict, log) -> None:
+    """OUT/attention/<image>.png for the rows of `maps` (row -> the best caption's maps), staged in `pub`;
+    boxes (row -> per word a box or None, model.metrics.named_objects) are drawn on their words' tiles."""
     from infer.attention_maps import attention_strip, caption_words
     for r, m in maps.items():
         try:
             attention_strip(paths[r], caption_words(cap.vocab, beams[r][0].ids, len(m)), m,
-                            pub.path(f"attention/{Path(paths[r]).stem}.png"))
+                            pub.path(f"attention/{Path(paths[r]).stem}.png"), boxes=boxes.get(r))
         except Exception as e:  # noqa: BLE001 - a picture that fails is reported, never fatal
             log(f"warning: {paths[r]}: no attention strip ({type(e).__name__}: {e})")
 
@@ -214,4 +257,10 @@ def format_table(m: dict) -> str:
         lines.append(f"content accuracy (exact objects and relations): {100 * c['exact']:.1f}% of {c['images']} images")
         lines.append("  per attribute: " + ", ".join(f"{k} {100 * c[k]:.1f}%" for k in
                                                     ("colour", "shape", "count", "size", "relation") if k in c))
+        lines.append("  by objects in the image: " + ", ".join(
+            f"{k}: {100 * v['exact']:.1f}% of {v['images']}" for k, v in c.get("by_objects", {}).items()))
+    if (m.get("pointing") or {}).get("accuracy") is not None:
+        p = m["pointing"]
+        lines.append(f"pointing accuracy (attention peak inside the object a colour or shape word names): "
+                     f"{100 * p['accuracy']:.1f}% of {p['words']} words")
     return "\n".join(lines)

@@ -2,7 +2,11 @@
 
     score_content(text, truth)          what one caption of the built-in dataset says, checked
                                         against the image's true objects (per attribute)
-    content_accuracy(captions, truth)   the share of images captioned exactly right, and per attribute
+    content_accuracy(captions, truth)   the share of images captioned exactly right, per attribute and
+                                        by the number of objects in the image
+    named_objects(words, objects)       the true object each colour or shape word of a caption names
+    pointing(words, maps, objects, width, height)   grounding: for each word naming a true object,
+                                        is the peak of its attention map inside that object's box?
     degenerate(text), count_degenerate(texts)   babble: a word three times in a row, a repeated
                                         trigram, or ending on a word no caption ends on
 """
@@ -45,15 +49,49 @@ def score_content(text: str, truth: list[dict]) -> dict[str, bool | None]:
     return res
 
 
-def content_accuracy(captions: dict[int, str], truth: dict[int, list[dict]]) -> dict[str, float]:
+def content_accuracy(captions: dict[int, str], truth: dict[int, list[dict]]) -> dict:
     """Share of images whose caption names exactly the true objects (and only true relations),
-    and per-attribute accuracies over the images where the caption makes that claim."""
-    tallies = defaultdict(list)
+    per-attribute accuracies over the images where the caption makes that claim, and
+    `by_objects`: {"1": {"images": n, "exact": share}, "2": ...} by the number of true objects."""
+    tallies, by_count = defaultdict(list), defaultdict(list)
     for iid, text in captions.items():
-        for k, v in score_content(text, truth[iid]).items():
+        verdicts = score_content(text, truth[iid])
+        by_count[str(len(truth[iid]))].append(bool(verdicts["exact"]))
+        for k, v in verdicts.items():
             if v is not None:
                 tallies[k].append(bool(v))
-    return {k: float(np.mean(v)) for k, v in tallies.items()} | {"images": len(captions)}
+    by_objects = {n: {"images": len(v), "exact": float(np.mean(v))} for n, v in sorted(by_count.items())}
+    return {k: float(np.mean(v)) for k, v in tallies.items()} | {"images": len(captions), "by_objects": by_objects}
+
+
+def named_objects(words: list[str], objects: list[dict]) -> list[dict | None]:
+    """Per word of a caption, the true object it names: the colour and the shape of each
+    "<colour> <shape>" pair that matches a true object name it; every other word names none."""
+    lookup = {(o["colour"], o["shape"]): o for o in objects}
+    named: list[dict | None] = [None] * len(words)
+    for t in range(len(words) - 1):
+        o = lookup.get((words[t], words[t + 1]))
+        if o is not None:
+            named[t] = named[t + 1] = o
+    return named
+
+
+def pointing(words: list[str], maps, objects: list[dict], width: int, height: int) -> tuple[int, int]:
+    """Grounding of one caption: -> (hits, words scored). The words scored are those naming a true
+    object (named_objects); one hits when the centre of the grid cell where its attention map peaks
+    lies inside that object's box (cx +- r, cy +- r, in pixels of a width x height image; the
+    encoder sees the image squared, so cells scale per axis). maps[t]: the attention while word t
+    was chosen ([T, side * side], row-major)."""
+    hits = scored = 0
+    for m, o in zip(maps, named_objects(words, objects)):
+        if o is None:
+            continue
+        side = int(round(np.sqrt(len(m))))
+        row, col = divmod(int(np.argmax(m)), side)
+        x, y = (col + 0.5) * width / side, (row + 0.5) * height / side
+        hits += int(abs(x - o["cx"]) <= o["r"] and abs(y - o["cy"]) <= o["r"])
+        scored += 1
+    return hits, scored
 
 
 def degenerate(text: str, no_end_after=NO_END_AFTER) -> bool:

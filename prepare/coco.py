@@ -137,7 +137,8 @@ def load_coco(ann_path: str | os.PathLike, images_dir: str | os.PathLike,
         where = f"{ann_path}: images[{i}]"
         iid = _need(im, "id", int, where)
         fname = _need(im, "file_name", str, where)
-        objs = json.dumps({"objects": im["objects"], "background": im.get("background")}) \
+        objs = json.dumps({"objects": im["objects"], "background": im.get("background"),
+                           **{k: im[k] for k in ("width", "height") if isinstance(im.get(k), int)}}) \
             if "objects" in im else ""
         if iid in images:
             if images[iid][0] != fname:

@@ -190,6 +190,18 @@ def test_attention_run_records_its_decoder_and_captions_from_cache_and_images(ti
     assert m["source"] == "cache" and m["images"] == 12
     strips = sorted((tmp_path / "ev" / "attention").glob("*.png"))
     assert [p.name for p in strips] == ["test_000061.png", "test_000062.png"] or len(strips) == 2
+    # pointing accuracy: every caption's words that name a true object are scored, not only the strips'
+    from model.metrics import named_objects
+    from prepare import captions_h5
+    sp = captions_h5.read_split(tiny_dataset / "captions.h5", "test")
+    truth = {int(i): json.loads(o)["objects"] for i, o in zip(sp.image_ids, sp.objects)}
+    named = sum(o is not None for x in json.loads((tmp_path / "ev" / "results.json").read_text())
+                for o in named_objects(x["caption"].split(), truth[x["image_id"]]))
+    assert m["pointing"]["words"] == named and 0 <= m["pointing"]["hits"] <= named
+    assert any("pointing accuracy" in line for line in lines) == (named > 0)
+    m_img = evaluate(attention_run, tiny_dataset, features=tmp_path / "nowhere", out=tmp_path / "ev2",
+                     progress=False, log=lambda *a: None)
+    assert m_img["source"] == "images" and m_img["pointing"] == m["pointing"]
     # captioning the same images from files gives the same captions (the grid encoder is rebuilt)
     test_imgs = sorted((tiny_dataset / "images" / "test").glob("*.jpg"))[:3]
     r = caption_images(attention_run, [str(p) for p in test_imgs], tmp_path / "cap", attention=True, **quiet)

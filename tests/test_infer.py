@@ -103,6 +103,25 @@ def test_human_ceiling_and_content_accuracy_on_hand_examples():
              2: [{"shape": "circle", "colour": "blue", "size": "large", "cx": 1, "cy": 1, "r": 1}]}
     acc = content_accuracy({1: "a small red star .", 2: "a blue square ."}, truth)
     assert acc["exact"] == 0.5 and acc["colour"] == 1.0 and acc["shape"] == 0.5 and acc["size"] == 1.0
+    truth[3] = truth[1] + truth[2]
+    acc = content_accuracy({1: "a small red star .", 2: "a blue square .", 3: "a red star and a blue circle ."}, truth)
+    assert acc["by_objects"] == {"1": {"images": 2, "exact": 0.5}, "2": {"images": 1, "exact": 1.0}}
+
+
+def test_pointing_scores_the_peak_cell_of_each_word_naming_a_true_object():
+    from model.metrics import named_objects, pointing
+    # a 100 x 50 image (cells scale per axis) seen as a 2 x 2 grid: cell centres x 25 / 75, y 12.5 / 37.5
+    red = {"shape": "star", "colour": "red", "size": "small", "cx": 25, "cy": 12, "r": 10}     # top left cell
+    blue = {"shape": "circle", "colour": "blue", "size": "small", "cx": 75, "cy": 37, "r": 10}  # bottom right
+    words = "a red star above a blue circle and a green square".split()
+    assert [o and o["colour"] for o in named_objects(words, [red, blue])] == \
+        [None, "red", "red", None, None, "blue", "blue", None, None, None, None]
+    at = lambda cell: np.eye(4)[cell] * 0.7 + 0.075                             # noqa: E731 - peak at one cell
+    maps = np.stack([at(0), at(0), at(3), at(0), at(0), at(3), at(3), at(1), at(1), at(1), at(1)])
+    # red: peaks top left (hit), bottom right (miss); blue: bottom right twice (hits); green square: not true
+    assert pointing(words, maps, [red, blue], 100, 50) == (3, 4)
+    assert pointing(words, maps[:6], [red, blue], 100, 50) == (2, 3)           # words without maps are not scored
+    assert pointing(words, maps, [red, blue], 50, 100) == (0, 4)               # 50 x 100: cell centres x 12.5 / 37.5
 
 
 def test_model_leave_one_out_uses_the_human_ceilings_reference_subsets(monkeypatch):
@@ -160,7 +179,9 @@ def test_evaluate_writes_metrics_with_ceiling_and_content(tiny_dataset, tiny_run
     hyp = {r["image_id"]: r["caption"] for r in res}
     assert coco_scores(refs, {i: [c] for i, c in hyp.items()}) == pytest.approx(m["model"], rel=1e-9)
     truth = {int(i): json.loads(o)["objects"] for i, o in zip(sp.image_ids, sp.objects)}
-    assert content_accuracy(hyp, truth) == pytest.approx(m["content"])
+    acc = content_accuracy(hyp, truth)
+    assert acc.pop("by_objects") == m["content"].pop("by_objects") and acc == pytest.approx(m["content"])
+    assert m["pointing"] is None                                   # a pooled decoder has no attention to score
     with pytest.raises(UserError, match="already exists"):
         evaluate(tiny_run, tiny_dataset, split="test", out=tmp_path / "e", progress=False, log=lambda *a: None)
     # a feature cache that is not the run's: captions come from the images, and agree with the cache
