@@ -78,6 +78,16 @@ def test_grid16_equals_the_whole_networks_activation_at_that_layer(name, size, t
         enc.build_encoder(name, str(tmp_path / "grid16.weights.h5"), size)        # the pooled encoder needs them all
 
 
+def test_extract_help_and_the_scst_hint_name_grid16(capsys):
+    from extract.__main__ import main
+    from model.scst import _kind_words
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "grid16 (the last stride-16 map" in " ".join(capsys.readouterr().out.split())
+    assert [_kind_words({"features": k}) for k in ("grid16", "grid", "pooled")] == ["grid16", "grid", "pooled"]
+    assert _kind_words({}) == "pooled"
+
+
 # ---- the cache -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_grid16(tiny_dataset, tmp_path_factory):
