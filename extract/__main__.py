@@ -37,8 +37,11 @@ def main(argv=None) -> int:
                    "offline demos only), or a weights FILE of the encoder's backbone")
     p.add_argument("--image-size", type=int, help="square input side (default: the encoder's native size, "
                    "299 or 224)")
-    p.add_argument("--features", default="pooled", help="pooled (default: one vector an image, for the Show "
-                   "and Tell decoder) or grid (the last feature map, float16, for --decoder attention)")
+    p.add_argument("--features", default="pooled", help="pooled (default: "
+                   "one vector an image, for the Show and Tell decoder), grid (the last feature map, stride 32, "
+                   "float16, for --decoder attention or transformer: Lite0 at 224 px 7x7x1280, Inception v3 at 299 "
+                   "px 8x8x2048) or grid16 (the last stride-16 map, about 4x the positions, for the same "
+                   "decoders: Lite0 14x14x112 from block5c, Inception v3 17x17x768 from mixed7)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--splits", help="comma-separated (default: all splits in captions.h5)")
     p.add_argument("--force", action="store_true", help="recompute even if a cache exists")

@@ -7,6 +7,9 @@ Outputs in OUT:
                          feature map before pooling, positions row-major (Lite0 at 224 px: 7x7,
                          125 KB an image; Inception v3 at 299 px: 8x8, 262 KB, so MS-COCO's 123k
                          images take 32 GB: readers memory-map it, never load it whole)
+    <split>.grid16.npy   instead, with --features grid16: the same for the last stride-16 map, ~4x the
+                         positions (Lite0 at 224 px: 14x14x112, 44 KB an image; Inception v3 at
+                         299 px: 17x17x768 'mixed7', 444 KB)
     encoder.weights.h5   the exact backbone weights that made the features
     manifest.json        published last: its presence means the cache is complete
 
@@ -42,11 +45,11 @@ MISSING_LIMIT = 0.5          # a split with more missing image files than this i
 FAILED_WARN = 0.5            # a split with more failed images than this is warned about in the summary
 
 
-DTYPES = {"pooled": np.float32, "grid": np.float16}
+DTYPES = {"pooled": np.float32, "grid": np.float16, "grid16": np.float16}    # a dtype for each of enc.FEATURE_KINDS
 
 
 def feature_kind(manifest: dict) -> str:
-    """"pooled" or "grid"."""
+    """"pooled", "grid" or "grid16" (enc.is_grid says whether it is a grid)."""
     if manifest.get("features") not in DTYPES or "storage_scale" not in manifest:
         raise UserError("a feature manifest without its feature kind or storage scale: it was made by an older "
                         "version; re-run extract with --force (and retrain on the new features)")
@@ -54,14 +57,19 @@ def feature_kind(manifest: dict) -> str:
 
 
 def feature_file(features_dir: str | os.PathLike, split: str, kind: str = "pooled") -> Path:
-    return Path(features_dir) / (f"{split}.grid.npy" if kind == "grid" else f"{split}.npy")
+    return Path(features_dir) / (f"{split}.{kind}.npy" if enc.is_grid(kind) else f"{split}.npy")
+
+
+def _output_name(spec: enc.EncoderSpec, kind: str) -> str:
+    """What the features are, in the request: avg_pool, grid (the last map) or the stride-16 layer."""
+    return {"pooled": "avg_pool", "grid": "grid"}.get(kind) or spec.stride16_layer
 
 
 def _request(captions: Path, spec: enc.EncoderSpec, weights: str, image_size: int, splits: list[str],
              kind: str) -> dict:
     w = weights if weights in ("imagenet", "none") else {"file": str(Path(weights).resolve()),
                                                          "sha256": sha256_file(weights)}
-    return {"encoder": f"{spec.name}/{'avg_pool' if kind == 'pooled' else 'grid'}", "weights": w,
+    return {"encoder": f"{spec.name}/{_output_name(spec, kind)}", "weights": w,
             "image_size": image_size, "captions_sha256": sha256_file(captions), "splits": splits,
             "dtype": np.dtype(DTYPES[kind]).name}
 
@@ -83,8 +91,9 @@ def read_manifest(features_dir: str | os.PathLike) -> dict:
 
 def _check_args(captions: Path, spec, weights: str, image_size: int, batch_size: int, splits, available, kind):
     if kind not in DTYPES:
-        raise UserError(f"--features {kind!r}: choose pooled (one vector an image) or grid (the feature map, "
-                        f"for --decoder attention)")
+        raise UserError(f"--features {kind!r}: choose pooled (one vector an image), grid (the last feature map, "
+                        f"for --decoder attention or transformer) or grid16 (the stride-16 map: about 4x the "
+                        f"positions)")
     for s in splits:
         if s not in available:
             raise UserError(f"--splits: {captions} has no split '{s}' (has: {', '.join(available)})")
@@ -182,7 +191,7 @@ def _start_or_resume(out: Path, spec, request: dict, weights: str, image_size: i
         source = src.__dict__
         enc.save_encoder_weights(model, work / WEIGHTS)
         fault_point("extract:weights-saved")
-        scale = storage_scale(model, image_size) if kind == "grid" else 1.0
+        scale = storage_scale(model, image_size) if enc.is_grid(kind) else 1.0
         write_json_atomic(settings_path, {"request": request, "source": source, "scale": scale})
     if source["kind"] == "none":
         log(f"WARNING: --weights none: {spec.title} has RANDOM weights. Its features still separate "
@@ -231,7 +240,7 @@ class FeatureArray:
 
 def _extract_split(captions: Path, root: Path, out: Path, split: str, forward, row_shape: tuple, kind: str,
                    scale: float, image_size: int, batch_size: int, chunk_batches: int, progress: bool) -> tuple[int, list[dict]]:
-    """Fill (or finish) OUT/<split>.npy (or .grid.npy); -> (image count, failed images)."""
+    """Fill (or finish) OUT/<split>.npy (or .grid.npy, .grid16.npy); -> (image count, failed images)."""
     from prepare.cli import progress_bar
     sp = captions_h5.read_split(captions, split)
     paths = sp.image_paths(root)
@@ -323,8 +332,8 @@ def _write_manifest(out, captions, root, spec, request, source, counts, failed, 
     work = out / WORK
     manifest = {
         "request": request, "encoder": spec.name, "encoder_title": spec.title,
-        "features": kind, "feature_dim": spec.feature_dim, "dtype": request["dtype"],
-        "grid_positions": int(row_shape[0]) if kind == "grid" else None,
+        "features": kind, "feature_dim": int(row_shape[-1]), "dtype": request["dtype"],
+        "grid_positions": int(row_shape[0]) if enc.is_grid(kind) else None,
         "storage_scale": scale,         # stored values = features x this (a power of two; FeatureArray divides it out)
         "image_size": request["image_size"],
         "preprocessing": "PIL decode, EXIF transpose, RGB (alpha over white), bilinear resize to "

@@ -5,7 +5,9 @@
     build_encoder(name, weights, image_size, output) -> (keras.Model, WeightsSource)
         float32 [B, S, S, 3] in 0..255 -> pooled features [B, D]          (output "pooled")
                                        -> grid features [B, h*w, D]       (output "grid": the last
-                                          feature map, positions row-major, what attention reads)
+                                          feature map, stride 32, positions row-major, what attention reads)
+                                       -> grid features [B, h*w, D16]     (output "grid16": the last
+                                          stride-16 map, ~4x the positions; is_grid(kind) for either)
         (the input scaling is the model's first layer, so no caller can forget it)
 
 Entries:
@@ -18,18 +20,23 @@ Entries:
 
 `weights` is "imagenet", "none" (random init from `seed`: the same random encoder everywhere) or a
 Keras weights FILE of the backbone. Each encoder model holds its backbone as the layer named after
-the registry entry; encoder.weights.h5 files are the backbone's weights.
+the registry entry; encoder.weights.h5 files are the backbone's weights. For grid16 that backbone
+is the network up to its stride-16 layer (EncoderSpec.stride16_layer; a sub-model sharing the
+whole network's layers), so a grid16 cache's or run's encoder.weights.h5 holds those layers only;
+a whole backbone's file loads into it too.
 """
 from __future__ import annotations
 
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prepare.errors import UserError
 from prepare.files import atomic_path, need_space, sha256_file
+from extract import lite0 as _lite0_arch
 from extract.weights_cache import ensure_keras_models_dir, keras_models_dir
 
 DEFAULT_ENCODER = "inception_v3"
@@ -50,17 +57,21 @@ class EncoderSpec:
     # see model/finetune.py). All layers of the backbone may train; with bn "frozen" BatchNorm's
     # statistics and affine parameters stay fixed.
     pretrained_recipe: dict = field(default_factory=dict)
+    stride16_layer: str = ""      # the layer whose output is the last stride-16 feature map (grid16)
 
 
 ENCODERS: dict[str, EncoderSpec] = {
     "inception_v3": EncoderSpec(
         "inception_v3", "Inception v3", 2048, 299, 75, 1 / 127.5, -1.0, "x / 127.5 - 1",
         # im2txt's second phase: SGD 0.0005 on Inception, BatchNorm in training mode
-        {"lr": 2e-4, "cnn_lr": 5e-4, "cnn_optimizer": "sgd", "bn": "train"}),
+        {"lr": 2e-4, "cnn_lr": 5e-4, "cnn_optimizer": "sgd", "bn": "train"},
+        stride16_layer="mixed7"),                         # 17x17x768 at 299 px
     "efficientnet_lite0": EncoderSpec(
         "efficientnet_lite0", "EfficientNet-Lite0", 1280, 224, 32, 1 / 128, -127 / 128, "(x - 127) / 128",
         # measured on the built-in dataset: Adam 3e-5 on the CNN, BatchNorm frozen (README, results)
-        {"lr": 2e-4, "cnn_lr": 3e-5, "cnn_optimizer": "adam", "bn": "frozen"}),
+        {"lr": 2e-4, "cnn_lr": 3e-5, "cnn_optimizer": "adam", "bn": "frozen"},
+        # block5c_add, 14x14x112 at 224 px: stage 5's end, before stage 6 strides to 32
+        stride16_layer=_lite0_arch.block_output(_lite0_arch.last_block_at_stride(16))),
 }
 
 
@@ -130,39 +141,68 @@ def check_image_size(spec: EncoderSpec, image_size: int) -> None:
         raise UserError(f"--image-size {image_size} is below {spec.title}'s minimum of {spec.min_image_size}")
 
 
-FEATURE_KINDS = ("pooled", "grid")
+FEATURE_KINDS = ("pooled", "grid", "grid16")
+GRID_KINDS = ("grid", "grid16")      # [positions, channels] an image: what the attention decoders read
+
+
+def is_grid(kind: str) -> bool:
+    """Is this feature kind a grid (the stride-32 map "grid" or the stride-16 map "grid16")?"""
+    return kind in GRID_KINDS
+
+
+def _stride16(backbone, spec: EncoderSpec):
+    """The backbone up to its last stride-16 layer: a sub-model sharing its layers (and weights)."""
+    import keras
+    return keras.Model(backbone.input, backbone.get_layer(spec.stride16_layer).output, name=spec.name)
+
+
+def _backbone(spec: EncoderSpec, weights: str, shape: tuple, seed: int, output: str):
+    """-> (the CNN as the encoder holds it, WeightsSource): the whole backbone, or for grid16 the
+    part up to spec.stride16_layer. Weights are loaded into the whole network first, so ImageNet
+    weights and a whole backbone's FILE fill it as they always do."""
+    import keras
+    if weights == "imagenet":
+        full, source = _BACKBONES[spec.name](shape, True)
+    else:
+        if weights in ("none", None):
+            keras.utils.set_random_seed(seed)
+        full, _ = _BACKBONES[spec.name](shape, False)
+        source = WeightsSource("none", None, None)
+    part = _stride16(full, spec) if output == "grid16" else full
+    if weights not in ("imagenet", "none", None):
+        if part is full:
+            load_encoder_weights(full, weights, spec)
+        else:
+            try:
+                with warnings.catch_warnings():          # Keras warns about each group a partial file lacks
+                    warnings.simplefilter("ignore")
+                    load_encoder_weights(full, weights, spec)
+            except UserError:
+                load_encoder_weights(part, weights, spec)    # a grid16 cache's or run's file: those layers only
+        source = WeightsSource("file", str(Path(weights).resolve()), sha256_file(weights))
+    return part, source
 
 
 def build_encoder(name: str = DEFAULT_ENCODER, weights: str = "imagenet", image_size: int | None = None,
                   trainable: bool = False, seed: int = 0, output: str = "pooled"):
     """-> (keras.Model float32 0..255 images [B, S, S, 3] -> pooled features [B, D] or grid
-    features [B, h*w, D], WeightsSource)."""
+    features [B, h*w, D] (grid: stride 32; grid16: stride 16, the stride-16 layer's channels), WeightsSource)."""
     if output not in FEATURE_KINDS:
-        raise UserError(f"--features {output!r}: choose pooled or grid")
+        raise UserError(f"--features {output!r}: choose pooled, grid or grid16")
     import keras
     from keras import layers
     spec = get_spec(name)
     image_size = image_size or spec.default_image_size
     check_image_size(spec, image_size)
     shape = (image_size, image_size, 3)
-    if weights == "imagenet":
-        backbone, source = _BACKBONES[name](shape, True)
-    else:
-        if weights in ("none", None):
-            keras.utils.set_random_seed(seed)
-        backbone, _ = _BACKBONES[name](shape, False)
-        if weights in ("none", None):
-            source = WeightsSource("none", None, None)
-        else:
-            load_encoder_weights(backbone, weights, spec)
-            source = WeightsSource("file", str(Path(weights).resolve()), sha256_file(weights))
+    backbone, source = _backbone(spec, weights, shape, seed, output)
     backbone.trainable = trainable
     inputs = keras.Input(shape, name="image")                          # float32 0..255, RGB
     x = layers.Rescaling(spec.scale, offset=spec.offset, name="input_scaling")(inputs)
     fmap = backbone(x)                                                  # [B, h, w, D]
-    if output == "grid":
+    if is_grid(output):
         h, w, d = fmap.shape[1:]
-        out = layers.Reshape((h * w, d), name="grid")(fmap)             # [B, h*w, D]
+        out = layers.Reshape((h * w, d), name=output)(fmap)             # [B, h*w, D]
     else:
         out = layers.GlobalAveragePooling2D(name="avg_pool")(fmap)     # [B, D]
     return keras.Model(inputs, out, name="encoder"), source
@@ -192,7 +232,9 @@ def load_encoder_weights(model, path: str | os.PathLike, spec: EncoderSpec | Non
         base.load_weights(str(path))
     except Exception as e:
         raise UserError(f"{path}: does not hold {title} weights without its classifier ({e}); pass a "
-                        f"file saved from this project's {base.name} encoder (encoder.weights.h5)") from None
+                        f"file saved from this project's {base.name} encoder (encoder.weights.h5; one of a "
+                        f"--features grid16 cache or run holds the layers up to the stride-16 map only, "
+                        f"for grid16)") from None
 
 
 def save_encoder_weights(encoder, path: str | os.PathLike) -> None:

@@ -18,7 +18,8 @@ ReLU6 activations, stem and head not scaled), input already preprocessed ((x - 1
              dwconv kxk/stride, bn, activation
              project_conv 1x1, project_bn                       (linear)
              add (input + output)                               (stride 1 and in == out)
-    top_conv 1x1 -> 1280, top_bn, top_activation (ReLU6)        [B, h, w, 1280]
+    top_conv 1x1 -> 1280, top_bn, top_activation (ReLU6)        [B, h, w, 1280]   (stride 32)
+    (stage 5's last block, block5c_add, is the stride-16 map: [B, H/16, W/16, 112], `--features grid16`)
     avg_pool                                                    [B, 1280]
     include_top: top_dropout (0.2), predictions Dense 1000 softmax
 
@@ -83,6 +84,24 @@ def blocks() -> list[Block]:
                              st.stride if r == 0 else 1, st.expand, c_in, st.filters))
             c_in = st.filters
     return out
+
+
+def block_output(b: Block) -> str:
+    """The layer whose output is block b's output: its residual add, or its projection's BatchNorm."""
+    return f"{b.name}_add" if b.stride == 1 and b.filters_in == b.filters_out else f"{b.name}_project_bn"
+
+
+def last_block_at_stride(stride: int) -> Block:
+    """The last block whose output is `stride` times smaller than the input (the stem halves it):
+    16 -> block5c, the end of stage 5, just before stage 6's first block strides to 32."""
+    at, found = 2, None
+    for b in blocks():
+        at *= b.stride
+        if at == stride:
+            found = b
+    if found is None:
+        raise ValueError(f"EfficientNet-Lite0 has no block at stride {stride}")
+    return found
 
 
 # ---- the model ---------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ class Captioner:
 
     @property
     def features_kind(self) -> str:
-        """"pooled" or "grid": what this run's decoder reads."""
+        """"pooled", "grid" or "grid16": what this run's decoder reads (the kind of its cache)."""
         from extract.cache import feature_kind
         return feature_kind(self.manifest)
 

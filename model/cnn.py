@@ -51,7 +51,8 @@ def fit_feature_normalisation(decoder, forward, batches) -> None:
 
 
 def trainable_encoder(spec, size: int, cfg: FinetuneConfig, weights: Path, kind: str = "pooled"):
-    """The stage-1 encoder, trainable; kind "grid" (attention decoder): its last feature map."""
+    """The stage-1 encoder, trainable; kind "grid" or "grid16" (the grid decoders): its last feature
+    map or its stride-16 one, the same layers as the cache that trained the decoder."""
     import keras
     if cfg.mixed_precision:
         keras.config.set_dtype_policy("mixed_bfloat16")

@@ -20,9 +20,9 @@ class ModelConfig:
     vocab_size: int = setting(dataclasses.MISSING, "words incl. the 4 special tokens (from captions.h5)")
     decoder: str = setting("show_and_tell", "show_and_tell (im2txt: the pooled vector as the first input; features "
                            "from `extract --features pooled`) attention (Show, Attend and Tell: attention over "
-                           "the feature map at every word; features from `extract --features grid`) or transformer "
-                           "(a pre-norm Transformer decoder: causal self-attention over the words, cross-attention "
-                           "to the grid; features from `extract --features grid`)")
+                           "the feature map at every word; features from `extract --features grid` or grid16) or "
+                           "transformer (a pre-norm Transformer decoder: causal self-attention over the words, "
+                           "cross-attention to the grid; features from `extract --features grid` or grid16)")
     feature_dim: int = setting(2048, "encoder output size (Inception v3 avg pool)")
     grid_positions: int = setting(0, "positions of the grid the attention decoder reads (from the cache)")
     embedding_size: int = setting(512, "image and word embedding size (im2txt: 512)")
@@ -107,7 +107,8 @@ class ScstConfig:
 DEFAULT_LR = {"adam": 1e-3, "sgd": 2.0}
 STRATEGIES = ("default", "mirrored")
 DECODERS = ("show_and_tell", "attention", "transformer")
-FEATURES_OF_DECODER = {"show_and_tell": "pooled", "attention": "grid", "transformer": "grid"}   # what `extract --features` feeds each
+# what `extract --features` feeds each: "grid" stands for either grid kind (grid or grid16, extract.encoder.is_grid)
+FEATURES_OF_DECODER = {"show_and_tell": "pooled", "attention": "grid", "transformer": "grid"}
 
 # Valid values, checked before anything is written: field -> (test, what it must be)
 RULES = {

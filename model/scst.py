@@ -86,8 +86,14 @@ def _check_source(source: Run, s_config: dict, s_manifest: dict, manifest: dict,
         raise UserError(f"{features_dir} holds features of another encoder than {source.file(ENCODER)}"
                         f"{' (the run is a fine-tune: its CNN changed)' if 'finetune' in s_config else ''}; extract "
                         f"a cache with it (`python -m extract --captions ... --weights {source.file(ENCODER)} "
-                        f"--features {'grid' if s_manifest.get('features') == 'grid' else 'pooled'} --out NEW`) "
+                        f"--features {_kind_words(s_manifest)} --out NEW`) "
                         f"and pass --features NEW")
+
+
+def _kind_words(manifest: dict) -> str:
+    """The --features value that made a run's features (pooled for a manifest that names none)."""
+    from extract.encoder import FEATURE_KINDS
+    return manifest.get("features") if manifest.get("features") in FEATURE_KINDS else "pooled"
 
 
 def _is_scst(run: Run) -> None:

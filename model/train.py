@@ -83,13 +83,17 @@ def _configs(vocab, manifest: dict, model_overrides: dict | None, train_override
 
 
 def check_features_fit(decoder: str, manifest: dict, features_dir) -> None:
-    """The attention decoder reads grid features, the Show and Tell decoder pooled ones."""
+    """The attention and transformer decoders read grid features (grid or grid16), the Show and Tell
+    decoder pooled ones."""
     from extract.cache import feature_kind
+    from extract.encoder import is_grid
     need, have = FEATURES_OF_DECODER[decoder], feature_kind(manifest)
-    if need != have:
+    family = "grid" if is_grid(have) else "pooled"
+    if need != family:
         raise UserError(f"--decoder {decoder} reads {need} features but {features_dir} holds {have} features; "
-                        f"extract a cache with `python -m extract ... --features {need}` (into another --out) "
-                        f"or pass --decoder {next(d for d, k in FEATURES_OF_DECODER.items() if k == have)}")
+                        f"extract a cache with `python -m extract ... --features {need}"
+                        f"{' (or grid16)' if need == 'grid' else ''}` (into another --out) "
+                        f"or pass --decoder {next(d for d, k in FEATURES_OF_DECODER.items() if k == family)}")
 
 
 def check_positions_fit(mcfg: ModelConfig, captions: Path) -> None:
