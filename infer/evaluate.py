@@ -2,8 +2,12 @@
 the human-agreement ceiling, and (where the dataset records its objects) content accuracy."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -33,8 +37,9 @@ def coco_scores(gts: dict[int, list[str]], res: dict[int, list[str]]) -> dict[st
     if java_available():
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
         tok = PTBTokenizer()
-        gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in gts.items()})
-        res = tok.tokenize({k: [{"caption": c} for c in v] for k, v in res.items()})
+        with _java_chatter_hidden():
+            gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in gts.items()})
+            res = tok.tokenize({k: [{"caption": c} for c in v] for k, v in res.items()})
     else:
         from prepare.vocabulary import tokenize
         norm = lambda cs: [" ".join(t for t in tokenize(c) if t.isalnum()) for c in cs]  # noqa: E731
@@ -50,6 +55,27 @@ def coco_scores(gts: dict[int, list[str]], res: dict[int, list[str]]) -> dict[st
     out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
     out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     return out
+
+
+@contextlib.contextmanager
+def _java_chatter_hidden():
+    """The PTB tokenizer's Java process writes a "tokenized N tokens" line to the inherited stderr on
+    every call (22 lines an evaluation): send file descriptor 2 to a temporary file meanwhile, and
+    show what it caught only if the call fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            caught.seek(0)
+            sys.stderr.write(caught.read().decode("utf-8", "replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def leave_one_out(refs: dict[int, list[str]], hyp: dict[int, str] | None = None) -> dict[str, float]:
