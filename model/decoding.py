@@ -21,10 +21,15 @@ forbidden words' log-probabilities are set to -inf before the top-k, so a beam n
 (the probabilities of the others are the model's own, not renormalised); a beam whose every word is
 forbidden dies (score -inf). Off (guards=None) the search is exactly the one pinned on the
 reference. Forbidden:
-    repeats       a word right after itself (<end> excepted)
+    repeats       a word right after itself (<end> excepted), and a pair right after itself ("a b a b")
     trigrams      a word completing a trigram already in the caption: w with (prefix[-2], prefix[-1], w)
                   earlier in the prefix
-    no_end_after  <end> right after one of these words (NO_END_AFTER: a, the, of, ',' ...)
+    no_end_after  <end>, or a word that ends a sentence (ENDERS: ". ! ?"), right after one of these
+                  words (NO_END_AFTER: a, the, of, ',' ...)
+    finish        at the last step the length allows, every word but <end>: a caption max_len would cut
+                  off ends there (where no_end_after lets it) instead of being returned unfinished
+                  (measured: on photos unlike its training images a model rambles to the limit and
+                  stops on "a"; docs/results.md "Decoding guards")
 """
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ from prepare.vocabulary import END_ID, PAD_ID, START_ID
 NO_END_AFTER = ("a", "an", "the", "of", "with", "on", "in", "to", "and", "at", "by", "for", "from", "is", "are",
                 "its", "their", "his", "her", "or", "as", "into", "onto", "under", "over", "near", "next",
                 "behind", "beside", "between", ",", ";", ":", "-", "(", "&")
+# Words after which a caption is over: no_end_after forbids them as it forbids <end>
+ENDERS = (".", "!", "?")
 # A caption whose mean log-probability per word (<end> counted) is below this is marked unsure
 # (--unsure-below; measured in docs/results.md: "Decoding guards")
 UNSURE_BELOW = -1.0
@@ -50,6 +57,8 @@ class BeamGuards:
     repeats: bool = True
     trigrams: bool = True
     no_end_after: tuple[int, ...] = ()
+    finish: bool = True
+    enders: tuple[int, ...] = ()              # besides <end>: the ids of ENDERS in the vocabulary
 
 
 @dataclass(frozen=True)
@@ -65,11 +74,12 @@ class Guards:
         if not self.on:
             return None
         index = {w: i for i, w in enumerate(words)}
-        return BeamGuards(no_end_after=tuple(sorted({index[w] for w in self.no_end_after if w in index})))
+        return BeamGuards(no_end_after=tuple(sorted({index[w] for w in self.no_end_after if w in index})),
+                          enders=tuple(index[w] for w in ENDERS if w in index))
 
     def record(self) -> dict:
         """For export.json and metrics.json (unsure_below None: -inf, never unsure; JSON has no -inf)."""
-        return {"on": self.on, "repeats": self.on, "trigrams": self.on,
+        return {"on": self.on, "repeats": self.on, "trigrams": self.on, "finish": self.on,
                 "no_end_after": list(self.no_end_after) if self.on else [],
                 "unsure_below": float(self.unsure_below) if np.isfinite(self.unsure_below) else None}
 
@@ -228,6 +238,10 @@ def forbidden_words(ids, t, vocab_size, guards: BeamGuards):
     if guards.repeats:
         index.append(tf.stack([rows, last], 1))
         count.append(tf.not_equal(last, END_ID))
+    if guards.repeats and L >= 4:                      # "a b a" then b: a pair right after itself
+        back1, back2 = (tf.gather(flat, tf.maximum(t - j, 0), axis=1) for j in (1, 2))
+        index.append(tf.stack([rows, back1], 1))
+        count.append(tf.equal(back2, last) & (t >= 3))
     if guards.trigrams and L >= 3:                     # (ids[j], ids[j+1], ids[j+2]) with j + 2 <= t
         prev = tf.gather(flat, tf.maximum(t - 1, 0), axis=1)
         match = (tf.equal(flat[:, :-2], prev[:, None]) & tf.equal(flat[:, 1:-1], last[:, None])
@@ -237,10 +251,14 @@ def forbidden_words(ids, t, vocab_size, guards: BeamGuards):
         count.append(tf.reshape(match, [-1]))
     if guards.no_end_after:
         bad = tf.reduce_any(tf.equal(last[:, None], tf.constant(guards.no_end_after, tf.int32)[None, :]), axis=1)
-        index.append(tf.stack([rows, tf.fill([r], END_ID)], 1))
-        count.append(bad)
+        for ender in (END_ID, *guards.enders):
+            index.append(tf.stack([rows, tf.fill([r], ender)], 1))
+            count.append(bad)
     hits = tf.scatter_nd(tf.concat(index, 0), tf.cast(tf.concat(count, 0), tf.int32), tf.stack([r, vocab_size]))
-    return hits > 0
+    if not guards.finish:
+        return hits > 0
+    last_step = tf.equal(t, L - 2) & tf.not_equal(tf.range(vocab_size), END_ID)[None, :]      # [1, V]
+    return (hits > 0) | last_step
 
 
 def greedy_ids(decoder, features, max_len):

@@ -151,7 +151,7 @@ ON = decoding.BeamGuards(no_end_after=(C,))               # C plays "the"
     (REPEATS, 2, 4, [([S, TA, TA, E], .432), ([S, TB, E], .15)],
      [([S, TB, E], .15), ([S, TB, TA, E], .12)]),          # S A B E (.081) falls out
     (TRIGRAMS, 1, 8, [([S, TA, TB, TA, TB, TA, TB, TA], .9 ** 4 * .6 ** 3)],
-     [([S, TA, TB, TA, TB, E], round(.9 ** 3 * .6 * .3, 6))]),      # A would repeat the trigram (A, B, A)
+     [([S, TA, TB, TA, E], round(.9 * .9 * .6 * .1, 6))]),          # B would repeat the pair (A, B)
     (ENDS, 1, 5, [([S, TA, TC, E], .448)], [([S, TA, TC, TB, E], .1008)]),
 ])
 def test_guarded_beam_search_gives_the_hand_computed_beams_and_unguarded_the_references(table, beam, max_len,
@@ -163,12 +163,16 @@ def test_guarded_beam_search_gives_the_hand_computed_beams_and_unguarded_the_ref
 
 
 def test_each_guard_alone_and_a_beam_whose_every_word_is_forbidden_dies_without_nan():
-    only = lambda **kw: decoding.BeamGuards(**{"repeats": False, "trigrams": False, **kw})  # noqa: E731
+    only = lambda **kw: decoding.BeamGuards(**{"repeats": False, "trigrams": False, "finish": False, **kw})  # noqa: E731
     assert _search(REPEATS, 1, 4, only(repeats=True)) == [([S, TA, TB, E], .081)]
     assert _search(REPEATS, 1, 4, only(trigrams=True, no_end_after=(C,))) == [([S, TA, TA, E], .432)]
     assert _search(ENDS, 1, 5, only(no_end_after=(C,))) == [([S, TA, TC, TB, E], .1008)]
     assert _search(ENDS, 1, 5, only(no_end_after=(C + 1,))) == [([S, TA, TC, E], .448)]
-    assert _search(TRIGRAMS, 1, 8, only(repeats=True)) == _search(TRIGRAMS, 1, 8, None)
+    assert _search(TRIGRAMS, 1, 8, only(trigrams=True)) == [([S, TA, TB, TA, TB, E], round(.9 ** 3 * .6 * .3, 6))]
+    assert _search(TRIGRAMS, 1, 8, only(repeats=True)) == [([S, TA, TB, TA, E], round(.9 * .9 * .6 * .1, 6))]
+    # a word that ends a sentence (B plays ".") is forbidden after C ("the") like <end> itself
+    assert _search(ENDS, 1, 5, only(no_end_after=(C,), enders=(TB + 1,))) == []
+    assert _search(ENDS, 2, 5, only(no_end_after=(C,), enders=(TB + 1,))) == [([S, TA, TB, E], .16), ([S, TB, E], .15)]
     # A, then only A again (a repeat): the one beam dies; with beam 2 the other one lives on
     stuck = {(S,): [0, 0, .7, .3, 0], (S, TA): [0, 0, 1, 0, 0], (S, TB): [0, .5, .4, .1, 0]}
     assert _search(stuck, 1, 4, ON) == []
@@ -179,12 +183,30 @@ def test_each_guard_alone_and_a_beam_whose_every_word_is_forbidden_dies_without_
     assert lps.numpy().tolist() == [[-np.inf]] * 2 and not complete.numpy().any()
 
 
+def test_the_finish_guard_ends_a_caption_the_length_limit_would_cut_off():
+    #                              <s> <end>  A    B    C
+    ramble = _by_last_word({S: [0, 0, .9, .1, 0], TA: [0, .2, 0, .6, .2], TB: [0, .1, .7, 0, .2],
+                            TC: [0, .3, .4, .3, 0], E: [0, 1, 0, 0, 0]})
+    only = lambda **kw: decoding.BeamGuards(**{"repeats": False, "trigrams": False, "finish": False, **kw})  # noqa: E731
+    assert _search(ramble, 1, 5, None) == _search(ramble, 1, 5, only()) == [([S, TA, TB, TA, TB], .2268)]
+    assert _search(ramble, 1, 5, only(finish=True)) == [([S, TA, TB, TA, E], .0756)]    # .9 * .6 * .7 * .2
+    ids, lengths, lps, complete = decoding.beam_search(TableDecoder(ramble, [0, 1, 0, 0, 0]), tf.zeros([1, 1]),
+                                                       beam_size=2, max_len=5, guards=only(finish=True))
+    assert complete.numpy().all()
+    # a caption whose last word cannot end one (C plays "the") is not finished at the limit: it dies
+    to_c = _by_last_word({S: [0, 0, .9, .1, 0], TA: [0, .1, 0, .3, .6], TB: [0, .1, .7, 0, .2],
+                          TC: [0, .3, .4, .3, 0], E: [0, 1, 0, 0, 0]})
+    assert _search(to_c, 1, 4, only(finish=True)) == [([S, TA, TC, E], .162)]
+    assert _search(to_c, 1, 4, only(finish=True, no_end_after=(C,))) == []
+    assert _search(to_c, 2, 4, only(finish=True, no_end_after=(C,))) == [([S, TA, TB, E], .027)]
+
+
 @pytest.mark.parametrize("kind", ["show_and_tell", "attention"])
 def test_guards_that_forbid_nothing_give_the_unguarded_search_and_guarded_beams_never_babble(kind):
     m, feats = _random_decoder(kind, sharp=4.0)
     f = tf.constant(feats)
     plain = decoding.beam_search(m, f, beam_size=3, max_len=9)
-    none = decoding.beam_search(m, f, beam_size=3, max_len=9, guards=decoding.BeamGuards(False, False, ()))
+    none = decoding.beam_search(m, f, beam_size=3, max_len=9, guards=decoding.BeamGuards(False, False, (), False))
     np.testing.assert_array_equal(plain[0], none[0])
     np.testing.assert_allclose(plain[2], none[2], rtol=1e-5)
     ids, lengths, lps, _ = (x.numpy() for x in decoding.beam_search(m, f, beam_size=3, max_len=9,
