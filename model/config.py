@@ -55,6 +55,8 @@ class TrainConfig:
     lr: float = setting(0.0, "initial learning rate; 0: by optimizer (adam 1e-3; sgd 2.0, im2txt's)")
     lr_decay_factor: float = setting(0.5, "learning rate multiplied by this ...")
     lr_decay_epochs: float = setting(8.0, "... every this many epochs (im2txt: halved every 8 epochs)")
+    lr_schedule: str = setting("step", "step: the two settings above (im2txt's); cosine: from lr down to 0 over "
+                               "all the run's steps, a cosine (measured best for the transformer decoder)")
     clip_norm: float = setting(5.0, "gradient clipping by global norm (im2txt: 5.0)")
     seed: int = setting(0, "initialisation and data order (epoch e uses seed+e)")
     checkpoint_every: int = setting(200, "steps between checkpoints (one is also written every epoch)")
@@ -134,6 +136,7 @@ RULES = {
     "lr": (lambda v: v >= 0 and v == v, "above 0 (0: the optimizer's default)"),
     "lr_decay_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "lr_decay_epochs": (lambda v: v >= 0, "0 or more"),
+    "lr_schedule": (lambda v: v in ("step", "cosine"), "step or cosine"),
     "clip_norm": (lambda v: v > 0, "above 0"),
     "checkpoint_every": (lambda v: v >= 1, "at least 1"),
     "max_steps": (lambda v: v >= 0, "0 (no limit) or more"),

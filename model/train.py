@@ -40,9 +40,14 @@ def make_strategy(name: str):
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int):
+    """The optimizer and its learning-rate schedule (cfg.lr_schedule), over the optimizer's step count
+    (restored with it: a resumed run continues the schedule where it was)."""
     import keras
     lr = cfg.lr
-    if cfg.lr_decay_factor != 1.0 and cfg.lr_decay_epochs > 0:
+    if cfg.lr_schedule == "cosine":
+        total = cfg.max_steps or cfg.epochs * steps_per_epoch
+        lr = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=max(1, total))
+    elif cfg.lr_decay_factor != 1.0 and cfg.lr_decay_epochs > 0:
         lr = keras.optimizers.schedules.ExponentialDecay(
             cfg.lr, decay_steps=max(1, int(cfg.lr_decay_epochs * steps_per_epoch)),
             decay_rate=cfg.lr_decay_factor, staircase=True)

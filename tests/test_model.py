@@ -282,3 +282,20 @@ def test_a_val_split_of_only_unknown_words_is_recognised():
     assert only_unknown_words(only_unk)
     assert not only_unknown_words(np.array([[START_ID, UNK_ID, 7, END_ID, PAD_ID]]))     # one known word
     assert not only_unknown_words(np.zeros((0, 5), np.int32))                          # no captions: other error
+
+
+def test_cosine_schedule_falls_from_lr_to_zero_over_the_runs_steps_and_step_halves_every_n_epochs():
+    import keras
+    from model.config import TrainConfig
+    from model.train import make_optimizer
+    cos = make_optimizer(TrainConfig(lr=4e-4, epochs=5, lr_schedule="cosine"), steps_per_epoch=20)   # 100 steps
+    step = make_optimizer(TrainConfig(lr=4e-4, epochs=5, lr_decay_factor=0.5, lr_decay_epochs=2), steps_per_epoch=20)
+    seen = {}
+    for name, opt in (("cosine", cos), ("step", step)):
+        for it in (0, 50, 39, 40, 100):
+            opt.iterations.assign(it)
+            seen[name, it] = float(keras.ops.convert_to_numpy(opt.learning_rate))
+    assert seen["cosine", 0] == pytest.approx(4e-4) and seen["cosine", 50] == pytest.approx(2e-4, rel=1e-5)
+    assert seen["cosine", 100] == pytest.approx(0.0, abs=1e-9)
+    assert seen["step", 39] == pytest.approx(4e-4) and seen["step", 40] == pytest.approx(2e-4)
+    assert seen["step", 100] == pytest.approx(1e-4)
