@@ -26,10 +26,10 @@ reference. Forbidden:
                   earlier in the prefix
     no_end_after  <end>, or a word that ends a sentence (ENDERS: ". ! ?"), right after one of these
                   words (NO_END_AFTER: a, the, of, ',' ...)
-    finish        at the last step the length allows, every word but <end>: a caption max_len would cut
-                  off ends there (where no_end_after lets it) instead of being returned unfinished
-                  (an image left with no beam at all gets its partial captions from before the last
-                  step) (measured: on photos unlike its training images a model rambles to the limit and
+    finish        at the last step the length allows, every word but <end>, and at the step before it,
+                  the no_end_after words: a caption max_len would cut off ends there instead of being
+                  returned unfinished (it always can: <end> is
+                  forbidden only after a no_end_after word) (measured: on photos unlike its training images a model rambles to the limit and
                   stops on "a"; docs/results.md "Decoding guards")
 """
 from __future__ import annotations
@@ -147,8 +147,7 @@ def beam_search(decoder, features, *, beam_size: int, max_len: int, length_norm:
     parent = tf.tile(tf.repeat(tf.range(k), k)[None], [n, 1])                  # [n, k*k] (loop-invariant)
     pads = tf.zeros([n, k * k], tf.int32)
 
-    def body(t, ids, live_lp, state, done_ids, done_lp, done_score, done_len, last_ids, last_lp):
-        last_ids, last_lp = (tf.where(tf.equal(t, L - 2), a, b) for a, b in ((ids, last_ids), (live_lp, last_lp)))
+    def body(t, ids, live_lp, state, done_ids, done_lp, done_score, done_len):
         words = tf.reshape(ids[:, :, t], [-1])                                  # [n*k] the last word
         logits, new_state = decoder.step_logits(words, state)
         logits = tf.cast(logits, tf.float32)                                    # [n*k, V]
@@ -185,22 +184,17 @@ def beam_search(decoder, features, *, beam_size: int, max_len: int, length_norm:
         ids = extend(sel_parent, tf.gather(flat_w, pick, batch_dims=1))
         state_rows = tf.reshape(rows + sel_parent, [-1])
         state = tuple(tf.gather(s, state_rows) for s in new_state)
-        return t + 1, ids, new_live_lp, state, done_ids, done_lp, done_score, done_len, last_ids, last_lp
+        return t + 1, ids, new_live_lp, state, done_ids, done_lp, done_score, done_len
 
-    loop_vars = (tf.constant(0), ids, live_lp, state, done_ids, done_lp, done_score, done_len, ids, live_lp)
+    loop_vars = (tf.constant(0), ids, live_lp, state, done_ids, done_lp, done_score, done_len)
     shapes = tuple(tf.TensorShape([None, *s.shape[1:]]) for s in state)
     beams, scores = tf.TensorShape([None, k, L]), tf.TensorShape([None, k])
-    invariants = (tf.TensorShape([]), beams, scores, shapes, beams, scores, scores, scores, beams, scores)
-    _, ids, live_lp, _, done_ids, done_lp, done_score, done_len, last_ids, last_lp = tf.while_loop(
+    invariants = (tf.TensorShape([]), beams, scores, shapes, beams, scores, scores, scores)
+    _, ids, live_lp, _, done_ids, done_lp, done_score, done_len = tf.while_loop(
         lambda t, *_: t < L - 1, body, loop_vars, shape_invariants=invariants)
     any_done = tf.math.is_finite(done_score[:, :1])                             # [n, 1]
     steps = L - 1 if L > 1 else 0
     live_len = tf.fill([n, k], steps + 1)
-    if guards is not None and guards.finish and L > 2:
-        # the finish guard killed every beam at the last step: the partial captions from before it
-        back = ~any_done & ~tf.math.is_finite(live_lp[:, :1])
-        ids, live_lp = tf.where(back[:, :, None], last_ids, ids), tf.where(back, last_lp, live_lp)
-        live_len = tf.where(back, steps, live_len)
     # partial captions ranked like complete ones (all of the same length: by log-prob)
     order = tf.argsort(score(live_lp, steps + 1), axis=1, direction="DESCENDING", stable=True)
     live_ids, live_lp = tf.gather(ids, order, batch_dims=1), tf.gather(live_lp, order, batch_dims=1)
@@ -263,7 +257,11 @@ def forbidden_words(ids, t, vocab_size, guards: BeamGuards):
     hits = tf.scatter_nd(tf.concat(index, 0), tf.cast(tf.concat(count, 0), tf.int32), tf.stack([r, vocab_size]))
     if not guards.finish:
         return hits > 0
-    last_step = tf.equal(t, L - 2) & tf.not_equal(tf.range(vocab_size), END_ID)[None, :]      # [1, V]
+    words = tf.range(vocab_size)
+    last_step = tf.equal(t, L - 2) & tf.not_equal(words, END_ID)[None, :]                      # [1, V]
+    if guards.no_end_after:                       # and the step before it: no word the caption cannot end on
+        no_end = tf.reduce_any(tf.equal(words[:, None], tf.constant(guards.no_end_after, tf.int32)[None, :]), 1)
+        last_step |= tf.equal(t, L - 3) & no_end[None, :]
     return (hits > 0) | last_step
 
 

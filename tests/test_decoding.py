@@ -193,16 +193,15 @@ def test_the_finish_guard_ends_a_caption_the_length_limit_would_cut_off():
     ids, lengths, lps, complete = decoding.beam_search(TableDecoder(ramble, [0, 1, 0, 0, 0]), tf.zeros([1, 1]),
                                                        beam_size=2, max_len=5, guards=only(finish=True))
     assert complete.numpy().all()
-    # a caption whose last word cannot end one (C plays "the") is not finished at the limit: it dies,
-    # and an image left with no beam gets its partial captions from before the last step
+    # a caption cannot end on C ("the"): so C is forbidden at the step before the last too, and it ends
     to_c = _by_last_word({S: [0, 0, .9, .1, 0], TA: [0, .1, 0, .3, .6], TB: [0, .1, .7, 0, .2],
                           TC: [0, .3, .4, .3, 0], E: [0, 1, 0, 0, 0]})
     assert _search(to_c, 1, 4, only(finish=True)) == [([S, TA, TC, E], .162)]
-    assert _search(to_c, 1, 4, only(finish=True, no_end_after=(C,))) == [([S, TA, TC], .54)]
+    assert _search(to_c, 1, 4, only(finish=True, no_end_after=(C,))) == [([S, TA, TB, E], .027)]   # not S A C
     ids, lengths, lps, complete = decoding.beam_search(TableDecoder(to_c, [0, 1, 0, 0, 0]), tf.zeros([1, 1]),
                                                        beam_size=1, max_len=4, guards=only(finish=True, no_end_after=(C,)))
-    assert lengths.numpy().tolist() == [[3]] and not complete.numpy().any()
-    assert _search(to_c, 2, 4, only(finish=True, no_end_after=(C,))) == [([S, TA, TB, E], .027)]
+    assert lengths.numpy().tolist() == [[4]] and complete.numpy().all()
+    assert _search(to_c, 2, 4, only(finish=True, no_end_after=(C,))) == [([S, TA, E], .09), ([S, TA, TB, E], .027)]
 
 
 @pytest.mark.parametrize("kind", ["show_and_tell", "attention"])
