@@ -20,6 +20,10 @@ moment (kill -9 too) resumes where it stopped and ends bit-identical to an unint
 (batches always start at multiples of the batch size). A split is done when its progress record
 counts every row. When all are, the finished arrays, encoder.weights.h5 and manifest.json are
 published together (prepare.files.publish, label "extract"), then the work folder is removed.
+
+run_extraction is the one code path: extract_features runs it over every row into OUT; extract.shards
+runs it over one shard's rows into OUT/.shards/I-of-N/, and its merge fills OUT/.work as this module
+would have, then publishes it with write_manifest.
 """
 from __future__ import annotations
 
