@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--splits", help="comma-separated (default: all splits in captions.h5)")
     p.add_argument("--force", action="store_true", help="recompute even if a cache exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    s = p.add_argument_group("sharded extraction (several machines or array-job tasks; docs/stages.md#extract)")
+    s = p.add_argument_group("sharded extraction (several machines or array-job tasks; docs/stages.md#sharded-extraction)")
     s.add_argument("--num-shards", type=int, metavar="N", help="split the extraction into N parts: every N-th "
                    "block of --batch-size images of each split goes to the same part")
     s.add_argument("--shard-index", type=int, metavar="I", help="extract part I (0 to N-1) only, into "
