@@ -46,12 +46,23 @@ def main(argv=None) -> int:
     p.add_argument("--splits", help="comma-separated (default: all splits in captions.h5)")
     p.add_argument("--force", action="store_true", help="recompute even if a cache exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    s = p.add_argument_group("sharded extraction (several machines or array-job tasks; docs/stages.md#sharded-extraction)")
+    s.add_argument("--num-shards", type=int, metavar="N", help="split the extraction into N parts: every N-th "
+                   "block of --batch-size images of each split goes to the same part")
+    s.add_argument("--shard-index", type=int, metavar="I", help="extract part I (0 to N-1) only, into "
+                   "OUT/.shards/I-of-N/ (resumable like a whole run)")
+    s.add_argument("--merge", action="store_true", help="assemble the N finished parts into the ordinary "
+                   "cache in --out (the same other flags as the parts), bit-identical to a single-process run")
     a = p.parse_args(argv)
-    from extract.cache import extract_features
-    extract_features(a.captions, a.out, encoder=a.encoder, images_root=a.images_root, weights=a.weights,
-                     image_size=a.image_size,
-                     batch_size=a.batch_size, splits=a.splits.split(",") if a.splits else None, force=a.force,
-                     progress=not a.quiet, features=a.features)
+    flags = dict(encoder=a.encoder, images_root=a.images_root, weights=a.weights, image_size=a.image_size,
+                 batch_size=a.batch_size, splits=a.splits.split(",") if a.splits else None, features=a.features)
+    if a.num_shards is None and a.shard_index is None and not a.merge:
+        from extract.cache import extract_features
+        extract_features(a.captions, a.out, force=a.force, progress=not a.quiet, **flags)
+    else:
+        from extract.shards import extract_sharded
+        extract_sharded(a.captions, a.out, num_shards=a.num_shards, shard_index=a.shard_index, merge=a.merge,
+                        force=a.force, progress=not a.quiet, **flags)
     return 0
 
 

@@ -20,6 +20,10 @@ moment (kill -9 too) resumes where it stopped and ends bit-identical to an unint
 (batches always start at multiples of the batch size). A split is done when its progress record
 counts every row. When all are, the finished arrays, encoder.weights.h5 and manifest.json are
 published together (prepare.files.publish, label "extract"), then the work folder is removed.
+
+run_extraction is the one code path: extract_features runs it over every row into OUT; extract.shards
+runs it over one shard's rows into OUT/.shards/I-of-N/, and its merge fills OUT/.work as this module
+would have, then publishes it with write_manifest.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,10 +109,12 @@ def _check_args(captions: Path, spec, weights: str, image_size: int, batch_size:
         raise UserError(f"--weights {weights}: no such file; pass imagenet, none or a weights FILE")
 
 
-def _check_images_present(captions: Path, root: Path, splits: list[str]) -> None:
-    """A wrong --images-root would make every image 'failed': refuse before extracting anything."""
-    for split in splits:
-        paths = captions_h5.read_split(captions, split).image_paths(root)
+def _check_images_present(job: Job, share=None) -> None:
+    """A wrong --images-root would make every image 'failed': refuse before extracting anything
+    (looking only at the rows this process extracts: share, see run_extraction)."""
+    captions, root = job.captions, job.root
+    for split in job.splits:
+        paths = _share_of(captions_h5.read_split(captions, split).image_paths(root), share)[1]
         missing = [p for p in paths if not p.exists()]
         if paths and len(missing) > MISSING_LIMIT * len(paths):
             raise UserError(f"{len(missing)} of {len(paths)} '{split}' images are missing under {root} (first: "
@@ -115,45 +122,106 @@ def _check_images_present(captions: Path, root: Path, splits: list[str]) -> None
                             f"are relative to")
 
 
-def extract_features(captions: str | os.PathLike, out: str | os.PathLike, *, encoder: str = enc.DEFAULT_ENCODER,
-                     images_root=None, weights: str = "imagenet", image_size: int | None = None,
-                     batch_size: int = 32, splits: list[str] | None = None, force: bool = False,
-                     progress: bool = True, chunk_batches: int = 4, features: str = "pooled", log=print) -> dict:
-    """Compute (or resume, or reuse) the feature cache; returns the manifest."""
-    captions, out = Path(captions), Path(out)
+@dataclass(frozen=True)
+class Job:
+    """What the flags ask for, resolved and checked before anything is written (resolve)."""
+    captions: Path
+    spec: enc.EncoderSpec
+    weights: str
+    image_size: int
+    root: Path
+    available: list
+    splits: list
+    kind: str
+    batch_size: int
+    request: dict                   # the settings record a cache (or a part) is compared by
+
+
+@dataclass
+class Extracted:
+    """What an extraction (or a merge) leaves for the manifest."""
+    counts: dict
+    failed: dict
+    timing: dict
+    source: dict
+    scale: float
+    row_shape: tuple
+
+
+def resolve(captions: str | os.PathLike, *, encoder: str = enc.DEFAULT_ENCODER, images_root=None,
+            weights: str = "imagenet", image_size: int | None = None, batch_size: int = 32,
+            splits: list[str] | None = None, features: str = "pooled") -> Job:
+    """The flags as a Job: defaults filled in, every value checked (UserError naming the flag)."""
+    captions = Path(captions)
     spec = enc.get_spec(encoder)
     image_size = image_size or spec.default_image_size
     root = Path(images_root) if images_root else captions_h5.images_root(captions)
     available = captions_h5.split_names(captions)
     splits = splits or available
     _check_args(captions, spec, weights, image_size, batch_size, splits, available, features)
-    request = _request(captions, spec, weights, image_size, splits, features)
-    if not force and (out / MANIFEST).exists() and not (out / WORK).exists() and not (out / PENDING).exists():
-        return _reuse(out, request, log)             # a complete cache is only read: no lock needed
+    return Job(captions, spec, weights, image_size, root, available, splits, features, batch_size,
+               _request(captions, spec, weights, image_size, splits, features))
+
+
+def extract_features(captions: str | os.PathLike, out: str | os.PathLike, *, encoder: str = enc.DEFAULT_ENCODER,
+                     images_root=None, weights: str = "imagenet", image_size: int | None = None,
+                     batch_size: int = 32, splits: list[str] | None = None, force: bool = False,
+                     progress: bool = True, chunk_batches: int = 4, features: str = "pooled", log=print) -> dict:
+    """Compute (or resume, or reuse) the feature cache; returns the manifest."""
+    job = resolve(captions, encoder=encoder, images_root=images_root, weights=weights, image_size=image_size,
+                  batch_size=batch_size, splits=splits, features=features)
+    return run_extraction(Path(out), job, force=force, progress=progress, chunk_batches=chunk_batches, log=log)
+
+
+def run_extraction(out: Path, job: Job, *, force: bool, progress: bool, chunk_batches: int, log,
+                   share=None, finish=None) -> dict:
+    """The locked, resumable extraction into `out` -> its manifest. share(n) -> the rows of a split
+    of n images this process extracts, in order (None: all; extract.shards: every N-th block);
+    finish(out, job, Extracted) publishes the result (default: write_manifest, the cache's)."""
+    if not force and complete(out):
+        return _reuse(out, job.request, log)             # a complete cache is only read: no lock needed
     with exclusive_lock(out):
-        finish_pending(out, "extract")              # a publication a kill interrupted: finished or discarded
-        if force:
-            for p in [out / MANIFEST, out / WEIGHTS, *[feature_file(out, s, k) for s in available for k in DTYPES]]:
-                p.unlink(missing_ok=True)
-            shutil.rmtree(out / WORK, ignore_errors=True)
-        if (out / MANIFEST).exists():                 # complete; a kill may have left the work folder
-            m = _reuse(out, request, log)
-            shutil.rmtree(out / WORK, ignore_errors=True)
-            return m
-        _check_images_present(captions, root, splits)
-        model, source, scale = _start_or_resume(out, spec, request, weights, image_size, features, log)
-        forward = enc.compiled_forward(model)
-        row_shape = tuple(int(d) for d in model.output.shape[1:])      # (D,) or (h*w, D)
-        counts, failed, timing = {}, {}, {}
-        for split in splits:
-            t0 = time.time()
-            counts[split], failed[split] = _extract_split(captions, root, out, split, forward, row_shape, features,
-                                                          scale, image_size, batch_size, chunk_batches, progress)
-            timing[split] = time.time() - t0
-        manifest = _write_manifest(out, captions, root, spec, request, source, counts, failed, timing, features,
-                                   row_shape, scale)
-    _report(out, splits, counts, failed, timing, features, log)
+        manifest = open_locked(out, job, force, log)
+        if manifest is not None:
+            return manifest
+        _check_images_present(job, share)
+        result = _extract_all(out, job, share, progress, chunk_batches, log)
+        manifest = (finish or write_manifest)(out, job, result)
+    report(out, job.splits, result, job.kind, log)
     return manifest
+
+
+def complete(out: Path) -> bool:
+    """A published cache with nothing pending (read without the lock)."""
+    return (out / MANIFEST).exists() and not (out / WORK).exists() and not (out / PENDING).exists()
+
+
+def open_locked(out: Path, job: Job, force: bool, log) -> dict | None:
+    """With `out` locked: finish (or discard) a publication a kill interrupted, give --force its clean
+    slate, and reuse a complete cache (-> its manifest; one made with other settings is refused)."""
+    finish_pending(out, "extract")
+    if force:
+        for p in [out / MANIFEST, out / WEIGHTS, *[feature_file(out, s, k) for s in job.available for k in DTYPES]]:
+            p.unlink(missing_ok=True)
+        shutil.rmtree(out / WORK, ignore_errors=True)
+    if (out / MANIFEST).exists():                     # complete; a kill may have left the work folder
+        m = _reuse(out, job.request, log)
+        shutil.rmtree(out / WORK, ignore_errors=True)
+        return m
+    return None
+
+
+def _extract_all(out: Path, job: Job, share, progress: bool, chunk_batches: int, log) -> Extracted:
+    model, source, scale = _start_or_resume(out, job.spec, job.request, job.weights, job.image_size, job.kind, log)
+    forward = enc.compiled_forward(model)
+    row_shape = tuple(int(d) for d in model.output.shape[1:])      # (D,) or (h*w, D)
+    counts, failed, timing = {}, {}, {}
+    for split in job.splits:
+        t0 = time.time()
+        counts[split], failed[split] = _extract_split(job, out, split, forward, row_shape, scale, share,
+                                                      chunk_batches, progress)
+        timing[split] = time.time() - t0
+    return Extracted(counts, failed, timing, source, scale, row_shape)
 
 
 def _reuse(out: Path, request: dict, log) -> dict:
@@ -238,34 +306,42 @@ class FeatureArray:
         return x / np.float32(self.scale) if self.scale != 1.0 else x
 
 
-def _extract_split(captions: Path, root: Path, out: Path, split: str, forward, row_shape: tuple, kind: str,
-                   scale: float, image_size: int, batch_size: int, chunk_batches: int, progress: bool) -> tuple[int, list[dict]]:
-    """Fill (or finish) OUT/<split>.npy (or .grid.npy, .grid16.npy); -> (image count, failed images)."""
+def _share_of(paths: list, share) -> tuple[np.ndarray, list]:
+    """-> (the rows this process extracts, their paths): all, or share(len(paths))."""
+    rows = np.arange(len(paths)) if share is None else np.asarray(share(len(paths)), np.int64)
+    return rows, [paths[int(r)] for r in rows]
+
+
+def _extract_split(job: Job, out: Path, split: str, forward, row_shape: tuple, scale: float, share,
+                   chunk_batches: int, progress: bool) -> tuple[int, list[dict]]:
+    """Fill (or finish) OUT/<split>.npy (or .grid.npy, .grid16.npy), one row for each row of the
+    split's share (all rows: the cache; a shard's: its part); -> (row count, failed images: their
+    rows in the whole split)."""
     from prepare.cli import progress_bar
-    sp = captions_h5.read_split(captions, split)
-    paths = sp.image_paths(root)
-    n, work = len(paths), out / WORK
-    arr_path = feature_file(work, split, kind)
+    sp = captions_h5.read_split(job.captions, split)
+    rows, paths = _share_of(sp.image_paths(job.root), share)
+    n, work, batch_size = len(paths), out / WORK, job.batch_size
+    arr_path = feature_file(work, split, job.kind)
     prog_path = work / f"{split}.progress.json"
     prog = json.loads(prog_path.read_text()) if prog_path.exists() else {"done": 0, "failed": {}}
     if not (arr_path.exists() and prog["done"] == n):   # else: done, waiting in the work folder to be published
         if not (arr_path.exists() and prog["done"] > 0):
             prog = {"done": 0, "failed": {}}
         arr = (np.lib.format.open_memmap(arr_path, mode="r+") if prog["done"] > 0
-               else _new_array(arr_path, DTYPES[kind], (n, *row_shape)))
+               else _new_array(arr_path, DTYPES[job.kind], (n, *row_shape)))
         start = row = prog["done"]
         if start % batch_size and start != n:
             raise UserError(f"{prog_path}: progress {start} is not a multiple of --batch-size {batch_size}; "
                             "resume with the batch size it was started with, or pass --force")
         bar = progress_bar(progress, total=n, initial=start, desc=f"extract {split}", unit="img", smoothing=0.1)
-        for k, (imgs, ok, why) in enumerate(image_dataset(paths[start:], image_size, batch_size)):
+        for k, (imgs, ok, why) in enumerate(image_dataset(paths[start:], job.image_size, batch_size)):
             feats, okn = forward(imgs).numpy(), ok.numpy()
             if scale != 1.0:
                 feats = np.clip(feats * np.float32(scale), -65504, 65504)     # float16's range
             feats[~okn] = 0.0
             arr[row:row + len(feats)] = feats
             for j in np.flatnonzero(~okn):
-                prog["failed"][str(row + j)] = why.numpy()[j].decode()
+                prog["failed"][str(int(rows[row + j]))] = why.numpy()[j].decode()
             row += len(feats)
             bar.update(len(feats))
             if (k + 1) % chunk_batches == 0 or row == n:
@@ -278,9 +354,13 @@ def _extract_split(captions: Path, root: Path, out: Path, split: str, forward, r
         prog["done"] = n
         write_json_atomic(prog_path, prog)
         fault_point(f"extract:{split}:done")
-    failed = [{"row": int(r), "image_id": int(sp.image_ids[int(r)]), "file": sp.file_names[int(r)], "reason": why}
-              for r, why in sorted(prog["failed"].items(), key=lambda kv: int(kv[0]))]
-    return n, failed
+    return n, failed_list(sp, prog["failed"])
+
+
+def failed_list(sp, failed: dict) -> list[dict]:
+    """A progress record's failed rows {"row": reason} as the manifest lists them, in row order."""
+    return [{"row": int(r), "image_id": int(sp.image_ids[int(r)]), "file": sp.file_names[int(r)], "reason": why}
+            for r, why in sorted(failed.items(), key=lambda kv: int(kv[0]))]
 
 
 def _new_array(path: Path, dtype, shape: tuple) -> np.ndarray:
@@ -324,32 +404,40 @@ def _train_stats(work: Path, failed: list[dict], kind: str, scale: float) -> dic
     return {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist(), "rows": int(m)}
 
 
-def _write_manifest(out, captions, root, spec, request, source, counts, failed, timing, kind, row_shape,
-                    scale) -> dict:
+def write_manifest(out: Path, job: Job, result: Extracted, extra: dict | None = None) -> dict:
     """Publish the cache in one publication: the finished arrays and the weights (hard links to the
     work folder's, so a kill before the commit point leaves the work folder resumable), then the
-    manifest (its presence marks the cache complete); then remove the work folder."""
-    work = out / WORK
+    manifest (its presence marks the cache complete); then remove the work folder. `extra`: more
+    manifest keys (a merge's)."""
+    work, kind, spec, request, row_shape = out / WORK, job.kind, job.spec, job.request, result.row_shape
     manifest = {
         "request": request, "encoder": spec.name, "encoder_title": spec.title,
         "features": kind, "feature_dim": int(row_shape[-1]), "dtype": request["dtype"],
         "grid_positions": int(row_shape[0]) if enc.is_grid(kind) else None,
-        "storage_scale": scale,         # stored values = features x this (a power of two; FeatureArray divides it out)
+        "storage_scale": result.scale,  # stored values = features x this (a power of two; FeatureArray divides it out)
         "image_size": request["image_size"],
         "preprocessing": "PIL decode, EXIF transpose, RGB (alpha over white), bilinear resize to "
                          f"image_size x image_size, {spec.preprocessing}",
-        "weights": {"source": source, "file": WEIGHTS, "sha256": sha256_file(work / WEIGHTS)},
-        "captions": {"path": str(captions.resolve()), "sha256": request["captions_sha256"]},
-        "images_root": str(root.resolve()),
-        "counts": counts, "failed": failed,
-        "train_stats": _train_stats(work, failed["train"], kind, scale) if "train" in counts else None,
-        "seconds": {k: round(v, 2) for k, v in timing.items()},
+        "weights": {"source": result.source, "file": WEIGHTS, "sha256": sha256_file(work / WEIGHTS)},
+        "captions": {"path": str(job.captions.resolve()), "sha256": request["captions_sha256"]},
+        "images_root": str(job.root.resolve()),
+        "counts": result.counts, "failed": result.failed,
+        "train_stats": (_train_stats(work, result.failed["train"], kind, result.scale)
+                        if "train" in result.counts else None),
+        "seconds": {k: round(v, 2) for k, v in result.timing.items()},
+        **(extra or {}),
     }
-    names = [feature_file(work, s, kind).name for s in counts] + [WEIGHTS]
+    publish_work(out, [feature_file(work, s, kind).name for s in result.counts] + [WEIGHTS], manifest)
+    return manifest
+
+
+def publish_work(out: Path, names: list[str], manifest: dict) -> None:
+    """Publish the named files of OUT/.work (hard links) and then `manifest` as OUT/manifest.json
+    (prepare.files.publish, label "extract"); then remove the work folder."""
+    work = out / WORK
     publish(out, {**{n: (lambda p, n=n: _link_or_copy(work / n, p)) for n in names},
                   MANIFEST: lambda p: write_json_atomic(p, manifest)}, label="extract")
     shutil.rmtree(work, ignore_errors=True)
-    return manifest
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -360,7 +448,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _report(out: Path, splits, counts, failed, timing, kind, log) -> None:
+def report(out: Path, splits, result: Extracted, kind: str, log) -> None:
+    counts, failed, timing = result.counts, result.failed, result.timing
     for split in splits:
         rate = counts[split] / timing[split] if timing[split] > 0 else 0.0
         log(f"  {split:5s}: {counts[split]} images, {len(failed[split])} failed, {timing[split]:.1f}s "
