@@ -19,9 +19,11 @@ decoders refuse: a PNG cut after its IHDR or anywhere in its IDAT, a PNG with a 
 IEND (Pillow accepts that one), a JPEG cut inside its tables or its scan or without its EOI, a cut GIF
 or BMP. It cannot catch damage a decoder does not notice: a JPEG whose scan bytes are damaged but
 still parse (wrong pixels, from Pillow too) or a GIF whose LZW data is (wrong pixels; Pillow refuses
-it), nor a decoder that crashes the process, nor memory the system does not have. The tf.data pass costs time:
-measured on 2 cores, 16 640x480 JPEGs at 299 px decode in about 250 ms instead of 150 ms, small
-beside the encoder's forward pass.
+it), nor a decoder that crashes the process, nor memory the system does not have. The tf.data pass
+costs time: measured on 2 cores, 16 640x480 JPEGs at 299 px decode in about 250 ms instead of
+150 ms, small beside the encoder's forward pass. Its ops (TensorSliceDataset, MapDataset,
+IgnoreErrorsDataset, BatchDataset, ReduceDataset) are core TensorFlow kernels; the SavedModel is
+tested with tf.saved_model.load, not with TensorFlow Serving itself.
 
 Animated GIFs: TensorFlow's GIF decoder decodes every frame even when it returns only the first
 (expand_animations=False), so the graph hands it the file cut after its first image
