@@ -20,12 +20,16 @@ model is only ever used by one thread. Decoding and drawing run in Starlette's t
 on the event loop, so /healthz and other clients are answered while a heavy request is decoded.
 The body is counted as it streams in: reading stops at the limit (chunked uploads included).
 Uploads live only in memory or in Starlette's spooled temporary files (the system temporary
-folder); nothing is written anywhere else.
+folder, for uploads over 1 MB); nothing is written anywhere else. That folder is checked at start-up
+(a read-only or missing TMPDIR is one line, exit code 2), and a request whose upload finds it full is
+answered 507 with the folder and the fix, the same line in the server's log; the next one after space
+is freed is captioned.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import io
 import math
 import queue
@@ -201,6 +205,8 @@ def create_app(run, *, beam_size: int = 3, max_len: int | None = None, max_bytes
         except BodyTimeout:
             return JSONResponse({"error": f"the request body did not arrive within {body_timeout:g} s "
                                           f"(--body-timeout)"}, status_code=408)
+        except OSError as e:                       # spooling an upload over 1 MB: the temporary folder is full
+            return spool_failed(e)
         except Exception as e:  # noqa: BLE001 - malformed multipart bodies
             why = getattr(e, "detail", None) or str(e)
             if "Too many files" in why:
@@ -244,6 +250,44 @@ def create_app(run, *, beam_size: int = 3, max_len: int | None = None, max_bytes
     return app
 
 
+def temp_folder() -> str:
+    """The folder Starlette spools uploads over 1 MB into (tempfile.gettempdir()), checked at start-up:
+    a TMPDIR that cannot be written is refused in one line (Python would quietly spool into /tmp
+    instead), and so is a machine with no writable temporary folder at all."""
+    import os
+    import tempfile
+
+    from prepare.cli import user_os_error
+    wanted = os.environ.get("TMPDIR")
+    try:
+        if wanted:
+            tempfile.TemporaryFile(dir=wanted).close()
+        return tempfile.gettempdir()
+    except OSError as e:
+        why = "uploads over 1 MB are spooled there"
+        line = user_os_error(OSError(e.errno, e.strerror, wanted), [], flag="TMPDIR")   # the folder, not a file in it
+        raise UserError(f"{line} ({why})" if line else
+                        f"TMPDIR {wanted}: {e.strerror or e} ({why}): set TMPDIR to a writable folder" if wanted else
+                        f"no writable temporary folder ({e}; {why}): set TMPDIR to a writable folder") from None
+
+
+def spool_failed(e: OSError):
+    """The answer when an upload could not be spooled into the temporary folder (507 when it is full, else
+    500), the same line in the server's log; None (re-raised) for an error no disk caused."""
+    import sys
+    import tempfile
+
+    from starlette.responses import JSONResponse
+
+    from prepare.cli import user_os_error
+    line = user_os_error(e, [], where=tempfile.gettempdir(), flag="TMPDIR",
+                         again="send the request again (uploads over 1 MB are spooled there)")
+    if line is None:
+        raise e
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    return JSONResponse({"error": line}, status_code=507 if e.errno in (errno.ENOSPC, errno.EDQUOT) else 500)
+
+
 def _decode_all(names, raw, size: int, load_image_bytes, BadImage):
     """In a worker thread: the uploads' images, or the JSON error (413 over MAX_REQUEST_PIXELS in all,
     from the headers before anything is decoded; 400 for the first unreadable upload)."""
@@ -284,7 +328,9 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, *, beam_size: int = 3,
     if not body_timeout > 0:
         raise UserError(f"--body-timeout {body_timeout}: must be above 0 seconds")
     Run(run).verify()                              # a broken run directory: one line, before the server starts
+    spool = temp_folder()                          # a read-only TMPDIR: one line, before the server starts
     app = create_app(run, beam_size=beam_size, max_bytes=int(max_mb * (1 << 20)), max_batch=max_batch,
                      body_timeout=body_timeout, guards=guards)
-    log(f"serving {run} on http://{host}:{port}/  (API: POST /api/caption, health: GET /healthz)")
+    log(f"serving {run} on http://{host}:{port}/  (API: POST /api/caption, health: GET /healthz; uploads over "
+        f"1 MB are spooled in {spool})")
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -61,8 +61,8 @@ def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 300, log_pa
 
 
 def start_server(run_dir, *args: str, env: dict | None = None, timeout: float = 300):
-    """`python -m infer serve --run RUN ARGS` on a free localhost port, its output in a log file,
-    waited for until healthy -> (process, base URL). The caller terminates it."""
+    """`python -m infer serve --run RUN ARGS` on a free localhost port, its output in a log file
+    (process.log_path), waited for until healthy -> (process, base URL). The caller terminates it."""
     import tempfile
     root = Path(__file__).resolve().parents[1]
     port = free_port()
@@ -71,6 +71,7 @@ def start_server(run_dir, *args: str, env: dict | None = None, timeout: float = 
         proc = subprocess.Popen([sys.executable, "-m", "infer", "serve", "--run", str(run_dir), "--port", str(port),
                                  *args], cwd=root, env={**os.environ, "PYTHONPATH": str(root), **(env or {})},
                                 stdout=out, stderr=subprocess.STDOUT)
+    proc.log_path = log_path
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, proc, timeout, log_path)

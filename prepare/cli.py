@@ -47,7 +47,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
 # errno -> what to do; {path} is the file at fault, {flag} the flag whose folder holds it
 _FIXES = {
     errno.ENOSPC: "no space left on the device of {path}: free space there (or choose another {flag}) and "
-                  "re-run the same command: it picks up where it stopped",
+                  "{again}",
     errno.EROFS: "{path} is on a read-only file system: choose a writable {flag}",
     errno.EACCES: "permission denied on {path}: give this user access to it or choose another {flag}",
     errno.ENAMETOOLONG: "file name too long: {path}: choose a shorter {flag} (or shorter file names)",
@@ -58,15 +58,19 @@ _FIXES[errno.EFBIG] = ("{path} grew past the file system's largest file: choose 
                        "system without that limit")
 if hasattr(errno, "EDQUOT"):
     _FIXES[errno.EDQUOT] = ("disk quota exceeded writing {path}: free space in your quota (or choose another "
-                            "{flag}) and re-run the same command: it picks up where it stopped")
+                            "{flag}) and {again}")
+RERUN = "re-run the same command: it picks up where it stopped"
 
 
-def user_os_error(e: BaseException, argv: list[str]) -> str | None:
+def user_os_error(e: BaseException, argv: list[str], *, where: str | None = None, flag: str | None = None,
+                  again: str = RERUN) -> str | None:
     """The one line for an OSError a user causes (no space, read-only, permission, name too long,
     a file where a folder should be): the path at fault and the fix; None for any other error.
     h5py reports a failed write as an OSError or RuntimeError whose text holds `errno = N` and
     `filename = '...'`; an error without a file name is pinned on the file a frame of its
-    traceback was writing, else on --out."""
+    traceback was writing, else on --out. A caller that knows better names the folder (`where`,
+    for an error without a file name), the setting that chooses it (`flag`, e.g. TMPDIR) and what
+    to do once it is fixed (`again`; default: re-run the same command)."""
     if not isinstance(e, (OSError, RuntimeError)) and not type(e).__module__.startswith("tensorflow"):
         return None
     text = str(e)
@@ -85,19 +89,19 @@ def user_os_error(e: BaseException, argv: list[str]) -> str | None:
         return None
     if path is None:
         m = re.search(r"filename = '([^']+)'", text)
-        path = m.group(1) if m else _path_in_traceback(e)
+        path = m.group(1) if m else where or _path_in_traceback(e)
     path = os.fsdecode(path) if path is not None else _flag_value(argv, "--out")
     if path and f"{os.sep}.pending{os.sep}" in path:               # a publication's stage: name its folder
         path = path.split(f"{os.sep}.pending{os.sep}")[0]
     if path and os.path.basename(path).startswith(".tmp-"):    # atomic_path's temporary: name its target
         path = os.path.join(os.path.dirname(path), re.sub(r"^\.tmp-(.+)\.[^.]+$", r"\1", os.path.basename(path)))
-    flag, run_without_out = _flag_of(path, argv)
+    flag, run_without_out = (flag, False) if flag else _flag_of(path, argv)
     if run_without_out:                 # a default output inside --run (infer evaluate's RUN/eval-SPLIT)
         if num in (errno.EROFS, errno.EACCES, errno.EPERM):
             return (f"{_flag_value(argv, '--run')} is read-only here ({os.strerror(num).lower()}: {path}); "
                     f"pass --out to write elsewhere")
         flag = "--out"
-    return _FIXES[num].format(path=path or "an output file", flag=flag)
+    return _FIXES[num].format(path=path or "an output file", flag=flag, again=again)
 
 
 def _path_in_traceback(e: BaseException) -> str | None:

@@ -84,3 +84,27 @@ def odd_files(d: Path) -> dict:
     (d / "d.jpg").mkdir()
     return {"fifo.jpg": "a FIFO", "loop.jpg": "a symlink loop", "x.jpg": "a character device",
             "d.jpg": "a directory"}
+
+
+GIF_PALETTE = [255, 0, 0, 0, 0, 255, 0, 160, 0] + [0] * 759      # red, blue, green
+
+
+def gif_bytes(colours: list[int], side: int) -> bytes:
+    """A GIF of side x side frames, frame i all of palette index colours[i] (0 red, 1 blue, 2 green)."""
+    import io
+
+    from PIL import Image
+    frames = []
+    for c in colours:
+        f = Image.new("P", (side, side), c)
+        f.putpalette(GIF_PALETTE)
+        frames.append(f)
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=len(frames) > 1, append_images=frames[1:], duration=40, loop=0)
+    return buf.getvalue()
+
+
+def animated_gif(frames: int = 500, side: int = 300) -> bytes:
+    """An animated GIF whose first frame is red and whose later ones alternate blue and green (all differ
+    from the one before, so none is merged away)."""
+    return gif_bytes([0] + [1 + i % 2 for i in range(frames - 1)], side)

@@ -1,6 +1,8 @@
-"""Every CLI against a read-only and a full output folder (issue #23; the subprocess tests are marked slow: about 7 minutes on 2 cores): one `error:` line naming the
+"""Every CLI against a read-only and a full output folder (issue #23; the subprocess tests are marked slow: about 15 minutes on 2 cores): one `error:` line naming the
 path (exit code 2, no traceback, no crash), and after a full disk is freed the same command
-succeeds (it never refuses its own leftovers).
+succeeds (it never refuses its own leftovers). `infer serve` writes nothing but the uploads over
+1 MB that Starlette spools into the temporary folder: a read-only TMPDIR is refused at start-up in
+one line, a full one answers that request 507 and the next one after space is freed is captioned.
 
 Needs tmpfs mounts: runs as root where `mount -t tmpfs` works, else the module is skipped saying why.
 """
@@ -15,16 +17,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LEFT_FREE = 4096          # what the filler leaves on the full mount: one page
-FULL_SIZE = "256m"        # room for the 84 MB Inception weights of extract / model train once freed
+FULL_SIZE = "768m"        # room once freed for finetune: the 84 MB Inception weights, and a checkpoint holding
+                          # them with Adam's two moments (263 MB) written beside the one it replaces
 
 
 def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
-def _cli(*args, cwd=None) -> subprocess.CompletedProcess:
+def _cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=cwd or ROOT, capture_output=True,
-                          text=True, env=_env(), timeout=600)
+                          text=True, env={**_env(), **(env or {})}, timeout=timeout)
 
 
 def _mount(where: Path, options: str) -> None:
@@ -42,7 +45,7 @@ def _umount(where: Path) -> None:
 
 @pytest.fixture(scope="module")
 def mounts(tmp_path_factory):
-    """{"ro": a read-only tmpfs, "full": a 256 MB tmpfs (filled by fill_up)}; unmounted afterwards."""
+    """{"ro": a read-only tmpfs, "full": a 768 MB tmpfs (filled by fill_up)}; unmounted afterwards."""
     base = tmp_path_factory.mktemp("mounts")
     made = []
     try:
@@ -82,10 +85,15 @@ def commands(data: Path, run: Path, out: Path) -> dict:
         "caption": ("infer", "caption", "--run", run, data / "images" / "test", "--out", out, "--quiet"),
         "evaluate": ("infer", "evaluate", "--run", run, "--data", data, "--out", out, "--quiet"),
         "export": ("infer", "export", "--run", run, "--out", out),
+        "finetune": ("model", "finetune", "--run", run, "--data", data, "--out", out, "--epochs", 1, "--max-steps", 2,
+                     "--batch-size", 4, "--captions-per-image", 1, "--samples", 0, "--calibration-images", 4,
+                     "--force", "--quiet"),
+        "scst": ("model", "scst", "--run", run, "--data", data, "--out", out, "--epochs", 1, "--max-steps", 2,
+                 "--batch-size", 4, "--samples-per-image", 2, "--samples", 0, "--quiet"),
     }
 
 
-NAMES = ["synth", "captions", "extract", "train", "caption", "evaluate", "export"]
+NAMES = ["synth", "captions", "extract", "train", "caption", "evaluate", "export", "finetune", "scst"]
 
 
 def assert_refused(r: subprocess.CompletedProcess, where: Path) -> str:
@@ -154,6 +162,53 @@ def test_evaluate_in_a_read_only_run_says_pass_out(built, tmp_path):
         _umount(where)
 
 
+@pytest.mark.slow
+def test_serve_with_a_read_only_tmpdir_is_one_line(mounts, built):
+    """Python would quietly spool uploads into /tmp instead: serve refuses at start-up, naming TMPDIR."""
+    from infer.serve_bench import free_port
+    _, run = built
+    r = _cli("infer", "serve", "--run", run, "--port", free_port(), env={"TMPDIR": str(mounts["ro"])}, timeout=180)
+    line = assert_refused(r, mounts["ro"])
+    assert "read-only" in line and "TMPDIR" in line, line
+
+
+def _noise_png(side: int) -> bytes:
+    """A PNG of random pixels: side=800 is about 1.9 MB, so Starlette spools it to the temporary folder."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (side, side, 3), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_serve_with_a_full_tmpdir_answers_507_and_captions_once_space_is_freed(mounts, built):
+    from infer.serve_bench import post_images, start_server
+    _, run = built
+    tmp = mounts["full"]
+    upload = [("noise.png", _noise_png(800))]
+    assert len(upload[0][1]) > 1 << 20
+    proc, base = start_server(run, env={"TMPDIR": str(tmp)}, timeout=300)
+    try:
+        filler = fill_up(tmp)
+        try:
+            status, body = post_images(base + "/api/caption", upload)
+        finally:
+            filler.unlink()
+        assert status == 507, (status, body)
+        assert body["error"].startswith(f"no space left on the device of {tmp}:") and "TMPDIR" in body["error"]
+        status, body = post_images(base + "/api/caption", upload)         # space freed: the same request works
+        assert status == 200 and body["results"][0]["captions"], body
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    log = Path(proc.log_path).read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert any(ln.startswith(f"error: no space left on the device of {tmp}:") for ln in log.splitlines()), log[-3000:]
+
+
 def test_feature_arrays_are_allocated_up_front(mounts):
     """extract's work arrays get their blocks when made: a full disk is ENOSPC there (and the file
     removed), never SIGBUS when a page of a sparse memory map is first written."""
@@ -197,3 +252,7 @@ def test_user_os_error_names_the_path_and_the_fix():
     assert line.startswith("/r is read-only here") and line.endswith("pass --out to write elsewhere")
     line = user_os_error(OSError(errno.EACCES, "Permission denied", "/d/captions.h5"), argv)
     assert "/d/captions.h5" in line and "--data" in line       # the flag whose folder holds it
+    line = user_os_error(OSError(errno.ENOSPC, "No space left on device"), argv, where="/t", flag="TMPDIR",
+                         again="send the request again")           # serve's spooled uploads: no file name
+    assert line == ("no space left on the device of /t: free space there (or choose another TMPDIR) and "
+                    "send the request again")

@@ -17,7 +17,7 @@ from infer.captioner import Captioner
 from infer.evaluate import evaluate, human_ceiling
 from prepare import captions_h5
 from prepare.errors import UserError
-from tests.conftest import odd_files
+from tests.conftest import animated_gif, gif_bytes, odd_files
 
 
 def _skimage_photo(name: str) -> Path:
@@ -312,6 +312,30 @@ def test_annotated_copies_of_tall_narrow_and_16_bit_images_stay_small_and_right(
     g = np.asarray(Image.open(tmp_path / "g16.jpg").convert("L")).astype(float)[-480:]   # 64x48 -> 640x480
     want = np.asarray(Image.fromarray((a / 65535 * 255 + 0.5).astype(np.uint8)).resize((640, 480)), float)
     assert abs(g.mean() - want.mean()) < 4 and abs(g[:, 20:300].mean() - 10000 / 65535 * 255) < 4
+
+
+def test_an_animated_gif_is_captioned_as_its_first_frame(tiny_run, tmp_path):
+    """500 frames of 300x300, the first red, the rest blue and green: `infer caption` (and extract, finetune and
+    serve, which read images through the same load_image) sees only the first frame: its pixels, features and
+    captions are the red still image's, and differ from a blue one's (so the comparison can tell)."""
+    from extract.images import load_image
+    d = tmp_path / "in"
+    d.mkdir()
+    for name, data in (("anim.gif", animated_gif(500, 300)), ("red.gif", gif_bytes([0], 300)),
+                       ("blue.gif", gif_bytes([1], 300))):
+        (d / name).write_bytes(data)
+    cap = Captioner(tiny_run)
+    pixels = {n: load_image(d / n, cap.image_size) for n in ("anim.gif", "red.gif", "blue.gif")}
+    np.testing.assert_array_equal(pixels["anim.gif"], pixels["red.gif"])
+    feats = cap.encoder()(np.stack(list(pixels.values())).astype(np.float32)).numpy()
+    np.testing.assert_array_equal(feats[0], feats[1])
+    assert not np.allclose(feats[1], feats[2])
+    s = caption_images(tiny_run, [str(d)], tmp_path / "out", top=2, progress=False, log=lambda *a: None)
+    assert s["captioned"] == 3 and not s["unreadable"]
+    rows = {Path(r["file"]).name: r["captions"] for r in
+            map(json.loads, (tmp_path / "out" / "captions.jsonl").read_text().splitlines())}
+    assert rows["anim.gif"] == rows["red.gif"]
+    assert [c["logprob"] for c in rows["red.gif"]] != [c["logprob"] for c in rows["blue.gif"]]
 
 
 def test_odd_pictures_and_non_utf8_names_never_stop_a_caption_run(tiny_dataset, tiny_run, tmp_path, monkeypatch):

@@ -139,6 +139,131 @@ def test_savedmodel_limits_are_read_from_the_header_per_element(tiny_run):
     assert only_bad["captions"].numpy().tolist() == [[b"", b""]] and only_bad["errors"].numpy()[0] != b""
 
 
+@pytest.fixture(scope="module")
+def saved_model(tiny_run, tmp_path_factory):
+    """The tiny run exported (beam 3, top 2, max length 10) and loaded back with tf.saved_model.load."""
+    import tensorflow as tf
+
+    from infer.export import export
+    out = tmp_path_factory.mktemp("export") / "saved"
+    export(tiny_run, out, beam_size=3, top_k=2, max_len=10, log=lambda *a: None)
+    return tf.saved_model.load(str(out))
+
+
+def _noise_jpeg(side: int = 64) -> bytes:
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (side, side, 3), np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_savedmodel_corrupt_data_after_a_valid_header_fails_only_its_row(saved_model):
+    """[good, PNG cut after its IHDR, good, JPEG cut inside its scan, good]: the two cut ones pass the header
+    check, fail to decode and get CORRUPT in their own row; the good ones are captioned as when alone."""
+    import tensorflow as tf
+
+    from infer.export import CORRUPT, image_header_error
+    serve = saved_model.signatures["serving_default"]
+    png, jpeg = _encoded((40, 30), "PNG"), _noise_jpeg()
+    cut_png = png[:33]                                          # signature + IHDR chunk, nothing more
+    scan = jpeg.index(b"\xff\xda")
+    cut_jpeg = jpeg[:scan + (len(jpeg) - scan) // 2]
+    for data in (cut_png, cut_jpeg):
+        assert image_header_error(tf.constant(data)).numpy() == b""      # a valid header: only decoding fails
+    out = serve(images=tf.constant([png, cut_png, jpeg, cut_jpeg, png]))
+    assert [e.decode() for e in out["errors"].numpy()] == ["", CORRUPT, "", CORRUPT, ""]
+    caps, lps = out["captions"].numpy(), out["log_probs"].numpy()
+    alone = serve(images=tf.constant([png, jpeg]))
+    for row, ref in ((0, 0), (2, 1), (4, 0)):
+        assert caps[row].tolist() == alone["captions"].numpy()[ref].tolist() and caps[row][0] != b""
+        np.testing.assert_allclose(lps[row], alone["log_probs"].numpy()[ref], rtol=1e-5)
+    for row in (1, 3):
+        assert caps[row].tolist() == [b"", b""] and np.all(np.isneginf(lps[row]))
+        assert not out["unsure"].numpy()[row].any()
+    only_bad = serve(images=tf.constant([cut_png]))
+    assert only_bad["errors"].numpy().tolist() == [CORRUPT.encode()] and only_bad["captions"].shape == (1, 2)
+
+
+@pytest.mark.slow
+def test_savedmodel_captions_an_animated_gif_as_its_first_frame(saved_model):
+    """500 frames of 300x300, the first red, the rest blue and green: its pixels in the graph and its captions
+    are the red still image's (and differ from a blue one's, so the comparison can tell)."""
+    import tensorflow as tf
+
+    from infer.export import decode_image_bytes
+    from tests.conftest import animated_gif, gif_bytes
+    anim, red, blue = animated_gif(500, 300), gif_bytes([0], 300), gif_bytes([1], 300)
+    pixels = [decode_image_bytes(tf.constant(d), 75).numpy() for d in (anim, red, blue)]
+    np.testing.assert_array_equal(pixels[0], pixels[1])
+    assert pixels[1][0, 0].tolist() == [255, 0, 0] and pixels[2][0, 0].tolist() == [0, 0, 255]
+    out = saved_model.signatures["serving_default"](images=tf.constant([anim, red, blue]))
+    assert out["errors"].numpy().tolist() == [b"", b"", b""]
+    lps, caps = out["log_probs"].numpy(), out["captions"].numpy()
+    assert not np.allclose(lps[1], lps[2])
+    np.testing.assert_array_equal(lps[0], lps[1])
+    assert caps[0].tolist() == caps[1].tolist()
+
+
+def _gif_image_ends(data: bytes) -> list[int]:
+    """Where each image of a GIF ends (after its sub-blocks' terminator): a plain walk of its blocks."""
+    pos, ends = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0), []
+    while pos < len(data) and data[pos] in (0x21, 0x2C):
+        image = data[pos] == 0x2C
+        pos += 11 + (3 << ((data[pos + 9] & 7) + 1) if data[pos + 9] & 0x80 else 0) if image else 2
+        while data[pos]:
+            pos += data[pos] + 1
+        pos += 1
+        if image:
+            ends.append(pos)
+    return ends
+
+
+def test_the_graph_decodes_only_an_animated_gifs_first_frame():
+    """TensorFlow's GIF decoder decodes every frame even when it returns the first (measured: 5.9 s for 201
+    frames of 2000x2000); decode_image_bytes hands it the file cut after its first image (gif_first_image),
+    so 100 frames cost what 2 do (before: 2.9 s against 0.2 s)."""
+    import tensorflow as tf
+
+    from infer.export import decode_image_bytes, gif_first_image
+    from tests.conftest import animated_gif
+    anim = animated_gif(500, 300)
+    ends = _gif_image_ends(anim)
+    assert len(ends) == 500 and int(gif_first_image(tf.constant(anim))[0]) == ends[0]
+    f = tf.function(lambda d: decode_image_bytes(d, 75))
+    two, many = tf.constant(animated_gif(2, 2000)), tf.constant(animated_gif(100, 2000))
+
+    def best_of_3(data):
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            out = f(data).numpy()
+            times.append(time.perf_counter() - t0)
+        return min(times), out
+    f(two)                                                         # traced once: both calls run the same graph
+    (t_two, first), (t_many, first_of_many) = best_of_3(two), best_of_3(many)
+    np.testing.assert_array_equal(first, first_of_many)
+    assert t_many < 3 * t_two, f"100 frames: {t_many:.3f} s, 2 frames: {t_two:.3f} s (all frames decoded?)"
+
+
+def test_a_gif_whose_first_frame_is_larger_than_its_screen_is_held_to_the_frames_size():
+    """Pillow widens a GIF to its first frame's extent: the graph's header check does the same, so an 8x8
+    screen with a 10000x10000 first frame is refused as a bomb on both paths."""
+    import struct
+
+    import tensorflow as tf
+
+    from extract.images import MAX_PIXELS, BadImage, load_image_bytes
+    from infer.export import image_header_error
+    data = (b"GIF89a" + struct.pack("<HHBBB", 8, 8, 0x80, 0, 0) + b"\0\0\0\xff\xff\xff"
+            + b"\x2c" + struct.pack("<HHHHB", 0, 0, 10000, 10000, 0) + b"\x02\x02\x4c\x01\x00;")
+    want = f"too large (10000x10000 pixels > {MAX_PIXELS}): possible decompression bomb"
+    assert image_header_error(tf.constant(data)).numpy().decode() == want
+    with pytest.raises(BadImage) as e:
+        load_image_bytes(data, 75)
+    assert str(e.value) == want
+
+
 # ---- serve: a real server process ----------------------------------------------------------
 def _get(url: str):
     try:
