@@ -161,6 +161,7 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
                    "max_len": max_len, "results_sha256": sha256_file(out / "results.json"), "source": source,
                    "guards": cap.guards.record(), "degenerate": sum(cap.degenerate(t) for t in hyp.values()),
                    "unsure": sum(cap.unsure(b[0]) for b in beams.values()),
+                   "word_log_prob": _word_log_probs([b[0] for b in beams.values()]),
                    **_scores(dict(refs), hyp, {int(sp.image_ids[r]): t["objects"] for r, t in truth.items()}),
                    "pointing": _pointing(cap, beams, maps, truth, paths) if grounded else None}
         publish(out, {"metrics.json": lambda p: write_json_atomic(p, metrics)}, label="evaluate")
@@ -217,6 +218,18 @@ def _scores(refs: dict[int, list[str]], hyp: dict[int, str], truth: dict) -> dic
             "java": java_available(),
             "notes": ["SPICE is left out: it needs Stanford CoreNLP models downloaded at run time"] +
                      ([] if java_available() else ["METEOR left out and a simple tokenizer used: no Java found"])}
+
+
+def _word_log_probs(best: list) -> dict | None:
+    """The best captions' mean log-probabilities per word (<end> counted): the figures to choose
+    --unsure-below from for this run (its in-domain captions should sit above the threshold)."""
+    from model.decoding import mean_word_log_prob
+    lp = np.array([c.logprob for c in best if np.isfinite(c.logprob)], np.float64)
+    if not len(lp):
+        return None
+    per = mean_word_log_prob(lp, np.array([len(c.ids) for c in best if np.isfinite(c.logprob)]))
+    return {"min": float(per.min()), "p01": float(np.percentile(per, 1)), "p05": float(np.percentile(per, 5)),
+            "median": float(np.median(per))}
 
 
 def _image_size(truth: dict, path) -> tuple[int, int]:
@@ -278,6 +291,10 @@ def format_table(m: dict) -> str:
     if "degenerate" in m:
         lines.append(f"degenerate captions (a word 3 times in a row, a repeated trigram, a bad last word): "
                      f"{m['degenerate']} of {m['images']}; unsure: {m.get('unsure', 0)}")
+    if m.get("word_log_prob"):
+        w = m["word_log_prob"]
+        lines.append(f"log-probability per word of the best captions: min {w['min']:.3f}, 1% {w['p01']:.3f}, "
+                     f"5% {w['p05']:.3f}, median {w['median']:.3f} (--unsure-below: set it under this split's 1%)")
     if m.get("content"):
         c = m["content"]
         lines.append(f"content accuracy (exact objects and relations): {100 * c['exact']:.1f}% of {c['images']} images")

@@ -49,7 +49,7 @@ NO_END_AFTER = ("a", "an", "the", "of", "with", "on", "in", "to", "and", "at", "
 ENDERS = (".", "!", "?")
 # A caption whose mean log-probability per word (<end> counted) is below this is marked unsure
 # (--unsure-below; measured in docs/results.md: "Decoding guards")
-UNSURE_BELOW = -1.0
+UNSURE_BELOW = -0.75
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,9 @@ def test_evaluate_writes_metrics_with_ceiling_and_content(tiny_dataset, tiny_run
     assert m["source"] == "cache" and m["images"] == 12
     assert m["guards"]["on"] and "the" in m["guards"]["no_end_after"] and isinstance(m["degenerate"], int)
     assert 0 <= m["unsure"] <= 12
+    w = m["word_log_prob"]                                   # the figures --unsure-below is chosen from
+    assert w["min"] <= w["p01"] <= w["p05"] <= w["median"] < 0
+    assert (m["unsure"] > 0) == (w["min"] < m["guards"]["unsure_below"])
     assert set(m["model"]) >= {"Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr"} | ({"METEOR"} if m["java"] else set())
     assert m["human_ceiling"]["Bleu_1"] > 0.5
     assert set(m["model_leave_one_out"]) == set(m["human_ceiling"]) == set(m["model"])
