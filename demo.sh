@@ -4,6 +4,7 @@
 #   ENCODER=inception_v3 WEIGHTS=none ./demo.sh   pick the encoder / weights yourself
 #   DECODER=show_and_tell ./demo.sh   im2txt's pooled-vector decoder instead of the attention decoder
 #   DECODER=transformer ./demo.sh     the Transformer decoder over the same grid
+#   GRID=grid16 ./demo.sh    a grid decoder over the encoder's finer stride-16 map (Lite0: 14x14)
 #   FINETUNE=1 ./demo.sh     also runs a short stage-2 fine-tune of the CNN (slow on CPU)
 #   SCST=1 ./demo.sh         also runs self-critical training (CIDEr-D reward) on the cached features
 set -euo pipefail
@@ -32,10 +33,11 @@ case "$ENCODER" in efficientnet_lite0) FEAT_SIZE="${FEAT_SIZE:-224}" ;; *) FEAT_
 # pooled-vector Show and Tell decoder.
 DECODER="${DECODER:-attention}"
 case "$DECODER" in
-  attention|transformer) KIND=grid; SHOW=(--attention); MAPS=(--attention-maps 6) ;;
+  attention|transformer) KIND="${GRID:-grid}"; SHOW=(--attention); MAPS=(--attention-maps 6) ;;
   show_and_tell) KIND=pooled; SHOW=(); MAPS=() ;;
   *) echo "DECODER=$DECODER: choose attention, transformer or show_and_tell" >&2; exit 2 ;;
 esac
+case "$KIND" in grid|grid16|pooled) ;; *) echo "GRID=$KIND: choose grid or grid16" >&2; exit 2 ;; esac
 FEATURES="$DATA/features-$ENCODER-$WEIGHTS-$FEAT_SIZE-$KIND"
 RUN="${RUN:-runs/synth-$ENCODER-$DECODER}"
 echo "encoder: $ENCODER ($WEIGHTS weights, $FEAT_SIZE px): $WHY"
