@@ -234,35 +234,34 @@ def forbidden_words(ids, t, vocab_size, guards: BeamGuards):
     r = tf.shape(flat)[0]
     rows = tf.range(r)
     last = tf.gather(flat, t, axis=1)                                       # [r]
+    prev = tf.gather(flat, tf.maximum(t - 1, 0), axis=1)                    # the word before it
+    words = tf.range(vocab_size)
+    no_end = tf.reduce_any(tf.equal(words[:, None], tf.constant(guards.no_end_after, tf.int32)[None, :]), 1) \
+        if guards.no_end_after else tf.zeros([vocab_size], tf.bool)       # [V]: the words no caption ends on
     index, count = [tf.zeros([0, 2], tf.int32)], [tf.zeros([0], tf.bool)]
     if guards.repeats:
         index.append(tf.stack([rows, last], 1))
         count.append(tf.not_equal(last, END_ID))
     if guards.repeats and L >= 4:                      # "a b a" then b: a pair right after itself
-        back1, back2 = (tf.gather(flat, tf.maximum(t - j, 0), axis=1) for j in (1, 2))
-        index.append(tf.stack([rows, back1], 1))
-        count.append(tf.equal(back2, last) & (t >= 3))
+        index.append(tf.stack([rows, prev], 1))
+        count.append(tf.equal(tf.gather(flat, tf.maximum(t - 2, 0), axis=1), last) & (t >= 3))
     if guards.trigrams and L >= 3:                     # (ids[j], ids[j+1], ids[j+2]) with j + 2 <= t
-        prev = tf.gather(flat, tf.maximum(t - 1, 0), axis=1)
         match = (tf.equal(flat[:, :-2], prev[:, None]) & tf.equal(flat[:, 1:-1], last[:, None])
                  & (tf.range(L - 2) + 2 <= t)[None, :])
         third = flat[:, 2:]
         index.append(tf.reshape(tf.stack([tf.broadcast_to(rows[:, None], tf.shape(third)), third], -1), [-1, 2]))
         count.append(tf.reshape(match, [-1]))
     if guards.no_end_after:
-        bad = tf.reduce_any(tf.equal(last[:, None], tf.constant(guards.no_end_after, tf.int32)[None, :]), axis=1)
+        bad = tf.gather(no_end, last)
         for ender in (END_ID, *guards.enders):
             index.append(tf.stack([rows, tf.fill([r], ender)], 1))
             count.append(bad)
     hits = tf.scatter_nd(tf.concat(index, 0), tf.cast(tf.concat(count, 0), tf.int32), tf.stack([r, vocab_size]))
     if not guards.finish:
         return hits > 0
-    words = tf.range(vocab_size)
-    last_step = tf.equal(t, L - 2) & tf.not_equal(words, END_ID)[None, :]                      # [1, V]
-    if guards.no_end_after:                       # and the step before it: no word the caption cannot end on
-        no_end = tf.reduce_any(tf.equal(words[:, None], tf.constant(guards.no_end_after, tf.int32)[None, :]), 1)
-        last_step |= tf.equal(t, L - 3) & no_end[None, :]
-    return (hits > 0) | last_step
+    # at the last step only <end>; at the step before it, no word the caption cannot end on
+    last_step = (tf.equal(t, L - 2) & tf.not_equal(words, END_ID)) | (tf.equal(t, L - 3) & no_end)   # [V]
+    return (hits > 0) | last_step[None, :]
 
 
 def greedy_ids(decoder, features, max_len):
