@@ -266,9 +266,11 @@ def temp_folder() -> str:
     except OSError as e:
         why = "uploads over 1 MB are spooled there"
         line = user_os_error(OSError(e.errno, e.strerror, wanted), [], flag="TMPDIR")   # the folder, not a file in it
-        raise UserError(f"{line} ({why})" if line else
-                        f"TMPDIR {wanted}: {e.strerror or e} ({why}): set TMPDIR to a writable folder" if wanted else
-                        f"no writable temporary folder ({e}; {why}): set TMPDIR to a writable folder") from None
+        if line:
+            raise UserError(f"{line} ({why})") from None
+        if wanted:
+            raise UserError(f"TMPDIR {wanted}: {e.strerror or e} ({why}): set TMPDIR to a writable folder") from None
+        raise UserError(f"no writable temporary folder ({e}; {why}): set TMPDIR to a writable folder") from None
 
 
 def spool_failed(e: OSError):
