@@ -28,33 +28,70 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
-def coco_scores(gts: dict[int, list[str]], res: dict[int, list[str]]) -> dict[str, float]:
+class Scorer:
+    """Scores many candidate sets against subsets of one reference set (the leave-one-out columns:
+    11 scorings in all) with each distinct caption tokenized once (one PTB tokenizer run for all of
+    them, `prime`) and one METEOR process for every scoring, instead of three Java start-ups a
+    scoring. A caption's tokens do not depend on the captions around it, so the scores are those of
+    separate runs (tested)."""
+
+    def __init__(self):
+        self.java = java_available()
+        self._tokens: dict[str, str] = {}
+        self._meteor = None
+
+    def prime(self, *caption_sets: dict[int, list[str]]) -> None:
+        """Tokenize every caption not seen yet, in one run."""
+        new = sorted({c for caps in caption_sets for v in caps.values() for c in v} - set(self._tokens))
+        if not new:
+            return
+        if self.java:
+            from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+            with _java_chatter_hidden():
+                out = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(new)})
+            self._tokens.update((c, out[i][0]) for i, c in enumerate(new))
+        else:
+            from prepare.vocabulary import tokenize
+            self._tokens.update((c, " ".join(t for t in tokenize(c) if t.isalnum())) for c in new)
+
+    def tokenized(self, caps: dict[int, list[str]]) -> dict[int, list[str]]:
+        self.prime(caps)
+        return {k: [self._tokens[c] for c in v] for k, v in caps.items()}
+
+    def score(self, gts: dict[int, list[str]], res: dict[int, list[str]]) -> dict[str, float]:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
+        gts, res = self.tokenized(gts), self.tokenized(res)
+        out = {}
+        b, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        out.update({f"Bleu_{i + 1}": float(x) for i, x in enumerate(b)})
+        if self.java:
+            if self._meteor is None:
+                from pycocoevalcap.meteor.meteor import Meteor
+                self._meteor = Meteor()
+            out["METEOR"] = float(self._meteor.compute_score(gts, res)[0])
+        out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+        out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+        return out
+
+    def close(self) -> None:
+        self._meteor = None        # its __del__ ends the Java process (pycocoevalcap has no close)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def coco_scores(gts: dict[int, list[str]], res: dict[int, list[str]], scorer: Scorer | None = None) -> dict[str, float]:
     """Official COCO caption metrics (pycocoevalcap). METEOR and the PTB tokenizer need Java;
     without it, captions are lower-cased and split on our tokenizer and METEOR is left out."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-    if java_available():
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-        tok = PTBTokenizer()
-        with _java_chatter_hidden():
-            gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in gts.items()})
-            res = tok.tokenize({k: [{"caption": c} for c in v] for k, v in res.items()})
-    else:
-        from prepare.vocabulary import tokenize
-        norm = lambda cs: [" ".join(t for t in tokenize(c) if t.isalnum()) for c in cs]  # noqa: E731
-        gts, res = {k: norm(v) for k, v in gts.items()}, {k: norm(v) for k, v in res.items()}
-    out = {}
-    b, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    out.update({f"Bleu_{i + 1}": float(x) for i, x in enumerate(b)})
-    if java_available():
-        from pycocoevalcap.meteor.meteor import Meteor
-        m = Meteor()
-        out["METEOR"] = float(m.compute_score(gts, res)[0])
-        del m
-    out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
-    out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-    return out
+    if scorer is not None:
+        return scorer.score(gts, res)
+    with Scorer() as s:
+        return s.score(gts, res)
 
 
 @contextlib.contextmanager
@@ -78,7 +115,8 @@ def _java_chatter_hidden():
             os.close(saved)
 
 
-def leave_one_out(refs: dict[int, list[str]], hyp: dict[int, str] | None = None) -> dict[str, float]:
+def leave_one_out(refs: dict[int, list[str]], hyp: dict[int, str] | None = None,
+                  scorer: Scorer | None = None) -> dict[str, float]:
     """For each reference position j < k (k: the fewest references any image has), score a
     candidate against each image's references without its j-th one, and average over j.
     The candidate is the j-th reference itself (hyp None: the human ceiling) or the model's caption
@@ -90,20 +128,20 @@ def leave_one_out(refs: dict[int, list[str]], hyp: dict[int, str] | None = None)
     for j in range(k):
         res = {i: [v[j] if hyp is None else hyp[i]] for i, v in refs.items()}
         gts = {i: v[:j] + v[j + 1:] for i, v in refs.items()}
-        runs.append(coco_scores(gts, res))
+        runs.append(coco_scores(gts, res, scorer))
     return {m: float(np.mean([r[m] for r in runs])) for m in runs[0]}
 
 
-def human_ceiling(refs: dict[int, list[str]]) -> dict[str, float]:
+def human_ceiling(refs: dict[int, list[str]], scorer: Scorer | None = None) -> dict[str, float]:
     """Each reference scored against the other references (leave-one-out), averaged over the
     reference positions: how well people agree with each other on this split."""
-    return leave_one_out(refs)
+    return leave_one_out(refs, None, scorer)
 
 
-def model_leave_one_out(refs: dict[int, list[str]], hyp: dict[int, str]) -> dict[str, float]:
+def model_leave_one_out(refs: dict[int, list[str]], hyp: dict[int, str], scorer: Scorer | None = None) -> dict[str, float]:
     """The model's captions scored over the same reference subsets as human_ceiling: the score
     to compare with the human ceiling (the standard score uses one reference more)."""
-    return leave_one_out(refs, hyp)
+    return leave_one_out(refs, hyp, scorer)
 
 
 def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int | None = None, features=None,
@@ -212,8 +250,11 @@ def _caption_split(cap, sp, split: str, n: int, paths: list, feats_dir: Path, ca
 def _scores(refs: dict[int, list[str]], hyp: dict[int, str], truth: dict) -> dict:
     """COCO metrics of the model, its leave-one-out scores and the human ceiling; content accuracy
     where the dataset records its objects."""
-    return {"model": coco_scores(refs, {i: [c] for i, c in hyp.items()}),
-            "model_leave_one_out": model_leave_one_out(refs, hyp), "human_ceiling": human_ceiling(refs),
+    with Scorer() as s:
+        s.prime(refs, {i: [c] for i, c in hyp.items()})           # one tokenizer run for all 11 scorings
+        scores = {"model": coco_scores(refs, {i: [c] for i, c in hyp.items()}, s),
+                  "model_leave_one_out": model_leave_one_out(refs, hyp, s), "human_ceiling": human_ceiling(refs, s)}
+    return {**scores,
             "content": content_accuracy({i: hyp[i] for i in truth}, truth) if truth else None,
             "java": java_available(),
             "notes": ["SPICE is left out: it needs Stanford CoreNLP models downloaded at run time"] +

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from model.distribute import STRATEGIES
 from prepare.errors import UserError
 
 
@@ -63,7 +64,9 @@ class TrainConfig:
     max_steps: int = setting(0, "stop after this many steps in all (0: run all epochs)")
     samples: int = setting(3, "validation images whose greedy captions print each epoch")
     sample_max_len: int = setting(30, "max tokens of those captions")
-    strategy: str = setting("default", "default or mirrored (all GPUs of one machine)")
+    strategy: str = setting("default", "default, mirrored (all GPUs of one machine) or multiworker (every machine "
+                            "of TF_CONFIG; docs/stages.md)")
+    peer_timeout: float = setting(300.0, "multiworker: seconds to wait for every worker to join before giving up")
 
 
 @dataclass
@@ -107,7 +110,6 @@ class ScstConfig:
 
 
 DEFAULT_LR = {"adam": 1e-3, "sgd": 2.0}
-STRATEGIES = ("default", "mirrored")
 DECODERS = ("show_and_tell", "attention", "transformer")
 # what `extract --features` feeds each: "grid" stands for either grid kind (grid or grid16, extract.encoder.is_grid)
 FEATURES_OF_DECODER = {"show_and_tell": "pooled", "attention": "grid", "transformer": "grid"}
@@ -143,6 +145,7 @@ RULES = {
     "samples": (lambda v: v >= 0, "0 or more"),
     "sample_max_len": (lambda v: v >= 2, "at least 2"),
     "strategy": (lambda v: v in STRATEGIES, " or ".join(STRATEGIES)),
+    "peer_timeout": (lambda v: v > 0, "above 0"),
     "captions_per_image": (lambda v: v >= 1, "at least 1"),
     "cnn_lr": (lambda v: v >= 0 and v == v, "above 0 (0: the recipe's)"),
     "cnn_optimizer": (lambda v: v in ("auto", "sgd", "adam"), "sgd, adam or auto"),

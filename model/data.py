@@ -46,16 +46,20 @@ class CaptionSet:
         return len(self.ids)
 
     def batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """-> features [B, F] (or [B, P, F]) float32, ids [B, T+1] int32 trimmed to the batch's longest caption."""
+        """-> features [B, F] (or [B, P, F]) float32, ids [B, T+1] int32 trimmed to the batch's longest
+        caption (B may be 0: a replica's share of a last batch smaller than the replicas)."""
+        if not len(rows):
+            return np.zeros((0, *self.features.shape[1:]), np.float32), np.zeros((0, 2), np.int32)
         t = int(self.lengths[rows].max())
         return self.features[self.image_index[rows]], self.ids[rows, :t]
 
-    def epoch_batches(self, epoch: int, batch_size: int, seed: int, start: int = 0, shuffle: bool = True):
-        """Batches of epoch `epoch` from batch number `start` on; the order depends on (seed, epoch) only."""
+    def epoch_rows(self, epoch: int, batch_size: int, seed: int, start: int = 0, shuffle: bool = True):
+        """The caption rows of each batch of epoch `epoch` from batch number `start` on; the order
+        depends on (seed, epoch) only."""
         order = (np.random.default_rng([seed, epoch]).permutation(len(self)) if shuffle
                  else np.arange(len(self)))
         for b in range(start, self.num_batches(batch_size)):
-            yield self.batch(order[b * batch_size:(b + 1) * batch_size])
+            yield order[b * batch_size:(b + 1) * batch_size]
 
     def num_batches(self, batch_size: int) -> int:
         return (len(self) + batch_size - 1) // batch_size

@@ -26,6 +26,7 @@ from typing import Iterable
 import numpy as np
 
 from model import checkpoint
+from model.distribute import LOST_WORKER_HINT, cluster_of, is_chief, lost_worker_errors
 from model.run import CHECKPOINT, CONFIG, CURVE, HISTORY, TENSORBOARD, Run
 from prepare.cli import progress_bar
 from prepare.errors import UserError
@@ -41,8 +42,10 @@ class TrainingPhase:
     nan_hint = "lower the learning rate"   # what to change when the loss becomes NaN
 
     def __init__(self, run: Run, epochs: int, max_steps: int, checkpoint_every: int, steps_per_epoch: int,
-                 batch_size: int):
+                 batch_size: int, strategy=None):
         self.run = run
+        self.strategy = strategy                  # tf.distribute strategy of the step (None: the default)
+        self.writes = strategy is None or is_chief(strategy)   # multiworker: only the chief writes the run
         self.epochs = epochs                      # passes over the training data
         self.max_steps = max_steps                # 0: no limit
         self.checkpoint_every = checkpoint_every
@@ -90,6 +93,8 @@ class TrainingPhase:
 
     # ---- checkpoints -----------------------------------------------------------------------
     def save_checkpoint(self, state: dict) -> None:
+        if not self.writes:
+            return
         models, optimizers = self.checkpointed()
         checkpoint.save(self.run.file(CHECKPOINT), models, optimizers, state)
 
@@ -131,9 +136,32 @@ def fit(phase: TrainingPhase, resume: bool, progress: bool = True, log=print) ->
     if resume:
         state = phase.load_checkpoint()
         log(f"resuming {phase.run.path} at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch']})")
+    if cluster_of(phase.strategy):
+        _same_state_on_every_worker(phase, state)
+        try:
+            return _fit(phase, state, tf.summary.create_noop_writer() if not phase.writes else None, progress, log)
+        except lost_worker_errors() as e:
+            raise UserError(f"multi-worker training stopped at step {state['step']}: {LOST_WORKER_HINT} "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return _fit(phase, state, None, progress, log)
+
+
+def _same_state_on_every_worker(phase: TrainingPhase, state: dict) -> None:
+    """Every worker resumes from the same checkpoint, or none starts."""
+    from model.distribute import agree
+    here = np.array([state["step"], state["epoch"], state["batch"]], np.int64)
+    lo, hi = agree(phase.strategy, here)
+    if (lo != hi).any():
+        raise UserError(f"the workers would resume at different steps ({int(lo[0])} to {int(hi[0])}; this one at "
+                        f"{int(here[0])}): every worker reads the chief's {phase.run.file(CHECKPOINT)}, so --out must "
+                        f"be one folder all machines share (NFS, a cluster file system) at the same path")
+
+
+def _fit(phase: TrainingPhase, state: dict, writer, progress: bool, log) -> dict:
+    import tensorflow as tf
     if state["best_val"] is None:         # nothing evaluated yet (a new run, or killed before that)
         phase.start(state)
-    writer = tf.summary.create_file_writer(str(phase.run.file(TENSORBOARD)))
+    writer = writer or tf.summary.create_file_writer(str(phase.run.file(TENSORBOARD)))
     while state["epoch"] < phase.epochs:
         t0 = time.time()
         stopped, seen = _train_epoch(phase, state, writer, progress)
@@ -167,11 +195,13 @@ def _end_of_epoch(phase: TrainingPhase, state: dict, writer, stopped: bool, seen
             if isinstance(rec.get(key), (int, float)):
                 tf.summary.scalar(f"{phase.name}/{key}", rec[key], step=state["step"])
     if phase.improved(ev, state["best_val"]):
-        phase.save_best(rec)
+        if phase.writes:
+            phase.save_best(rec)
         state["best_val"] = ev[phase.best_key]
     phase.save_checkpoint(state)
-    write_json_atomic(phase.run.file(HISTORY), state["history"])
-    plot_history(state["history"], phase.run.file(CURVE), phase.name, phase.best_key)
+    if phase.writes:
+        write_json_atomic(phase.run.file(HISTORY), state["history"])
+        plot_history(state["history"], phase.run.file(CURVE), phase.name, phase.best_key)
 
 
 def _fmt(epoch) -> str:

@@ -68,10 +68,13 @@ def make_steps(model, optimizer, strategy, clip_norm: float):
     """Compiled (train_step, eval_step) over (possibly distributed) batches (features, ids).
 
     Each replica's loss is its token-loss sum divided by the token count of the *global* batch,
-    so the gradients the optimizer sums across replicas are those of the global per-token mean.
-    Gradient clipping applies to each replica's gradient before that sum.
+    so the sum of the replicas' gradients is the gradient of the global per-token mean. With more
+    than one replica that sum is taken here, before clipping, so the clipped gradient is the one a
+    single process clips; the optimizer is told not to sum it again (summed_gradients).
     """
     import tensorflow as tf
+    if strategy.num_replicas_in_sync > 1:
+        summed_gradients(optimizer)
 
     def replica_train(features, ids):
         ctx = tf.distribute.get_replica_context()
@@ -79,6 +82,8 @@ def make_steps(model, optimizer, strategy, clip_norm: float):
             loss_sum, n = masked_token_loss(model, features, ids, True)
             loss = loss_sum / ctx.all_reduce(tf.distribute.ReduceOp.SUM, n)
         grads = tape.gradient(loss, model.trainable_variables)
+        if ctx.num_replicas_in_sync > 1:
+            grads = all_reduce_gradients(ctx, grads)
         grads, _ = clip_by_global_norm(grads, clip_norm)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
@@ -93,3 +98,19 @@ def make_steps(model, optimizer, strategy, clip_norm: float):
         s, n = strategy.run(lambda f, i: masked_token_loss(model, f, i, False), args=batch)
         return strategy.reduce("SUM", s, axis=None), strategy.reduce("SUM", n, axis=None)
     return train_step, eval_step
+
+
+def all_reduce_gradients(ctx, grads: list) -> list:
+    """Each gradient summed over the replicas (None stays None)."""
+    import tensorflow as tf
+    kept = [g for g in grads if g is not None]
+    out = iter(ctx.all_reduce(tf.distribute.ReduceOp.SUM, kept) if kept else [])
+    return [None if g is None else next(out) for g in grads]
+
+
+def summed_gradients(optimizer) -> None:
+    """Keras' optimizers sum the gradients over the replicas inside apply_gradients; this one is
+    handed gradients already summed (and clipped) by the step. Keras 3 has no switch for that, so
+    the instance's summing method becomes the identity (pinned by the multi-replica tests: a second
+    sum would double every update)."""
+    optimizer._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)

@@ -9,6 +9,7 @@ data order by re-running the command.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -17,9 +18,10 @@ import numpy as np
 from model import checkpoint
 from model.config import DEFAULT_LR, FEATURES_OF_DECODER, ModelConfig, TrainConfig, override
 from model.data import CaptionSet, open_data
+from model.distribute import cluster_of, local_replicas, make_strategy, read_tf_config, replica_rows
 from model.decoders import build_decoder
 from model.loop import TrainingPhase, fit, open_run, perplexity
-from model.run import DECODER, Run
+from model.run import CHECKPOINT, DECODER, Run
 from model.steps import make_steps
 from prepare import captions_h5
 from prepare.errors import UserError
@@ -27,16 +29,8 @@ from prepare.vocabulary import END_ID, PAD_ID, START_ID, UNK_ID
 
 # Training settings that may change when a run is resumed (the rest must match the run's config).
 RESUMABLE_CHANGES = {"epochs", "max_steps", "checkpoint_every", "samples", "sample_max_len",
-                     "train_max_length"}   # (derived from captions.h5, whose checksum is compared)
-
-
-def make_strategy(name: str):
-    import tensorflow as tf
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    raise UserError(f"--strategy {name!r}: choose default or mirrored")
+                     "train_max_length",   # (derived from captions.h5, whose checksum is compared)
+                     "strategy", "peer_timeout"}   # any number of replicas computes the same steps
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int):
@@ -138,6 +132,8 @@ def train(data, out, *, features=None, captions=None, model_overrides: dict | No
     captions, features_dir, manifest = open_data(data, features, captions)
     vocab = captions_h5.read_vocab(captions)
     mcfg, tcfg = _configs(vocab, manifest, model_overrides, train_overrides)
+    if tcfg.strategy == "multiworker":
+        read_tf_config(os.environ.get("TF_CONFIG"))       # a bad TF_CONFIG is refused before anything starts
     check_features_fit(mcfg.decoder, manifest, features_dir)
     check_positions_fit(mcfg, captions)
     config = {"model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg),
@@ -152,20 +148,35 @@ def train(data, out, *, features=None, captions=None, model_overrides: dict | No
         log(f"warning: every val caption of {captions} is only <unk> (none of its words is in the vocabulary), so "
             f"the best model is chosen by its loss on <unk> targets; re-run `python -m prepare captions` with a "
             f"larger --vocab-size, or with val captions in the training split's language")
+    strategy = make_strategy(tcfg.strategy, tcfg.peer_timeout)   # (multiworker: before any TensorFlow operation)
+    cluster = cluster_of(strategy)
     run = Run(out)
+    t_start = time.time()
+    if cluster and cluster.index:         # not the chief: reads the chief's checkpoint, writes nothing
+        log = worker_log(cluster.index, log)
+        log(f"worker {cluster.index} of {len(cluster.workers)}: the chief ({cluster.workers[0]}) writes {out}")
+        keras.utils.set_random_seed(tcfg.seed)
+        phase = DecoderPhase(run, mcfg, tcfg, manifest, trainset, valset, vocab, log, strategy)
+        state = fit(phase, run.file(CHECKPOINT).is_file(), False, log)
+        return {"run": str(out), "steps": state["step"], "epochs": state["epoch"], "best_val_loss": state["best_val"],
+                "seconds": round(time.time() - t_start, 1), "history": state["history"]}
     with run.lock():
         resume = open_run(run, config, vocab, RESUMABLE_CHANGES, same_kind=_same_encoder(manifest, features_dir),
                           create=lambda: run.create(config, vocab, manifest, features_dir / manifest["weights"]["file"]))
         keras.utils.set_random_seed(tcfg.seed)
-        phase = DecoderPhase(run, mcfg, tcfg, manifest, trainset, valset, vocab, log)
+        phase = DecoderPhase(run, mcfg, tcfg, manifest, trainset, valset, vocab, log, strategy)
         if trainset.skipped or valset.skipped:
             log(f"skipping captions of images that failed extraction: {trainset.skipped} train, {valset.skipped} val")
-        t_start = time.time()
         state = fit(phase, resume, progress, log)
     if state["history"]:
         log(f"best validation perplexity {perplexity(state['best_val']):.2f}; run directory {out}")
     return {"run": str(out), "steps": state["step"], "epochs": state["epoch"], "best_val_loss": state["best_val"],
             "seconds": round(time.time() - t_start, 1), "history": state["history"]}
+
+
+def worker_log(index: int, log):
+    """Another worker's lines, marked with its number."""
+    return lambda msg: log(f"[worker {index}] {msg}")
 
 
 class DecoderPhase(TrainingPhase):
@@ -174,11 +185,10 @@ class DecoderPhase(TrainingPhase):
     name = "train"
 
     def __init__(self, run: Run, mcfg, tcfg: TrainConfig, manifest: dict, trainset: CaptionSet, valset: CaptionSet,
-                 vocab, log):
+                 vocab, log, strategy):
         super().__init__(run, tcfg.epochs, tcfg.max_steps, tcfg.checkpoint_every,
-                         trainset.num_batches(tcfg.batch_size), tcfg.batch_size)
+                         trainset.num_batches(tcfg.batch_size), tcfg.batch_size, strategy)
         self.tcfg, self.trainset, self.valset, self.vocab, self.log = tcfg, trainset, valset, vocab, log
-        self.strategy = make_strategy(tcfg.strategy)
         with self.strategy.scope():
             self.model = build_decoder(mcfg, manifest)
             self.optimizer = make_optimizer(tcfg, self.steps_per_epoch)
@@ -189,31 +199,42 @@ class DecoderPhase(TrainingPhase):
         n = len(valset.image_ids)
         self.sample_rows = np.linspace(0, n - 1, min(tcfg.samples, n)).astype(int)
 
-    def _distributed(self, gen):
+    def _distributed(self, data: CaptionSet, rows):
+        """The batches of `rows` (each step's global batch) as this process's replicas' pieces
+        (model/distribute.py: replica_rows)."""
         import tensorflow as tf
         spec = (tf.TensorSpec([None, *self.model.feature_shape], tf.float32), tf.TensorSpec([None, None], tf.int32))
-        ds = tf.data.Dataset.from_generator(lambda: gen, output_signature=spec).prefetch(4)
+        n, mine = self.strategy.num_replicas_in_sync, local_replicas(self.strategy)
+
+        def pieces():
+            for r in rows:
+                parts = replica_rows(r, n)
+                for k in mine:
+                    yield data.batch(parts[k])
+        ds = lambda: tf.data.Dataset.from_generator(pieces, output_signature=spec).prefetch(4)  # noqa: E731
+        if n > 1:
+            return self.strategy.distribute_datasets_from_function(lambda ctx: ds())
         opts = tf.data.Options()
         opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        return self.strategy.experimental_distribute_dataset(ds.with_options(opts))
+        return self.strategy.experimental_distribute_dataset(ds().with_options(opts))
 
     def batches(self, epoch: int, start: int):
         t = self.tcfg
-        return self._distributed(self.trainset.epoch_batches(epoch, t.batch_size, t.seed, start=start))
+        return self._distributed(self.trainset, self.trainset.epoch_rows(epoch, t.batch_size, t.seed, start=start))
 
     def train_step(self, batch, step: int) -> float:
         return float(self._train_step(batch))
 
     def evaluate(self) -> dict:
         tot = cnt = 0.0
-        for batch in self._distributed(self.valset.epoch_batches(0, self.tcfg.batch_size, 0, shuffle=False)):
+        for batch in self._distributed(self.valset, self.valset.epoch_rows(0, self.tcfg.batch_size, 0, shuffle=False)):
             s, n = self._eval_step(batch)
             tot, cnt = tot + float(s), cnt + float(n)
         return {"val_loss": tot / max(cnt, 1.0)}
 
     def after_epoch(self) -> None:
         from model.decoding import greedy
-        if not len(self.sample_rows):
+        if not len(self.sample_rows) or not self.writes:
             return
         vs, rows = self.valset, self.sample_rows
         for r, ids in zip(rows, greedy(self.model, np.asarray(vs.features[rows], np.float32), self.tcfg.sample_max_len)):

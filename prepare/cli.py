@@ -171,6 +171,15 @@ def progress_bar(wanted: bool = True, **kwargs):
     return tqdm(disable=not (wanted and stderr_is_terminal()), **kwargs)
 
 
+_REAL_STDERR: list[int] = []    # while native_noise_filtered runs: the terminal's (or log's) own fd
+
+
+def real_stderr() -> int:
+    """The fd that reaches the user's stderr without this process's filter thread (which cannot run
+    while a native call holds the interpreter): for a helper process that must be heard then."""
+    return _REAL_STDERR[-1] if _REAL_STDERR else 2
+
+
 @contextlib.contextmanager
 def native_noise_filtered() -> Iterator[None]:
     """Pass fd 2 through a filter that drops TensorFlow's C++ start-up notices (which no log-level
@@ -179,6 +188,7 @@ def native_noise_filtered() -> Iterator[None]:
     sys.stderr.flush()
     _TERMINAL.append(os.isatty(2))
     saved = os.dup(2)
+    _REAL_STDERR.append(saved)
     r, w = os.pipe()
     os.dup2(w, 2)
     os.close(w)
@@ -211,3 +221,4 @@ def native_noise_filtered() -> Iterator[None]:
         t.join(timeout=5)
         os.close(saved)
         _TERMINAL.pop()
+        _REAL_STDERR.pop()

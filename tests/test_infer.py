@@ -138,7 +138,8 @@ def test_model_leave_one_out_uses_the_human_ceilings_reference_subsets(monkeypat
     seen = {"human": [], "model": []}
     real = ev.coco_scores
     for who, fn in (("human", lambda: ev.human_ceiling(refs)), ("model", lambda: ev.model_leave_one_out(refs, hyp))):
-        monkeypatch.setattr(ev, "coco_scores", lambda gts, res, who=who: seen[who].append((gts, res)) or real(gts, res))
+        monkeypatch.setattr(ev, "coco_scores", lambda gts, res, scorer=None, who=who: seen[who].append((gts, res))
+                            or real(gts, res, scorer))
         fn()
     assert [g for g, _ in seen["human"]] == [g for g, _ in seen["model"]]
     assert len(seen["model"]) == 4 and all(len(v) == 3 for g, _ in seen["model"] for v in g.values())
@@ -148,6 +149,29 @@ def test_model_leave_one_out_uses_the_human_ceilings_reference_subsets(monkeypat
     want = np.mean([real({i: v[:j] + v[j + 1:] for i, v in refs.items()}, {i: [c] for i, c in hyp.items()})["Bleu_1"]
                     for j in range(4)])
     assert loo["Bleu_1"] == pytest.approx(want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("java", [True, False])
+def test_one_scorer_for_every_column_scores_as_separate_runs(java, monkeypatch):
+    """evaluate tokenizes each caption once and keeps one METEOR process for its 11 scorings: the
+    scores equal those of separate runs, each with its own tokenizer and METEOR."""
+    import infer.evaluate as ev
+    if java and not ev.java_available():
+        pytest.skip("no Java: the PTB tokenizer and METEOR are not used")
+    monkeypatch.setattr(ev, "java_available", lambda: java)
+    refs = {1: ["A red star, on the LEFT.", "a small red star", "A red star!", "one red star"],
+            2: ["Two blue circles.", "a pair of blue circles", "blue circles", "two circles that are blue"],
+            3: ["A green square's corner", "the green square", "green square", "a square, green"]}
+    hyp = {1: "A small red star.", 2: "two blue circle", 3: "a red square"}
+    with ev.Scorer() as s:
+        s.prime(refs, {i: [c] for i, c in hyp.items()})
+        shared = [ev.coco_scores(refs, {i: [c] for i, c in hyp.items()}, s), ev.model_leave_one_out(refs, hyp, s),
+                  ev.human_ceiling(refs, s)]
+    separate = [ev.coco_scores(refs, {i: [c] for i, c in hyp.items()}), ev.model_leave_one_out(refs, hyp),
+                ev.human_ceiling(refs)]
+    assert shared == separate
+    assert ("METEOR" in shared[0]) == java and 0 < shared[0]["CIDEr"] < 10
 
 
 def test_metrics_table_shows_model_all_refs_leave_one_out_and_human_side_by_side():
