@@ -250,9 +250,10 @@ def _caption_split(cap, sp, split: str, n: int, paths: list, feats_dir: Path, ca
 def _scores(refs: dict[int, list[str]], hyp: dict[int, str], truth: dict) -> dict:
     """COCO metrics of the model, its leave-one-out scores and the human ceiling; content accuracy
     where the dataset records its objects."""
+    res = {i: [c] for i, c in hyp.items()}
     with Scorer() as s:
-        s.prime(refs, {i: [c] for i, c in hyp.items()})           # one tokenizer run for all 11 scorings
-        scores = {"model": coco_scores(refs, {i: [c] for i, c in hyp.items()}, s),
+        s.prime(refs, res)                                        # one tokenizer run for all 11 scorings
+        scores = {"model": coco_scores(refs, res, s),
                   "model_leave_one_out": model_leave_one_out(refs, hyp, s), "human_ceiling": human_ceiling(refs, s)}
     return {**scores,
             "content": content_accuracy({i: hyp[i] for i in truth}, truth) if truth else None,

@@ -149,11 +149,12 @@ def agree(strategy, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cluster_of(strategy) -> Cluster | None:
-    """The cluster of a multiworker strategy, None for one machine."""
+    """The cluster a multiworker strategy was made for, None for one machine."""
     import tensorflow as tf
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return None
-    return read_tf_config(os.environ.get("TF_CONFIG"))
+    r = strategy.cluster_resolver
+    return Cluster(tuple(r.cluster_spec().as_dict()["worker"]), r.task_id)
 
 
 def is_chief(strategy) -> bool:

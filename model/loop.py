@@ -139,11 +139,11 @@ def fit(phase: TrainingPhase, resume: bool, progress: bool = True, log=print) ->
     if cluster_of(phase.strategy):
         _same_state_on_every_worker(phase, state)
         try:
-            return _fit(phase, state, tf.summary.create_noop_writer() if not phase.writes else None, progress, log)
+            return _fit(phase, state, progress, log)
         except lost_worker_errors() as e:
             raise UserError(f"multi-worker training stopped at step {state['step']}: {LOST_WORKER_HINT} "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    return _fit(phase, state, None, progress, log)
+    return _fit(phase, state, progress, log)
 
 
 def _same_state_on_every_worker(phase: TrainingPhase, state: dict) -> None:
@@ -157,11 +157,12 @@ def _same_state_on_every_worker(phase: TrainingPhase, state: dict) -> None:
                         f"be one folder all machines share (NFS, a cluster file system) at the same path")
 
 
-def _fit(phase: TrainingPhase, state: dict, writer, progress: bool, log) -> dict:
+def _fit(phase: TrainingPhase, state: dict, progress: bool, log) -> dict:
     import tensorflow as tf
     if state["best_val"] is None:         # nothing evaluated yet (a new run, or killed before that)
         phase.start(state)
-    writer = writer or tf.summary.create_file_writer(str(phase.run.file(TENSORBOARD)))
+    writer = (tf.summary.create_file_writer(str(phase.run.file(TENSORBOARD))) if phase.writes
+              else tf.summary.create_noop_writer())
     while state["epoch"] < phase.epochs:
         t0 = time.time()
         stopped, seen = _train_epoch(phase, state, writer, progress)

@@ -8,8 +8,8 @@ data order by re-running the command.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import numpy as np
 from model import checkpoint
 from model.config import DEFAULT_LR, FEATURES_OF_DECODER, ModelConfig, TrainConfig, override
 from model.data import CaptionSet, open_data
-from model.distribute import cluster_of, local_replicas, make_strategy, read_tf_config, replica_rows
+from model.distribute import cluster_of, local_replicas, make_strategy, replica_rows
 from model.decoders import build_decoder
 from model.loop import TrainingPhase, fit, open_run, perplexity
 from model.run import CHECKPOINT, DECODER, Run
@@ -132,8 +132,6 @@ def train(data, out, *, features=None, captions=None, model_overrides: dict | No
     captions, features_dir, manifest = open_data(data, features, captions)
     vocab = captions_h5.read_vocab(captions)
     mcfg, tcfg = _configs(vocab, manifest, model_overrides, train_overrides)
-    if tcfg.strategy == "multiworker":
-        read_tf_config(os.environ.get("TF_CONFIG"))       # a bad TF_CONFIG is refused before anything starts
     check_features_fit(mcfg.decoder, manifest, features_dir)
     check_positions_fit(mcfg, captions)
     config = {"model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg),
@@ -148,27 +146,25 @@ def train(data, out, *, features=None, captions=None, model_overrides: dict | No
         log(f"warning: every val caption of {captions} is only <unk> (none of its words is in the vocabulary), so "
             f"the best model is chosen by its loss on <unk> targets; re-run `python -m prepare captions` with a "
             f"larger --vocab-size, or with val captions in the training split's language")
-    strategy = make_strategy(tcfg.strategy, tcfg.peer_timeout)   # (multiworker: before any TensorFlow operation)
+    # multiworker: TF_CONFIG is checked here, before anything is written and before any TensorFlow operation
+    strategy = make_strategy(tcfg.strategy, tcfg.peer_timeout)
     cluster = cluster_of(strategy)
+    chief = not (cluster and cluster.index)    # another worker reads the chief's checkpoint and writes nothing
     run = Run(out)
     t_start = time.time()
-    if cluster and cluster.index:         # not the chief: reads the chief's checkpoint, writes nothing
+    if not chief:
         log = worker_log(cluster.index, log)
         log(f"worker {cluster.index} of {len(cluster.workers)}: the chief ({cluster.workers[0]}) writes {out}")
-        keras.utils.set_random_seed(tcfg.seed)
-        phase = DecoderPhase(run, mcfg, tcfg, manifest, trainset, valset, vocab, log, strategy)
-        state = fit(phase, run.file(CHECKPOINT).is_file(), False, log)
-        return {"run": str(out), "steps": state["step"], "epochs": state["epoch"], "best_val_loss": state["best_val"],
-                "seconds": round(time.time() - t_start, 1), "history": state["history"]}
-    with run.lock():
-        resume = open_run(run, config, vocab, RESUMABLE_CHANGES, same_kind=_same_encoder(manifest, features_dir),
-                          create=lambda: run.create(config, vocab, manifest, features_dir / manifest["weights"]["file"]))
+    with run.lock() if chief else contextlib.nullcontext():
+        resume = (open_run(run, config, vocab, RESUMABLE_CHANGES, same_kind=_same_encoder(manifest, features_dir),
+                           create=lambda: run.create(config, vocab, manifest, features_dir / manifest["weights"]["file"]))
+                  if chief else run.file(CHECKPOINT).is_file())
         keras.utils.set_random_seed(tcfg.seed)
         phase = DecoderPhase(run, mcfg, tcfg, manifest, trainset, valset, vocab, log, strategy)
         if trainset.skipped or valset.skipped:
             log(f"skipping captions of images that failed extraction: {trainset.skipped} train, {valset.skipped} val")
-        state = fit(phase, resume, progress, log)
-    if state["history"]:
+        state = fit(phase, resume, progress and chief, log)
+    if state["history"] and chief:
         log(f"best validation perplexity {perplexity(state['best_val']):.2f}; run directory {out}")
     return {"run": str(out), "steps": state["step"], "epochs": state["epoch"], "best_val_loss": state["best_val"],
             "seconds": round(time.time() - t_start, 1), "history": state["history"]}
@@ -211,12 +207,8 @@ class DecoderPhase(TrainingPhase):
                 parts = replica_rows(r, n)
                 for k in mine:
                     yield data.batch(parts[k])
-        ds = lambda: tf.data.Dataset.from_generator(pieces, output_signature=spec).prefetch(4)  # noqa: E731
-        if n > 1:
-            return self.strategy.distribute_datasets_from_function(lambda ctx: ds())
-        opts = tf.data.Options()
-        opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        return self.strategy.experimental_distribute_dataset(ds().with_options(opts))
+        return self.strategy.distribute_datasets_from_function(
+            lambda ctx: tf.data.Dataset.from_generator(pieces, output_signature=spec).prefetch(4))
 
     def batches(self, epoch: int, start: int):
         t = self.tcfg
