@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source ./env.sh || exit 1
-exec python -m pytest -q "$@"
+exec python -m pytest -q --durations=25 "$@"

@@ -150,6 +150,14 @@ def is_grid(kind: str) -> bool:
     return kind in GRID_KINDS
 
 
+def grid_side(positions: int) -> int:
+    """The side of a square grid of `positions` cells (row-major), or ValueError when it is not one."""
+    side = math.isqrt(positions)
+    if positions < 1 or side * side != positions:
+        raise ValueError(f"{positions} positions are not a square grid (side x side cells, row-major)")
+    return side
+
+
 def _stride16(backbone, spec: EncoderSpec):
     """The backbone up to its last stride-16 layer: a sub-model sharing its layers (and weights)."""
     import keras

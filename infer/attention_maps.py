@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from extract.encoder import grid_side
 from prepare.files import atomic_path
 
 TILE = 112            # side of each small copy, pixels
@@ -25,9 +26,7 @@ LABEL = 30            # band under each tile for the word and the peak weight
 def heat_rgb(weights: np.ndarray, size: int) -> tuple[Image.Image, Image.Image]:
     """A [side*side] attention map -> (RGB colour image, L alpha mask), both size x size, smooth."""
     import matplotlib
-    side = math.isqrt(len(weights))
-    if side * side != len(weights):
-        raise ValueError(f"an attention map of {len(weights)} positions is not a square grid")
+    side = grid_side(len(weights))
     grid = np.asarray(weights, np.float32).reshape(side, side)
     grid = grid / max(float(grid.max()), 1e-12)
     up = np.asarray(Image.fromarray(grid, mode="F").resize((size, size), Image.BILINEAR))

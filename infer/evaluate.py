@@ -178,8 +178,9 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
     seconds = time.time() - t0
     truth = {r: json.loads(sp.objects[r]) for r in beams if sp.objects[r]}
     strips = {r: maps[r] for r in sorted(maps)[:attention_maps]}
-    boxes = {r: _named_boxes(cap.vocab, beams[r][0].ids, truth[r]["objects"], _image_size(truth[r], paths[r]))
-             for r in strips if r in truth}
+    sizes = {r: _image_size(t, paths[r]) for r, t in truth.items()}        # each image's header read once at most
+    boxes = {r: _named_boxes(cap.vocab, beams[r][0].ids, truth[r]["objects"], sizes[r])
+             for r in strips if sizes.get(r)}
     hyp = {int(sp.image_ids[r]): cap.text(b[0]) for r, b in beams.items()}
     refs: dict[int, list[str]] = defaultdict(list)
     for text, row in zip(sp.texts, sp.image_index):
@@ -201,7 +202,7 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
                    "unsure": sum(cap.unsure(b[0]) for b in beams.values()),
                    "word_log_prob": _word_log_probs([b[0] for b in beams.values()]),
                    **_scores(dict(refs), hyp, {int(sp.image_ids[r]): t["objects"] for r, t in truth.items()}),
-                   "pointing": _pointing(cap, beams, maps, truth, paths) if grounded else None}
+                   "pointing": _pointing(cap, beams, maps, truth, sizes) if grounded else None}
         publish(out, {"metrics.json": lambda p: write_json_atomic(p, metrics)}, label="evaluate")
     log(format_table(metrics))
     log(f"wrote {out / 'metrics.json'} and {out / 'results.json'}")
@@ -274,14 +275,20 @@ def _word_log_probs(best: list) -> dict | None:
             "median": float(np.median(per))}
 
 
-def _image_size(truth: dict, path) -> tuple[int, int]:
+def _image_size(truth: dict, path) -> tuple[int, int] | None:
     """(width, height) of an image whose objects are recorded: from its caption file's entry, else
-    from the image file's header."""
+    from the image file's header (older captions.h5); None when that is not a regular file it can read
+    (a pipe would block the read, a missing or broken file would stop the evaluation)."""
     if isinstance(truth.get("width"), int) and isinstance(truth.get("height"), int):
         return truth["width"], truth["height"]
     from PIL import Image
-    with Image.open(path) as im:
-        return im.size
+    try:
+        if not Path(path).is_file():
+            return None
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def _named_boxes(vocab, ids: list[int], objects: list[dict], size: tuple[int, int]) -> list:
@@ -295,18 +302,22 @@ def _named_boxes(vocab, ids: list[int], objects: list[dict], size: tuple[int, in
             for o in named_objects(caption_words(vocab, ids, len(ids)), objects)]
 
 
-def _pointing(cap, beams: dict, maps: dict, truth: dict, paths: list) -> dict:
+def _pointing(cap, beams: dict, maps: dict, truth: dict, sizes: dict) -> dict:
     """Pointing accuracy over the split (model.metrics.pointing): the share of the words naming a
-    true object whose attention peaks inside that object's box."""
+    true object whose attention peaks inside that object's box; images of unknown size (_image_size)
+    are left out and counted."""
     from infer.attention_maps import caption_words
     from model.metrics import pointing
-    hits = scored = 0
+    hits = scored = unsized = 0
     for r, t in truth.items():
-        if r in maps:
+        if r in maps and sizes.get(r) is None:
+            unsized += 1
+        elif r in maps:
             words = caption_words(cap.vocab, beams[r][0].ids, len(maps[r]))
-            h, s = pointing(words, maps[r], t["objects"], *_image_size(t, paths[r]))
+            h, s = pointing(words, maps[r], t["objects"], *sizes[r])
             hits, scored = hits + h, scored + s
-    return {"words": scored, "hits": hits, "accuracy": hits / scored if scored else None}
+    return {"words": scored, "hits": hits, "accuracy": hits / scored if scored else None,
+            "images_of_unknown_size": unsized}
 
 
 def _write_attention_maps(cap, beams: dict, maps: dict, paths: list, pub: Publication, boxes: dict, log) -> None:
@@ -347,5 +358,7 @@ def format_table(m: dict) -> str:
     if (m.get("pointing") or {}).get("accuracy") is not None:
         p = m["pointing"]
         lines.append(f"pointing accuracy (attention peak inside the object a colour or shape word names): "
-                     f"{100 * p['accuracy']:.1f}% of {p['words']} words")
+                     f"{100 * p['accuracy']:.1f}% of {p['words']} words"
+                     + (f" ({p['images_of_unknown_size']} images of unknown size left out)"
+                        if p.get("images_of_unknown_size") else ""))
     return "\n".join(lines)

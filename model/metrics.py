@@ -16,6 +16,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from extract.encoder import grid_side
 from model.decoding import NO_END_AFTER
 from prepare.synth import parse_caption, relation_holds
 
@@ -86,7 +87,7 @@ def pointing(words: list[str], maps, objects: list[dict], width: int, height: in
     for m, o in zip(maps, named_objects(words, objects)):
         if o is None:
             continue
-        side = int(round(np.sqrt(len(m))))
+        side = grid_side(len(m))
         row, col = divmod(int(np.argmax(m)), side)
         x, y = (col + 0.5) * width / side, (row + 0.5) * height / side
         hits += int(abs(x - o["cx"]) <= o["r"] and abs(y - o["cy"]) <= o["r"])

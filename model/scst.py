@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from extract.cache import feature_kind
 from model import checkpoint
 from model.cider import CiderD, with_end
 from model.config import ScstConfig, override
@@ -86,14 +87,8 @@ def _check_source(source: Run, s_config: dict, s_manifest: dict, manifest: dict,
         raise UserError(f"{features_dir} holds features of another encoder than {source.file(ENCODER)}"
                         f"{' (the run is a fine-tune: its CNN changed)' if 'finetune' in s_config else ''}; extract "
                         f"a cache with it (`python -m extract --captions ... --weights {source.file(ENCODER)} "
-                        f"--features {_kind_words(s_manifest)} --out NEW`) "
+                        f"--features {feature_kind(s_manifest)} --out NEW`) "
                         f"and pass --features NEW")
-
-
-def _kind_words(manifest: dict) -> str:
-    """The --features value that made a run's features (pooled for a manifest that names none)."""
-    from extract.encoder import FEATURE_KINDS
-    return manifest.get("features") if manifest.get("features") in FEATURE_KINDS else "pooled"
 
 
 def _is_scst(run: Run) -> None:

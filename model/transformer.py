@@ -25,11 +25,10 @@ the last position is reused (a caption that long is beyond what the decoder was 
 """
 from __future__ import annotations
 
-import math
-
 import keras
 from keras import layers, ops
 
+from extract.encoder import grid_side
 from model.config import ModelConfig
 from model.decoder import Decoder, init_seeds
 
@@ -50,9 +49,7 @@ class TransformerDecoder(Decoder):
         c = config
         if c.grid_positions < 1:
             raise ValueError("the transformer decoder needs grid_positions (from a grid feature cache)")
-        self.side = math.isqrt(c.grid_positions)
-        if self.side * self.side != c.grid_positions:
-            raise ValueError(f"the transformer decoder needs a square grid, not {c.grid_positions} positions")
+        self.side = grid_side(c.grid_positions)
         if c.embedding_size % c.transformer_heads:
             raise ValueError(f"embedding_size {c.embedding_size} is not a multiple of {c.transformer_heads} heads")
         self._seeds = init_seeds(self.init_seed, transformer_weights(c.transformer_layers))   # depends on the layers

@@ -45,6 +45,19 @@ def tiny_grid(tiny_dataset, tmp_path_factory):
     return out
 
 
+# A tiny attention decoder (tests/test_attention.py, test_grid16.py)
+TINY_ATT = {"decoder": "attention", "embedding_size": 16, "lstm_units": 24, "attention_units": 12, "dropout": 0.0}
+
+
+def train_tiny_attention(dataset: Path, features: Path, run: Path) -> Path:
+    """The tiny attention decoder trained 3 epochs on a grid cache of the tiny dataset, into `run`."""
+    from model.train import train
+    train(dataset, run, features=features, model_overrides=TINY_ATT,
+          train_overrides={"epochs": 3, "batch_size": 16, "lr": 5e-3, "samples": 0}, progress=False,
+          log=lambda *a: None)
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_dataset, tiny_features, tmp_path_factory):
     """A small decoder trained a few epochs on the tiny dataset."""

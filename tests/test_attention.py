@@ -18,10 +18,10 @@ from model.decoders import build_decoder
 from model.steps import masked_token_loss
 from model.train import train
 from prepare.errors import UserError
+from tests.conftest import TINY_ATT, TINY_GRID as LITE, train_tiny_attention  # LITE: the tiny_grid settings
 
 ROOT = Path(__file__).resolve().parents[1]
 quiet = dict(progress=False, log=lambda *a: None)
-TINY_ATT = {"decoder": "attention", "embedding_size": 16, "lstm_units": 24, "attention_units": 12, "dropout": 0.0}
 
 
 def _attention_model(vocab=13, P=4, F=6, reg=0.0, seed=3):
@@ -116,7 +116,6 @@ def test_beam_search_carries_each_beams_attention_state(monkeypatch):
 
 
 # ---- the grid cache -------------------------------------------------------------------------
-from tests.conftest import TINY_GRID as LITE  # noqa: E402  (the settings of the tiny_grid fixture)
 
 
 def test_grid_cache_is_float16_positions_by_channels_and_pools_to_the_pooled_cache(tiny_dataset, tiny_grid, tmp_path):
@@ -169,10 +168,7 @@ def test_decoder_and_feature_kind_must_match(tiny_dataset, tiny_features, tiny_g
 # ---- train, evaluate, caption, fine-tune with the attention decoder ---------------------------
 @pytest.fixture(scope="module")
 def attention_run(tiny_dataset, tiny_grid, tmp_path_factory):
-    run = tmp_path_factory.mktemp("att") / "run"
-    train(tiny_dataset, run, features=tiny_grid, model_overrides=TINY_ATT,
-          train_overrides={"epochs": 3, "batch_size": 16, "lr": 5e-3, "samples": 0}, **quiet)
-    return run
+    return train_tiny_attention(tiny_dataset, tiny_grid, tmp_path_factory.mktemp("att") / "run")
 
 
 def test_attention_run_records_its_decoder_and_captions_from_cache_and_images(tiny_dataset, tiny_grid, attention_run,

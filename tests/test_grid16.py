@@ -13,10 +13,9 @@ from extract import encoder as enc
 from extract.cache import FeatureArray, extract_features, read_manifest
 from model.train import train
 from prepare.errors import UserError
-from tests.conftest import TINY_GRID
+from tests.conftest import TINY_ATT, TINY_GRID, train_tiny_attention
 
 quiet = dict(progress=False, log=lambda *a: None)
-TINY_ATT = {"decoder": "attention", "embedding_size": 16, "lstm_units": 24, "attention_units": 12, "dropout": 0.0}
 TINY_TRF = {"decoder": "transformer", "embedding_size": 16, "transformer_heads": 2, "transformer_ff": 32,
             "dropout": 0.0}
 # The numbers at each encoder's native size (side, channels), and the block after the
@@ -78,14 +77,23 @@ def test_grid16_equals_the_whole_networks_activation_at_that_layer(name, size, t
         enc.build_encoder(name, str(tmp_path / "grid16.weights.h5"), size)        # the pooled encoder needs them all
 
 
-def test_extract_help_and_the_scst_hint_name_grid16(capsys):
+def test_extract_help_and_the_scst_hint_name_grid16(capsys, tmp_path):
     from extract.__main__ import main
-    from model.scst import _kind_words
+    from model.scst import _check_source
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "grid16 (the last stride-16 map" in " ".join(capsys.readouterr().out.split())
-    assert [_kind_words({"features": k}) for k in ("grid16", "grid", "pooled")] == ["grid16", "grid", "pooled"]
-    assert _kind_words({}) == "pooled"
+
+    class Source:                      # a run whose encoder made grid16 features; the cache is another's
+        path = tmp_path
+        file = staticmethod(lambda name: tmp_path / name)
+        encoder_sha256 = staticmethod(lambda: "a" * 64)
+    run_manifest = {"features": "grid16", "storage_scale": 1.0, "encoder": "efficientnet_lite0/stride16"}
+    cache = {"features": "grid", "storage_scale": 1.0, "encoder": "efficientnet_lite0", "weights": {"sha256": "b" * 64}}
+    with pytest.raises(UserError, match=r"another encoder than .*encoder.weights.h5; extract a cache with it "
+                                        r"\(`python -m extract .*--features grid16 --out NEW`\)"):
+        _check_source(Source(), {}, run_manifest, cache, tmp_path / "cache")
+    _check_source(Source(), {}, run_manifest, {**run_manifest, "weights": {"sha256": "a" * 64}}, tmp_path)  # its own
 
 
 # ---- the cache -------------------------------------------------------------------------------
@@ -134,10 +142,7 @@ def test_inception_grid16_cache_is_its_mixed7_map(tiny_dataset, tmp_path):
 # ---- train and infer -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def grid16_run(tiny_dataset, tiny_grid16, tmp_path_factory):
-    run = tmp_path_factory.mktemp("att16") / "run"
-    train(tiny_dataset, run, features=tiny_grid16, model_overrides=TINY_ATT,
-          train_overrides={"epochs": 3, "batch_size": 16, "lr": 5e-3, "samples": 0}, **quiet)
-    return run
+    return train_tiny_attention(tiny_dataset, tiny_grid16, tmp_path_factory.mktemp("att16") / "run")
 
 
 def test_pooled_decoder_refuses_grid16_and_grid_decoders_name_it(tiny_dataset, tiny_features, tiny_grid16, tmp_path):

@@ -122,6 +122,29 @@ def test_pointing_scores_the_peak_cell_of_each_word_naming_a_true_object():
     assert pointing(words, maps, [red, blue], 100, 50) == (3, 4)
     assert pointing(words, maps[:6], [red, blue], 100, 50) == (2, 3)           # words without maps are not scored
     assert pointing(words, maps, [red, blue], 50, 100) == (0, 4)               # 50 x 100: cell centres x 12.5 / 37.5
+    with pytest.raises(ValueError, match="5 positions are not a square grid"):   # not rounded to a 2 x 2 grid
+        pointing(words, np.full((11, 5), 0.2), [red, blue], 100, 50)
+
+
+def test_pointing_reads_an_old_images_size_from_its_header_and_leaves_unreadable_ones_out(tmp_path, monkeypatch):
+    import os
+    from PIL import Image
+    from infer.evaluate import _image_size, _pointing
+    Image.new("RGB", (100, 50)).save(tmp_path / "ok.png")
+    os.mkfifo(tmp_path / "pipe.png")                          # opening it would block the evaluation for ever
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    assert _image_size({"width": 30, "height": 40}, tmp_path / "missing.png") == (30, 40)   # recorded: no read
+    assert _image_size({}, tmp_path / "ok.png") == (100, 50)
+    assert [_image_size({}, tmp_path / n) for n in ("pipe.png", "broken.png", "missing.png")] == [None] * 3
+
+    class Cap:
+        vocab = type("V", (), {"decode": lambda self, ids: ""})()
+    red = {"shape": "star", "colour": "red", "size": "small", "cx": 25, "cy": 12, "r": 10}
+    maps = {0: np.tile(np.eye(4)[0] * 0.7 + 0.075, (3, 1)), 1: np.tile(np.eye(4)[0], (3, 1))}
+    beams = {r: [type("B", (), {"ids": [1, 5, 6, 2]})()] for r in maps}
+    monkeypatch.setattr("infer.attention_maps.caption_words", lambda vocab, ids, n: ["red", "star", "."][:n])
+    p = _pointing(Cap(), beams, maps, {0: {"objects": [red]}, 1: {"objects": [red]}}, {0: (100, 50), 1: None})
+    assert p == {"words": 2, "hits": 2, "accuracy": 1.0, "images_of_unknown_size": 1}
 
 
 def test_model_leave_one_out_uses_the_human_ceilings_reference_subsets(monkeypatch):
