@@ -53,10 +53,29 @@ def not_regular(path: str | os.PathLike) -> str | None:
 
 
 def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
-    """Decode one image file into uint8 [size, size, 3] RGB, or raise BadImage(reason).
+    """Decode one image file into uint8 [size, size, 3] RGB, or raise BadImage(reason) (the file is
+    opened by _open_regular: no FIFO, device or folder is ever read)."""
+    with open(_open_regular(path), "rb") as f:
+        return _decode(f, size)
 
-    The file is opened non-blocking (a FIFO would otherwise wait forever for a writer) and the
-    opened file itself must be regular: no FIFO, device or folder is ever read."""
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the header of one image file (its pixels are not decoded), or raise
+    BadImage(reason); opened like load_image."""
+    with open(_open_regular(path), "rb") as f:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(f) as im:
+                    return im.size
+        except (Image.UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, OSError, ValueError):
+            raise BadImage("not an image Pillow can read")
+
+
+def _open_regular(path: str | os.PathLike) -> int:
+    """A descriptor of `path` opened for reading, or BadImage(reason). It is opened non-blocking (a
+    FIFO would otherwise wait forever for a writer) and the opened file itself must be regular and
+    not empty."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
@@ -74,8 +93,7 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
         os.close(fd)
         raise BadImage(f"not a regular file ({what})" if what else "empty file")
     os.set_blocking(fd, True)
-    with open(fd, "rb") as f:
-        return _decode(f, size)
+    return fd
 
 
 def load_image_bytes(data: bytes, size: int) -> np.ndarray:

@@ -178,7 +178,7 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
     seconds = time.time() - t0
     truth = {r: json.loads(sp.objects[r]) for r in beams if sp.objects[r]}
     strips = {r: maps[r] for r in sorted(maps)[:attention_maps]}
-    sizes = {r: _image_size(t, paths[r]) for r, t in truth.items()}        # each image's header read once at most
+    sizes = {r: _image_size(t, paths[r]) for r, t in truth.items() if r in maps}   # strips and pointing: read once
     boxes = {r: _named_boxes(cap.vocab, beams[r][0].ids, truth[r]["objects"], sizes[r])
              for r in strips if sizes.get(r)}
     hyp = {int(sp.image_ids[r]): cap.text(b[0]) for r, b in beams.items()}
@@ -277,17 +277,14 @@ def _word_log_probs(best: list) -> dict | None:
 
 def _image_size(truth: dict, path) -> tuple[int, int] | None:
     """(width, height) of an image whose objects are recorded: from its caption file's entry, else
-    from the image file's header (older captions.h5); None when that is not a regular file it can read
-    (a pipe would block the read, a missing or broken file would stop the evaluation)."""
+    from the image file's header (older captions.h5); None when the header cannot be read (a missing or
+    broken file, a FIFO or device: extract.images.image_size)."""
     if isinstance(truth.get("width"), int) and isinstance(truth.get("height"), int):
         return truth["width"], truth["height"]
-    from PIL import Image
+    from extract.images import BadImage, image_size
     try:
-        if not Path(path).is_file():
-            return None
-        with Image.open(path) as im:
-            return im.size
-    except (OSError, ValueError, Image.DecompressionBombError):
+        return image_size(path)
+    except BadImage:
         return None
 
 
@@ -310,9 +307,11 @@ def _pointing(cap, beams: dict, maps: dict, truth: dict, sizes: dict) -> dict:
     from model.metrics import pointing
     hits = scored = unsized = 0
     for r, t in truth.items():
-        if r in maps and sizes.get(r) is None:
+        if r not in maps:
+            continue
+        if sizes.get(r) is None:
             unsized += 1
-        elif r in maps:
+        else:
             words = caption_words(cap.vocab, beams[r][0].ids, len(maps[r]))
             h, s = pointing(words, maps[r], t["objects"], *sizes[r])
             hits, scored = hits + h, scored + s
