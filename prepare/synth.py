@@ -202,8 +202,10 @@ def parse_caption(text: str) -> ParsedCaption:
 
 # ---- the dataset ------------------------------------------------------------------------
 def _make_image(args) -> dict:
-    out_dir, split_index, split, image_id, side, seed = args
-    rng = np.random.default_rng([seed, split_index, image_id])
+    out_dir, split_index, split, index, image_id, side, seed = args
+    # the scene depends on its place in its split, not on its id: a larger --train leaves the val and
+    # test splits as they are (and holds the smaller training set as its first images)
+    rng = np.random.default_rng([seed, split_index, index])
     scene = sample_scene(rng, side)
     img = render(scene, side, rng)
     name = f"{split}_{image_id:06d}.jpg"
@@ -272,7 +274,7 @@ def generate(out: str | os.PathLike, counts: dict[str, int], size: int = 128, se
                 continue
             img_dir = out / "images" / split
             img_dir.mkdir(parents=True, exist_ok=True)
-            jobs = [(str(img_dir), si, split, next_id + i, size, seed) for i in range(n)]
+            jobs = [(str(img_dir), si, split, i, next_id + i, size, seed) for i in range(n)]
             next_id += n
             images, anns = [], []
             it = pool.map(_make_image, jobs, chunksize=32)
@@ -282,7 +284,7 @@ def generate(out: str | os.PathLike, counts: dict[str, int], size: int = 128, se
                     next_ann += 1
                 images.append(rec)
             doc = {"info": {"description": "show-and-tell built-in synthetic shapes dataset",
-                            "version": "1", "seed": seed, "size": size},
+                            "version": "2", "seed": seed, "size": size},
                    "licenses": [{"id": 1, "name": "CC0", "url": ""}],
                    "images": images, "annotations": anns}
             write_json_atomic(out / "annotations" / f"captions_{split}.json", doc)

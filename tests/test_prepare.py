@@ -323,6 +323,24 @@ def test_synth_is_deterministic(tmp_path):
         (tmp_path / "c/annotations/captions_train.json").read_text()
 
 
+def test_synth_larger_train_keeps_val_and_test(tmp_path):
+    """--train N changes only the training split: the val and test scenes (and captions) are the
+    same, and the smaller training set is the first images of the larger one."""
+    def split(name, s):
+        doc = json.loads((tmp_path / name / f"annotations/captions_{s}.json").read_text())
+        caps = {}
+        for a in doc["annotations"]:
+            caps.setdefault(a["image_id"], []).append(a["caption"])
+        return [(im["objects"], caps[im["id"]], (tmp_path / name / "images" / s / im["file_name"]).read_bytes())
+                for im in doc["images"]]
+    synth.generate(tmp_path / "small", {"train": 4, "val": 3, "test": 3}, size=64, seed=2, progress=False, workers=1)
+    synth.generate(tmp_path / "large", {"train": 9, "val": 3, "test": 3}, size=64, seed=2, progress=False, workers=1)
+    for s in ("val", "test"):
+        assert split("small", s) == split("large", s)
+    assert split("small", "train") == split("large", "train")[:4]
+    assert split("small", "val") != split("small", "test")
+
+
 def test_synth_coco_format_and_five_different_captions(tiny_dataset):
     doc = json.loads((tiny_dataset / "annotations/captions_train.json").read_text())
     assert {"info", "licenses", "images", "annotations"} <= set(doc)
