@@ -101,6 +101,9 @@ class ScstConfig:
     baseline: str = setting("mean", "mean: each sample's baseline is the mean reward of the image's other samples "
                             "(new SCST); greedy: the reward of the greedy caption (Rennie et al.)")
     lr: float = setting(5e-5, "learning rate (Adam)")
+    xe_weight: float = setting(0.0, "weight of a cross-entropy term on one reference caption of each image beside "
+                               "the policy-gradient loss (0: pure SCST); keeps the words the references use for each "
+                               "object while CIDEr-D is pushed up")
     temperature: float = setting(1.0, "sampling temperature")
     max_len: int = setting(0, "tokens of a sampled caption incl. <start>/<end>; 0: the longest training caption + 2")
     clip_norm: float = setting(5.0, "gradient clipping by global norm")
@@ -154,6 +157,7 @@ RULES = {
     "samples_per_image": (lambda v: v >= 2, "at least 2 (the mean baseline needs another sample)"),
     "baseline": (lambda v: v in ("mean", "greedy"), "mean or greedy"),
     "temperature": (lambda v: v > 0, "above 0"),
+    "xe_weight": (lambda v: v >= 0 and v == v, "0 (off) or more"),
     "max_len": (lambda v: v == 0 or 3 <= v <= 1000, "0 (the run's own) or 3 to 1000"),
 }
 

@@ -31,7 +31,7 @@ from model.data import CaptionSet, open_data
 from model.loop import TrainingPhase, fit, open_run
 from model.metrics import content_accuracy
 from model.run import DECODER, ENCODER, Run, load_run
-from model.steps import clip_by_global_norm, token_cross_entropy
+from model.steps import clip_by_global_norm, masked_token_loss, token_cross_entropy
 from model.train import RESUMABLE_CHANGES, check_features_fit
 from prepare.errors import UserError
 from prepare.vocabulary import START_ID
@@ -132,13 +132,17 @@ class ScstPhase(TrainingPhase):
         self._step = self._compiled_step()
         self._rewards: list[float] = []
         self._greedy_captions: dict[int, list[int]] = {}
+        self._caption_rows = None                       # (captions sorted by image, each image's bounds)
 
     def _compiled_step(self):
         import tensorflow as tf
         model, opt, K, clip = self.model, self.optimizer, self.cfg.samples_per_image, self.cfg.clip_norm
+        xe_weight = self.cfg.xe_weight
 
         @tf.function(reduce_retracing=True)
-        def step(features, ids, lengths, advantage):
+        def step(features, ids, lengths, advantage, references=None):
+            """references [N, T+1]: one reference caption of each image, for the cross-entropy term
+            (None when --xe-weight is 0)."""
             f = tf.repeat(features, K, axis=0)                                        # [n, ...], n = N*K
             inputs = tf.concat([tf.fill([tf.shape(ids)[0], 1], START_ID), ids[:, :-1]], axis=1)   # [n, T]
             mask = tf.sequence_mask(lengths, tf.shape(ids)[1])                         # the sampled words
@@ -148,6 +152,9 @@ class ScstPhase(TrainingPhase):
                 nll = token_cross_entropy(logits, tf.boolean_mask(ids, mask))         # -log p per token
                 adv = tf.boolean_mask(tf.broadcast_to(advantage[:, None], tf.shape(ids)), mask)
                 loss = tf.reduce_sum(adv * nll) / tf.cast(tf.shape(nll)[0], tf.float32)
+                if references is not None:
+                    xe, n = masked_token_loss(model, features, references, False)
+                    loss += xe_weight * xe / n
             grads, _ = clip_by_global_norm(tape.gradient(loss, model.trainable_variables), clip)
             opt.apply_gradients(zip(grads, model.trainable_variables))
             return loss
@@ -190,7 +197,19 @@ class ScstPhase(TrainingPhase):
         reward = self.rewards(rows, ids, lengths)
         advantage = (reward - self.baseline(rows, features, reward)).astype(np.float32)
         self._rewards.append(float(reward.mean()))
-        return float(self._step(f, tf.constant(ids), tf.constant(lengths), tf.constant(advantage)))
+        refs = tf.constant(self.reference_ids(rows, step)) if self.cfg.xe_weight else None
+        return float(self._step(f, tf.constant(ids), tf.constant(lengths), tf.constant(advantage), refs))
+
+    def reference_ids(self, rows: np.ndarray, step: int) -> np.ndarray:
+        """One training caption of each image (drawn by the seed and step), padded to the longest."""
+        if self._caption_rows is None:
+            order = np.argsort(self.trainset.image_index, kind="stable")
+            bounds = np.searchsorted(self.trainset.image_index[order], np.arange(len(self.trainset.image_ids) + 1))
+            self._caption_rows = (order, bounds)
+        order, bounds = self._caption_rows
+        rng = np.random.default_rng([self.cfg.seed, step, 1])
+        picked = [order[bounds[r] + rng.integers(bounds[r + 1] - bounds[r])] for r in rows]
+        return self.trainset.ids[picked][:, :int(self.trainset.lengths[picked].max())]
 
     def evaluate(self) -> dict:
         from model.decoding import greedy

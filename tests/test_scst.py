@@ -73,6 +73,33 @@ def test_a_step_raises_the_log_probability_of_a_sample_that_beat_its_baseline(ti
             w.assign(v)
 
 
+def test_the_cross_entropy_term_pulls_towards_a_reference_of_each_image(tiny_dataset, tiny_run, tmp_path):
+    """--xe-weight: with every advantage 0 the step is cross-entropy on one reference caption of
+    each image, which becomes more likely; the references drawn are captions of those images."""
+    import tensorflow as tf
+    from model.cider import CiderD
+    from model.config import ScstConfig
+    from model.data import CaptionSet, open_data
+    from model.decoding import sample
+    from model.run import load_run
+    from model.steps import masked_token_loss
+    model, vocab, config, manifest = load_run(tiny_run)
+    captions, fdir, _ = open_data(tiny_dataset, config["data"]["features"])
+    train, val = CaptionSet(captions, fdir, "train", manifest), CaptionSet(captions, fdir, "val", manifest)
+    phase = ScstPhase(Run(tmp_path / "r"), ScstConfig(lr=1e-2, samples_per_image=2, xe_weight=1.0), model, vocab,
+                      train, val, CiderD.from_references([]), 12, lambda *a: None)
+    rows = np.array([3, 0, 7])
+    refs = phase.reference_ids(rows, step=4)
+    own = [{tuple(train.ids[k][train.ids[k] > 0]) for k in np.flatnonzero(train.image_index == r)} for r in rows]
+    assert all(tuple(ref[ref > 0]) in mine for ref, mine in zip(refs, own))
+    assert (refs == phase.reference_ids(rows, step=4)).all()                  # the seed and step decide
+    f = tf.constant(np.asarray(train.features[rows], np.float32))
+    ids, lengths, _ = sample(model, f, samples=2, max_len=12, seed=5)
+    before = float(masked_token_loss(model, f, refs)[0])
+    phase._step(f, ids, lengths, tf.zeros([6]), tf.constant(refs))
+    assert float(masked_token_loss(model, f, refs)[0]) < before
+
+
 def test_the_mean_baseline_is_the_mean_of_the_image_s_other_samples():
     phase = ScstPhase.__new__(ScstPhase)
     from model.config import ScstConfig
