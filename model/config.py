@@ -43,6 +43,9 @@ class ModelConfig:
     transformer_layers: int = setting(2, "transformer decoder: layers (each self-attention, cross-attention to the "
                                       "grid, feed-forward; d_model is embedding_size)")
     transformer_heads: int = setting(4, "transformer decoder: attention heads (embedding_size must be a multiple)")
+    attention_dropout: float = setting(0.0, "transformer decoder: dropout on the attention weights (0: none, so "
+                                       "a word never loses the object it looks at; --dropout is on the layers' "
+                                       "outputs)")
     transformer_ff: int = setting(1024, "transformer decoder: hidden size of each layer's feed-forward block")
     max_positions: int = setting(40, "transformer decoder: the longest input it reads, in tokens (<start> and the "
                                  "words): the size of its word-position table and of its decoding cache")
@@ -134,6 +137,7 @@ RULES = {
     "embedding_size": (lambda v: v >= 1, "at least 1"),
     "lstm_units": (lambda v: v >= 1, "at least 1"),
     "dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "attention_dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "init_scale": (lambda v: v > 0, "above 0"),
     "epochs": (lambda v: v >= 1, "at least 1"),
     "batch_size": (lambda v: v >= 1, "at least 1"),

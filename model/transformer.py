@@ -26,6 +26,7 @@ the last position is reused (a caption that long is beyond what the decoder was 
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 from extract.encoder import grid_side
@@ -39,8 +40,24 @@ def transformer_weights(n_layers: int) -> tuple:
     """The names of the randomly initialised weights, each of which gets its own seed."""
     per_layer = [f"layer{i}_{block}_{part}" for i in range(n_layers) for block in ("self", "cross")
                  for part in ATTENTION_PARTS] + [f"layer{i}_ff{j}" for i in range(n_layers) for j in (1, 2)]
-    return ("grid_embedding", "row_embedding", "column_embedding", "word_embedding", "position_embedding",
+    return ("grid_embedding", "word_embedding", "position_embedding",
             *per_layer, "logits")
+
+
+def grid_position_tables(side: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sine position tables of a side x side grid for `size` dimensions -> (rows [side, size],
+    columns [side, size]): a row's code sin/cos(r w_k), w_k = 10000^(-k / half), in the first half
+    of the dimensions and zeros in the second, a column's the other way round, so row + column
+    tells (r, c) apart from (c, r)."""
+    half = size // 2
+    k = np.arange(half // 2, dtype=np.float64)
+    w = 10000.0 ** (-2.0 * k / max(half, 1))
+    angle = np.arange(side, dtype=np.float64)[:, None] * w[None]              # [side, half // 2]
+    code = np.zeros((side, half))
+    code[:, 0:2 * len(k):2], code[:, 1:2 * len(k):2] = np.sin(angle), np.cos(angle)
+    rows, cols = np.zeros((side, size), np.float32), np.zeros((side, size), np.float32)
+    rows[:, :half], cols[:, half:2 * half] = code, code
+    return rows, cols
 
 
 class TransformerDecoder(Decoder):
@@ -58,9 +75,15 @@ class TransformerDecoder(Decoder):
     def _build_layers(self) -> None:
         c, init, E = self.config, self.init, self.config.embedding_size
         self.grid_embedding = layers.Dense(E, kernel_initializer=init("grid_embedding"), name="grid_embedding")
-        self.row_embedding = layers.Embedding(self.side, E, embeddings_initializer=init("row_embedding"),
+        # the grid's 2-D position: learned, starting from a sine table (rows in the first half of the
+        # dimensions, columns in the second), so that where an attended object is travels with it in
+        # the values from the first step (a small random start left it ~3% of the signal and the
+        # relations left/right/above/below at chance: docs/performance.md)
+        rows, cols = grid_position_tables(self.side, E)
+        self.row_embedding = layers.Embedding(self.side, E, embeddings_initializer=keras.initializers.Constant(rows),
                                               name="row_embedding")
-        self.column_embedding = layers.Embedding(self.side, E, embeddings_initializer=init("column_embedding"),
+        self.column_embedding = layers.Embedding(self.side, E,
+                                                 embeddings_initializer=keras.initializers.Constant(cols),
                                                  name="column_embedding")
         self.memory_norm = layers.LayerNormalization(epsilon=1e-6, name="memory_norm")
         self.word_embedding = layers.Embedding(c.vocab_size, E, embeddings_initializer=init("word_embedding"),
@@ -77,7 +100,7 @@ class TransformerDecoder(Decoder):
         c, init, E = self.config, self.init, self.config.embedding_size
         block = {}
         for kind in ("self", "cross"):
-            mha = layers.MultiHeadAttention(c.transformer_heads, E // c.transformer_heads, dropout=c.dropout,
+            mha = layers.MultiHeadAttention(c.transformer_heads, E // c.transformer_heads, dropout=c.attention_dropout,
                                             name=f"layer{i}_{kind}_attention")
             with keras.name_scope(self.name):               # its variables' paths like the other layers'
                 mha.build((None, None, E), (None, None, E))

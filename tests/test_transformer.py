@@ -82,7 +82,7 @@ def test_dropout_is_used_in_training_only():
 
 @pytest.mark.parametrize("beam,max_len", [(1, 6), (3, 8)])
 def test_graph_beam_search_equals_the_python_one(beam, max_len):
-    m, feats = _model(sharp=25.0)
+    m, feats = _model(sharp=25.0, seed=5)        # a draw whose five images get different beams
     init, step = numpy_decoding(m)
     want = beam_search_batch(step, init(feats), start_id=START_ID, end_id=END_ID, beam_size=beam, max_len=max_len)
     ids, lengths, lps, complete = decoding.beam_search(m, tf.constant(feats), beam_size=beam, max_len=max_len)
@@ -90,7 +90,7 @@ def test_graph_beam_search_equals_the_python_one(beam, max_len):
 
 
 def test_greedy_is_the_argmax_of_teacher_forcing_word_by_word():
-    m, feats = _model(sharp=25.0)
+    m, feats = _model(sharp=25.0, seed=5)        # a draw whose five images get different beams
     max_len = 9
     ids = np.full((len(feats), 1), START_ID, np.int32)
     for _ in range(max_len - 1):                               # teacher forcing on each row's own prefix
