@@ -188,7 +188,15 @@ def _check_transformer(cfg: ModelConfig) -> None:
                         f"the feature cache has {cfg.grid_positions} positions")
 
 
+# Fields added after runs were made: what a saved config that lacks one meant by it (the model is
+# rebuilt as it was trained, so its checkpoint fits)
+EARLIER_RUNS = {
+    "ModelConfig": {"attention_dropout": lambda d: d.get("dropout", 0.3)},   # was --dropout before 2026-12-02
+}
+
+
 def from_dict(cls, d: dict, where: str = "config"):
+    d = {**{k: f(d) for k, f in EARLIER_RUNS.get(cls.__name__, {}).items() if k not in d}, **d}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:

@@ -157,3 +157,15 @@ def test_bench_times_the_transformer_beside_the_pooled_decoder():
     name = "transformer decoder (4 positions x 6), ours"
     assert r[name]["real_tokens_s"] > 0 and r[name]["ms_per_step"] > 0
     assert any(x.startswith("  transformer decoder / pooled decoder: ") for x in lines)
+
+
+def test_a_run_saved_before_attention_dropout_existed_is_rebuilt_with_its_dropout():
+    """Runs made before --attention-dropout used --dropout on the attention weights: their saved
+    config (without the key) must rebuild that model, or the checkpoint would not fit."""
+    import dataclasses
+    from model.config import from_dict
+    saved = {k: v for k, v in dataclasses.asdict(ModelConfig(vocab_size=13, dropout=0.25)).items()
+             if k != "attention_dropout"}
+    assert from_dict(ModelConfig, saved).attention_dropout == 0.25
+    assert from_dict(ModelConfig, {**saved, "attention_dropout": 0.0}).attention_dropout == 0.0
+    assert ModelConfig(vocab_size=13).attention_dropout == 0.0                 # a new run's default
