@@ -78,7 +78,7 @@ class TransformerDecoder(Decoder):
         # the grid's 2-D position: learned, starting from a sine table (rows in the first half of the
         # dimensions, columns in the second), so that where an attended object is travels with it in
         # the values from the first step (a small random start left it ~3% of the signal and the
-        # relations left/right/above/below at chance: docs/performance.md)
+        # relations left/right/above/below near chance: docs/results.md)
         rows, cols = grid_position_tables(self.side, E)
         self.row_embedding = layers.Embedding(self.side, E, embeddings_initializer=keras.initializers.Constant(rows),
                                               name="row_embedding")
