@@ -73,11 +73,7 @@ class ImageCaptionSet:
         bad = {f["row"] for f in manifest["failed"].get(split, [])}
         self.paths = sp.image_paths(manifest.get("images_root") or captions_path.parent)
         self.rows = np.array([r for r in range(len(sp.image_ids)) if r not in bad], np.int64)
-        self.caps_of: dict[int, np.ndarray] = {}
-        order = np.argsort(sp.image_index, kind="stable")
-        starts = np.searchsorted(sp.image_index[order], np.arange(len(sp.image_ids) + 1))
-        for r in range(len(sp.image_ids)):
-            self.caps_of[r] = order[starts[r]:starts[r + 1]]
+        self.caps_of = captions_of_images(sp.image_index, len(sp.image_ids))
         self.ids, self.lengths, self.split = sp.captions, sp.lengths, split
         self.file_names = sp.file_names
         self.truth = {r: json.loads(sp.objects[r])["objects"] for r in self.rows if sp.objects[r]}  # synth only
@@ -87,16 +83,29 @@ class ImageCaptionSet:
 
     def captions_for(self, rows: np.ndarray, k: int, rng: np.random.Generator | None):
         """-> ids [N, T] trimmed to the longest, cap_img [N] (position of each caption's image in rows)."""
-        picks, owner = [], []
-        for j, r in enumerate(rows):
-            c = self.caps_of[int(r)]
-            if len(c) > k:
-                c = c[:k] if rng is None else rng.choice(c, size=k, replace=False)
-            picks += list(c)
-            owner += [j] * len(c)
-        picks = np.asarray(picks)
-        t = int(self.lengths[picks].max())
-        return self.ids[picks, :t], np.asarray(owner, np.int32)
+        return pick_captions(self.caps_of, self.ids, self.lengths, rows, k, rng)
+
+
+def captions_of_images(image_index: np.ndarray, n_images: int) -> list[np.ndarray]:
+    """Image row -> the indices of its captions (image_index[i]: the image row of caption i)."""
+    order = np.argsort(image_index, kind="stable")
+    starts = np.searchsorted(image_index[order], np.arange(n_images + 1))
+    return [order[starts[r]:starts[r + 1]] for r in range(n_images)]
+
+
+def pick_captions(caps_of, ids, lengths, rows: np.ndarray, k: int, rng: np.random.Generator | None):
+    """Up to k captions of each image of `rows` (the first k without rng, else k drawn by it) ->
+    ids [N, T] trimmed to the longest, owner [N] (position of each caption's image in rows)."""
+    picks, owner = [], []
+    for j, r in enumerate(rows):
+        c = caps_of[int(r)]
+        if len(c) > k:
+            c = c[:k] if rng is None else rng.choice(c, size=k, replace=False)
+        picks += list(c)
+        owner += [j] * len(c)
+    picks = np.asarray(picks)
+    t = int(lengths[picks].max())
+    return ids[picks, :t], np.asarray(owner, np.int32)
 
 
 def open_data(data_dir, features_dir=None, captions=None):

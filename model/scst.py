@@ -27,7 +27,7 @@ from extract.cache import feature_kind
 from model import checkpoint
 from model.cider import CiderD, with_end
 from model.config import ScstConfig, override
-from model.data import CaptionSet, open_data
+from model.data import CaptionSet, captions_of_images, open_data, pick_captions
 from model.loop import TrainingPhase, fit, open_run
 from model.metrics import content_accuracy
 from model.run import DECODER, ENCODER, Run, load_run
@@ -132,7 +132,7 @@ class ScstPhase(TrainingPhase):
         self._step = self._compiled_step()
         self._rewards: list[float] = []
         self._greedy_captions: dict[int, list[int]] = {}
-        self._caption_rows = None                       # (captions sorted by image, each image's bounds)
+        self._caps_of = None                            # image row -> its captions (--xe-weight only)
 
     def _compiled_step(self):
         import tensorflow as tf
@@ -202,14 +202,10 @@ class ScstPhase(TrainingPhase):
 
     def reference_ids(self, rows: np.ndarray, step: int) -> np.ndarray:
         """One training caption of each image (drawn by the seed and step), padded to the longest."""
-        if self._caption_rows is None:
-            order = np.argsort(self.trainset.image_index, kind="stable")
-            bounds = np.searchsorted(self.trainset.image_index[order], np.arange(len(self.trainset.image_ids) + 1))
-            self._caption_rows = (order, bounds)
-        order, bounds = self._caption_rows
-        rng = np.random.default_rng([self.cfg.seed, step, 1])
-        picked = [order[bounds[r] + rng.integers(bounds[r + 1] - bounds[r])] for r in rows]
-        return self.trainset.ids[picked][:, :int(self.trainset.lengths[picked].max())]
+        if self._caps_of is None:
+            self._caps_of = captions_of_images(self.trainset.image_index, len(self.trainset.image_ids))
+        ts, rng = self.trainset, np.random.default_rng([self.cfg.seed, step, 1])
+        return pick_captions(self._caps_of, ts.ids, ts.lengths, rows, 1, rng)[0]
 
     def evaluate(self) -> dict:
         from model.decoding import greedy
