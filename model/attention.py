@@ -145,14 +145,17 @@ class AttendAndTell(Decoder):
         """Attention maps of a given caption: [B, P, F], [B, T] -> [B, T, P] (inference mode)."""
         return self.hidden(features, input_ids, training=False, return_attention=True)[1]
 
-    def hidden_and_penalty(self, features, input_ids, mask, training=False):
-        """With attention_reg > 0, in training: the doubly stochastic penalty, summed over captions
-        (mask [B, T] marks the real words)."""
-        if not (training and self.config.attention_reg):
+    def hidden_and_penalty(self, features, input_ids, mask, training=False, cells=None):
+        """In training: with attention_reg > 0 the doubly stochastic penalty, summed over captions
+        (mask [B, T] marks the real words); with attention_supervision > 0 and cells, the grounding
+        penalty (Decoder.grounding_penalty)."""
+        grounded = cells is not None and self.config.attention_supervision > 0
+        if not (training and (self.config.attention_reg or grounded)):
             return self.hidden(features, input_ids, training=training), 0.0
         out, alphas = self.hidden(features, input_ids, training=training, return_attention=True)
         total = ops.sum(alphas * ops.cast(mask, alphas.dtype)[:, :, None], axis=1)      # [B, P]
-        return out, self.config.attention_reg * ops.sum((1.0 - total) ** 2)
+        penalty = self.config.attention_reg * ops.sum((1.0 - total) ** 2)
+        return out, penalty + (self.grounding_penalty(alphas, cells) if grounded else 0.0)
 
     # ---- decoding ----------------------------------------------------------------------------
     def step_logits(self, word_ids, state):

@@ -40,6 +40,10 @@ class ModelConfig:
     attention_reg: float = setting(0.0, "attention decoder: weight of the doubly stochastic regularisation (Show, "
                                    "Attend and Tell: every position's attention summed over the caption pushed "
                                    "towards 1)")
+    attention_supervision: float = setting(0.0, "attention and transformer decoders, `model train` on a dataset that "
+                                           "records where each object is (the built-in one): weight of a loss "
+                                           "pulling the attention of each colour or shape word naming a true object "
+                                           "into that object's box (-log of the attention mass there; 0: off)")
     transformer_layers: int = setting(2, "transformer decoder: layers (each self-attention, cross-attention to the "
                                       "grid, feed-forward; d_model is embedding_size)")
     transformer_heads: int = setting(4, "transformer decoder: attention heads (embedding_size must be a multiple)")
@@ -130,6 +134,7 @@ RULES = {
     "feature_clip": (lambda v: v >= 0, "0 (off) or more"),
     "feature_std_floor": (lambda v: 0 < v <= 10, "in (0, 10]"),
     "attention_reg": (lambda v: v >= 0, "0 (off) or more"),
+    "attention_supervision": (lambda v: 0 <= v < 1e6, "0 (off) or more"),
     "transformer_layers": (lambda v: v >= 1, "at least 1"),
     "transformer_heads": (lambda v: v >= 1, "at least 1"),
     "transformer_ff": (lambda v: v >= 1, "at least 1"),

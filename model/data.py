@@ -41,17 +41,47 @@ class CaptionSet:
         self.file_names = sp.file_names
         self.objects = sp.objects
         self.split = split
+        self.word_object = self.object_cells = None     # attention supervision's targets (ground)
+
+    def ground(self, vocab, side: int) -> int:
+        """Attention supervision's targets: for each target word of each caption, the index of the
+        true object it names (model.metrics.named_objects: colour and shape words; -1: none), and
+        each image's object cells on the side x side grid (model.metrics.box_cells). From then on
+        `batch` also returns the cells of each target word [B, T, side * side]. -> words named."""
+        from model.metrics import box_cells, named_objects
+        truths = [json.loads(t) if t else {} for t in self.objects]
+        k = max([len(t.get("objects", [])) for t in truths] + [1])
+        self.object_cells = np.zeros((len(truths), k, side * side), np.float32)
+        for r, t in enumerate(truths):
+            for j, o in enumerate(t.get("objects", [])):
+                self.object_cells[r, j] = box_cells(o, t["width"], t["height"], side)
+        self.word_object = np.full(self.ids.shape, -1, np.int8)
+        for i, (ids, img) in enumerate(zip(self.ids, self.image_index)):
+            objs = truths[img].get("objects")
+            if objs:
+                named = named_objects([vocab.words[w] for w in ids[1:]], objs)
+                index = {id(o): j for j, o in enumerate(objs)}
+                self.word_object[i, :-1] = [-1 if o is None else index[id(o)] for o in named]
+        return int((self.word_object >= 0).sum())
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def batch(self, rows: np.ndarray) -> tuple:
         """-> features [B, F] (or [B, P, F]) float32, ids [B, T+1] int32 trimmed to the batch's longest
-        caption (B may be 0: a replica's share of a last batch smaller than the replicas)."""
+        caption (B may be 0: a replica's share of a last batch smaller than the replicas); once
+        grounded, also the cells of the object each target word names [B, T, P] float32 (0: none)."""
         if not len(rows):
-            return np.zeros((0, *self.features.shape[1:]), np.float32), np.zeros((0, 2), np.int32)
+            empty = np.zeros((0, *self.features.shape[1:]), np.float32), np.zeros((0, 2), np.int32)
+            return empty if self.word_object is None else (*empty, np.zeros((0, 1, self.object_cells.shape[2]),
+                                                                              np.float32))
         t = int(self.lengths[rows].max())
-        return self.features[self.image_index[rows]], self.ids[rows, :t]
+        out = self.features[self.image_index[rows]], self.ids[rows, :t]
+        if self.word_object is None:
+            return out
+        named = self.word_object[rows, :t - 1].astype(np.int64)                         # [B, T]
+        cells = self.object_cells[self.image_index[rows][:, None], np.maximum(named, 0)]    # [B, T, P]
+        return (*out, cells * (named >= 0)[:, :, None])
 
     def epoch_rows(self, epoch: int, batch_size: int, seed: int, start: int = 0, shuffle: bool = True):
         """The caption rows of each batch of epoch `epoch` from batch number `start` on; the order

@@ -83,10 +83,20 @@ class Decoder(keras.Model):
     def feature_shape(self) -> tuple:
         return (self.config.feature_dim,)
 
-    def hidden_and_penalty(self, features, input_ids, mask, training=False):
+    def hidden_and_penalty(self, features, input_ids, mask, training=False, cells=None):
         """Teacher forcing for the loss: (outputs [B, T, H], a regularisation term summed over the
-        batch, added to the loss sum in training only). No penalty here."""
+        batch, added to the loss sum in training only). No penalty here. cells [B, T, P]: see
+        grounding_penalty (the grid decoders')."""
         return self.hidden(features, input_ids, training=training), 0.0
+
+    def grounding_penalty(self, attention, cells):
+        """Attention supervision: attention [B, T, P] (the maps `attention` draws), cells [B, T, P]
+        (1 on the cells of the object target word t names, all 0 where it names none) ->
+        attention_supervision x the sum over named words of -log(the attention mass on their object)."""
+        a = ops.cast(attention, "float32")
+        mass = ops.sum(a * cells, axis=-1)                                           # [B, T]
+        named = ops.cast(ops.max(cells, axis=-1) > 0, "float32")
+        return self.config.attention_supervision * ops.sum(-ops.log(mass + 1e-6) * named)
 
     def call(self, features, input_ids, training=False):
         return ops.log_softmax(self.project(self.hidden(features, input_ids, training)), axis=-1)  # [B, T, V]
@@ -139,7 +149,7 @@ class ShowAndTell(Decoder):
         out = run_lstm(self.lstm, seq, training, steps)                # [B, T+1, H]
         return self.drop_out(out[:, 1:], training=training)            # [B, T, H]
 
-    def hidden_and_penalty(self, features, input_ids, mask, training=False):
+    def hidden_and_penalty(self, features, input_ids, mask, training=False, cells=None):
         # the loss reads the outputs of real targets only: the LSTM skips the steps after a row's last
         T = ops.shape(mask)[1]
         lengths = ops.max(ops.cast(mask, "int32") * ops.arange(1, T + 1, dtype="int32")[None, :], axis=1)

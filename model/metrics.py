@@ -7,6 +7,8 @@
     named_objects(words, objects)       the true object each colour or shape word of a caption names
     pointing(words, maps, objects, width, height)   grounding: for each word naming a true object,
                                         is the peak of its attention map inside that object's box?
+    box_cells(object, width, height, side)   the grid cells of an object's box (pointing's hits,
+                                        attention supervision's targets)
     degenerate(text), count_degenerate(texts)   babble: a word three times in a row, a repeated
                                         trigram, or ending on a word no caption ends on
 """
@@ -79,20 +81,30 @@ def named_objects(words: list[str], objects: list[dict]) -> list[dict | None]:
 
 def pointing(words: list[str], maps, objects: list[dict], width: int, height: int) -> tuple[int, int]:
     """Grounding of one caption: -> (hits, words scored). The words scored are those naming a true
-    object (named_objects); one hits when the centre of the grid cell where its attention map peaks
-    lies inside that object's box (cx +- r, cy +- r, in pixels of a width x height image; the
-    encoder sees the image squared, so cells scale per axis). maps[t]: the attention while word t
-    was chosen ([T, side * side], row-major)."""
+    object (named_objects); one hits when its attention map peaks in one of that object's cells
+    (box_cells). maps[t]: the attention while word t was chosen ([T, side * side], row-major)."""
     hits = scored = 0
     for m, o in zip(maps, named_objects(words, objects)):
         if o is None:
             continue
-        side = grid_side(len(m))
-        row, col = divmod(int(np.argmax(m)), side)
-        x, y = (col + 0.5) * width / side, (row + 0.5) * height / side
-        hits += int(abs(x - o["cx"]) <= o["r"] and abs(y - o["cy"]) <= o["r"])
+        hits += int(box_cells(o, width, height, grid_side(len(m)))[int(np.argmax(m))])
         scored += 1
     return hits, scored
+
+
+def box_cells(o: dict, width: int, height: int, side: int) -> np.ndarray:
+    """The cells of a side x side grid (row-major, bool [side * side]) that belong to object o: those
+    whose centre lies inside its box (cx +- r, cy +- r, in pixels of a width x height image; the
+    encoder sees the image squared, so cells scale per axis), and always the cell holding its centre
+    (an object smaller than a cell). Pointing counts a hit there; attention supervision pulls there."""
+    centres = np.arange(side) + 0.5
+    inside_x = np.abs(centres * width / side - o["cx"]) <= o["r"]
+    inside_y = np.abs(centres * height / side - o["cy"]) <= o["r"]
+    cells = inside_y[:, None] & inside_x[None, :]
+    row = min(max(int(o["cy"] * side / height), 0), side - 1)
+    col = min(max(int(o["cx"] * side / width), 0), side - 1)
+    cells[row, col] = True
+    return cells.reshape(-1)
 
 
 def degenerate(text: str, no_end_after=NO_END_AFTER) -> bool:

@@ -10,16 +10,18 @@ from __future__ import annotations
 import numpy as np
 
 
-def masked_token_loss(model, features, ids, training=False):
+def masked_token_loss(model, features, ids, training=False, cells=None):
     """Cross-entropy summed over real (non-pad) target tokens, and their count.
 
     ids [B, T+1] -> inputs ids[:, :-1], targets ids[:, 1:]; logits are computed for real tokens
     only, so pads cost nothing and cannot leak into the mean (sum / count is a true per-token mean).
+    cells [B, T, P] (optional): the grid cells of the object each target word names, for attention
+    supervision (the decoder's penalty; training only).
     """
     import tensorflow as tf
     inp, tgt = ids[:, :-1], ids[:, 1:]                                          # [B, T], [B, T]
     mask = tgt > 0
-    out, penalty = model.hidden_and_penalty(features, inp, mask, training)     # penalty: training only
+    out, penalty = model.hidden_and_penalty(features, inp, mask, training, cells)   # penalty: training only
     h = tf.boolean_mask(out, mask)                                              # [n, H]
     logits = tf.cast(model.project(h), tf.float32)                              # [n, V]
     ce = token_cross_entropy(logits, tf.boolean_mask(tgt, mask))
@@ -76,10 +78,10 @@ def make_steps(model, optimizer, strategy, clip_norm: float):
     if strategy.num_replicas_in_sync > 1:
         summed_gradients(optimizer)
 
-    def replica_train(features, ids):
+    def replica_train(features, ids, *cells):         # cells: with attention supervision (CaptionSet.ground)
         ctx = tf.distribute.get_replica_context()
         with tf.GradientTape() as tape:
-            loss_sum, n = masked_token_loss(model, features, ids, True)
+            loss_sum, n = masked_token_loss(model, features, ids, True, *cells)
             loss = loss_sum / ctx.all_reduce(tf.distribute.ReduceOp.SUM, n)
         grads = tape.gradient(loss, model.trainable_variables)
         if ctx.num_replicas_in_sync > 1:
@@ -95,7 +97,7 @@ def make_steps(model, optimizer, strategy, clip_norm: float):
 
     @tf.function(reduce_retracing=True)
     def eval_step(batch):
-        s, n = strategy.run(lambda f, i: masked_token_loss(model, f, i, False), args=batch)
+        s, n = strategy.run(lambda f, i, *cells: masked_token_loss(model, f, i, False), args=batch)
         return strategy.reduce("SUM", s, axis=None), strategy.reduce("SUM", n, axis=None)
     return train_step, eval_step
 

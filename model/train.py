@@ -142,6 +142,8 @@ def train(data, out, *, features=None, captions=None, model_overrides: dict | No
     trainset = CaptionSet(captions, features_dir, "train", manifest)
     valset = CaptionSet(captions, features_dir, "val", manifest)
     _check_splits(trainset, valset, captions)
+    if mcfg.attention_supervision:
+        _ground(trainset, mcfg, vocab, captions, log)
     if only_unknown_words(valset.ids):
         log(f"warning: every val caption of {captions} is only <unk> (none of its words is in the vocabulary), so "
             f"the best model is chosen by its loss on <unk> targets; re-run `python -m prepare captions` with a "
@@ -168,6 +170,23 @@ def train(data, out, *, features=None, captions=None, model_overrides: dict | No
         log(f"best validation perplexity {perplexity(state['best_val']):.2f}; run directory {out}")
     return {"run": str(out), "steps": state["step"], "epochs": state["epoch"], "best_val_loss": state["best_val"],
             "seconds": round(time.time() - t_start, 1), "history": state["history"]}
+
+
+def _ground(trainset: CaptionSet, mcfg: ModelConfig, vocab, captions: Path, log) -> None:
+    """Attention supervision's targets for the training captions (CaptionSet.ground), or the reason
+    there can be none."""
+    from extract.encoder import grid_side
+    flag = f"--attention-supervision {mcfg.attention_supervision}"
+    if FEATURES_OF_DECODER[mcfg.decoder] != "grid":
+        raise UserError(f"{flag}: the {mcfg.decoder} decoder has no attention; pass --decoder attention or "
+                        f"transformer, or leave the flag out")
+    words = trainset.ground(vocab, grid_side(mcfg.grid_positions))
+    if not words:
+        raise UserError(f"{flag}: {captions} records no objects with their places for the training images (or no "
+                        f"caption names one), so there is nothing to point at; it needs a dataset like the built-in "
+                        f"one (`python -m prepare synth`), or leave the flag out")
+    log(f"attention supervision: {words} words of {len(trainset)} training captions name an object whose cells "
+        f"they are pulled to (weight {mcfg.attention_supervision})")
 
 
 def worker_log(index: int, log):
@@ -200,6 +219,8 @@ class DecoderPhase(TrainingPhase):
         (model/distribute.py: replica_rows)."""
         import tensorflow as tf
         spec = (tf.TensorSpec([None, *self.model.feature_shape], tf.float32), tf.TensorSpec([None, None], tf.int32))
+        if data.word_object is not None:        # attention supervision: the cells each target word names
+            spec += (tf.TensorSpec([None, None, data.object_cells.shape[2]], tf.float32),)
         n, mine = self.strategy.num_replicas_in_sync, local_replicas(self.strategy)
 
         def pieces():

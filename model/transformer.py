@@ -162,6 +162,14 @@ class TransformerDecoder(Decoder):
         out = self.final_norm(x)
         return (out, ops.mean(scores, axis=1)) if return_attention else out     # heads averaged: [B, T, P]
 
+    def hidden_and_penalty(self, features, input_ids, mask, training=False, cells=None):
+        """In training with attention_supervision > 0 and cells: the grounding penalty on the maps
+        `attention` draws (the last layer's cross-attention, averaged over heads)."""
+        if not (training and cells is not None and self.config.attention_supervision > 0):
+            return self.hidden(features, input_ids, training=training), 0.0
+        out, maps = self.hidden(features, input_ids, training=training, return_attention=True)
+        return out, self.grounding_penalty(maps, cells)
+
     def project(self, h):
         return self.logits(h)
 
