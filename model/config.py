@@ -44,6 +44,9 @@ class ModelConfig:
                                            "records where each object is (the built-in one): weight of a loss "
                                            "pulling the attention of each colour or shape word naming a true object "
                                            "into that object's box (-log of the attention mass there; 0: off)")
+    supervised_heads: int = setting(0, "transformer decoder: how many heads of the last layer's cross-attention "
+                                    "--attention-supervision pulls (the first ones; 0: all, their average); the "
+                                    "others stay free")
     transformer_layers: int = setting(2, "transformer decoder: layers (each self-attention, cross-attention to the "
                                       "grid, feed-forward; d_model is embedding_size)")
     transformer_heads: int = setting(4, "transformer decoder: attention heads (embedding_size must be a multiple)")
@@ -135,6 +138,7 @@ RULES = {
     "feature_std_floor": (lambda v: 0 < v <= 10, "in (0, 10]"),
     "attention_reg": (lambda v: v >= 0, "0 (off) or more"),
     "attention_supervision": (lambda v: 0 <= v < 1e6, "0 (off) or more"),
+    "supervised_heads": (lambda v: v >= 0, "0 (all) or more"),
     "transformer_layers": (lambda v: v >= 1, "at least 1"),
     "transformer_heads": (lambda v: v >= 1, "at least 1"),
     "transformer_ff": (lambda v: v >= 1, "at least 1"),
@@ -187,6 +191,9 @@ def _check_transformer(cfg: ModelConfig) -> None:
     if cfg.embedding_size % cfg.transformer_heads:
         raise UserError(f"--transformer-heads {cfg.transformer_heads}: must divide --embedding-size "
                         f"{cfg.embedding_size} (each head gets embedding_size / heads channels)")
+    if cfg.supervised_heads > cfg.transformer_heads:
+        raise UserError(f"--supervised-heads {cfg.supervised_heads}: at most --transformer-heads "
+                        f"{cfg.transformer_heads} (0: all)")
     side = round(cfg.grid_positions ** 0.5)
     if cfg.grid_positions and side * side != cfg.grid_positions:
         raise UserError(f"the transformer decoder needs a square grid (its position embeddings are rows + columns); "

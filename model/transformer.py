@@ -151,24 +151,32 @@ class TransformerDecoder(Decoder):
     # ---- teacher forcing --------------------------------------------------------------------
     def hidden(self, features, input_ids, training=False, return_attention=False):
         """[B, P, F], [B, T] -> outputs [B, T, E] (after the final LayerNorm) [, attention [B, T, P]]."""
-        memory = self.memory(features)
-        x = self.embed(input_ids, ops.arange(ops.shape(input_ids)[1], dtype="int32"), training)
-        scores = None
-        for i, block in enumerate(self.blocks):
-            last = return_attention and i == len(self.blocks) - 1
-            x, scores = self._layer(block, x, memory,
-                                    lambda h, b=block: b["self"](h, h, h, use_causal_mask=True, training=training),
-                                    training, last)
-        out = self.final_norm(x)
+        out, scores = self._teacher_forced(features, input_ids, training, return_attention)
         return (out, ops.mean(scores, axis=1)) if return_attention else out     # heads averaged: [B, T, P]
 
+    def _teacher_forced(self, features, input_ids, training=False, scores=False):
+        """-> outputs [B, T, E], the last layer's cross-attention per head [B, H, T, P] (or None)."""
+        memory = self.memory(features)
+        x = self.embed(input_ids, ops.arange(ops.shape(input_ids)[1], dtype="int32"), training)
+        att = None
+        for i, block in enumerate(self.blocks):
+            last = scores and i == len(self.blocks) - 1
+            x, att = self._layer(block, x, memory,
+                                 lambda h, b=block: b["self"](h, h, h, use_causal_mask=True, training=training),
+                                 training, last)
+        return self.final_norm(x), att
+
     def hidden_and_penalty(self, features, input_ids, mask, training=False, cells=None):
-        """In training with attention_supervision > 0 and cells: the grounding penalty on the maps
-        `attention` draws (the last layer's cross-attention, averaged over heads)."""
-        if not (training and cells is not None and self.config.attention_supervision > 0):
+        """In training with attention_supervision > 0 and cells: the grounding penalty on the last
+        layer's cross-attention averaged over its first `supervised_heads` heads (0: all of them, the
+        maps `attention` draws); the other heads stay free (e.g. to look at the object a relation
+        compares with)."""
+        c = self.config
+        if not (training and cells is not None and c.attention_supervision > 0):
             return self.hidden(features, input_ids, training=training), 0.0
-        out, maps = self.hidden(features, input_ids, training=training, return_attention=True)
-        return out, self.grounding_penalty(maps, cells)
+        out, scores = self._teacher_forced(features, input_ids, training, True)
+        k = c.supervised_heads or c.transformer_heads
+        return out, self.grounding_penalty(ops.mean(scores[:, :k], axis=1), cells)
 
     def project(self, h):
         return self.logits(h)

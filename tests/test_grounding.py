@@ -152,3 +152,19 @@ def test_attention_supervision_is_refused_where_there_is_nothing_to_point_at(tin
     cfg = ModelConfig(vocab_size=len(vocab), decoder="attention", grid_positions=4, attention_supervision=1.0)
     with pytest.raises(UserError, match=r"records no objects with their places .* prepare synth"):
         _ground(ts, cfg, vocab, tiny_dataset / "captions.h5", lambda *a: None)
+
+
+def test_supervised_heads_pulls_only_the_first_heads_and_is_checked():
+    f, ids, cells, named = _problem()
+    m = _tiny(0.5)
+    m.config.supervised_heads = 1
+    plain, _ = masked_token_loss(m, f, ids, True)
+    supervised, _ = masked_token_loss(m, f, ids, True, cells)
+    _, scores = m._teacher_forced(f, ids[:, :-1], False, True)              # [B, H, T, P]
+    head0 = (scores.numpy()[:, 0] * cells).sum(-1)[named]
+    both = (scores.numpy().mean(1) * cells).sum(-1)[named]
+    assert not np.allclose(head0, both)                                     # the heads differ: the test can fail
+    np.testing.assert_allclose(float(supervised) - float(plain), 0.5 * float(-np.log(head0 + 1e-6).sum()), rtol=1e-4)
+    from model.config import override
+    with pytest.raises(UserError, match=r"--supervised-heads 3: at most --transformer-heads 2"):
+        override(m.config, {"supervised_heads": 3})
