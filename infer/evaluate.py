@@ -16,7 +16,7 @@ import numpy as np
 
 from extract.cache import MANIFEST, FeatureArray, feature_file, feature_kind, read_manifest
 from infer.captioner import Captioner
-from model.metrics import content_accuracy
+from model.metrics import content_accuracy, image_size_of
 from prepare import captions_h5
 from prepare.errors import UserError
 from prepare.files import PENDING, Publication, exclusive_lock, finish_pending, publish, sha256_file, write_json_atomic
@@ -178,7 +178,7 @@ def evaluate(run, data, *, split: str = "test", beam_size: int = 3, max_len: int
     seconds = time.time() - t0
     truth = {r: json.loads(sp.objects[r]) for r in beams if sp.objects[r]}
     strips = {r: maps[r] for r in sorted(maps)[:attention_maps]}
-    sizes = {r: _image_size(t, paths[r]) for r, t in truth.items() if r in maps}   # strips and pointing: read once
+    sizes = {r: image_size_of(t, paths[r]) for r, t in truth.items() if r in maps}   # strips and pointing: read once
     boxes = {r: _named_boxes(cap.vocab, beams[r][0].ids, truth[r]["objects"], sizes[r])
              for r in strips if sizes.get(r)}
     hyp = {int(sp.image_ids[r]): cap.text(b[0]) for r, b in beams.items()}
@@ -275,19 +275,6 @@ def _word_log_probs(best: list) -> dict | None:
             "median": float(np.median(per))}
 
 
-def _image_size(truth: dict, path) -> tuple[int, int] | None:
-    """(width, height) of an image whose objects are recorded: from its caption file's entry, else
-    from the image file's header (older captions.h5); None when the header cannot be read (a missing or
-    broken file, a FIFO or device: extract.images.image_size)."""
-    if isinstance(truth.get("width"), int) and isinstance(truth.get("height"), int):
-        return truth["width"], truth["height"]
-    from extract.images import BadImage, image_size
-    try:
-        return image_size(path)
-    except BadImage:
-        return None
-
-
 def _named_boxes(vocab, ids: list[int], objects: list[dict], size: tuple[int, int]) -> list:
     """Per word of a caption (ids from <start>), the box of the true object it names, as fractions
     of the (width, height) image (x0, y0, x1, y1), or None."""
@@ -301,7 +288,7 @@ def _named_boxes(vocab, ids: list[int], objects: list[dict], size: tuple[int, in
 
 def _pointing(cap, beams: dict, maps: dict, truth: dict, sizes: dict) -> dict:
     """Pointing accuracy over the split (model.metrics.pointing): the share of the words naming a
-    true object whose attention peaks inside that object's box; images of unknown size (_image_size)
+    true object whose attention peaks inside that object's box; images of unknown size (image_size_of)
     are left out and counted."""
     from infer.attention_maps import caption_words
     from model.metrics import pointing

@@ -40,21 +40,28 @@ class CaptionSet:
         self.image_ids = sp.image_ids
         self.file_names = sp.file_names
         self.objects = sp.objects
+        self.image_paths = lambda: sp.image_paths(manifest.get("images_root") or Path(captions_path).parent)
         self.split = split
         self.word_object = self.object_cells = None     # attention supervision's targets (ground)
 
     def ground(self, vocab, side: int) -> int:
         """Attention supervision's targets: for each target word of each caption, the index of the
         true object it names (model.metrics.named_objects: colour and shape words; -1: none), and
-        each image's object cells on the side x side grid (model.metrics.box_cells). From then on
-        `batch` also returns the cells of each target word [B, T, side * side]. -> words named."""
-        from model.metrics import box_cells, named_objects
+        each image's object cells on the side x side grid (model.metrics.box_cells); an image of
+        unknown size (model.metrics.image_size_of) names none. From then on `batch` also returns the
+        cells of each target word [B, T, side * side]. -> words named."""
+        from model.metrics import box_cells, image_size_of, named_objects
         truths = [json.loads(t) if t else {} for t in self.objects]
         k = max([len(t.get("objects", [])) for t in truths] + [1])
         self.object_cells = np.zeros((len(truths), k, side * side), np.float32)
+        paths = self.image_paths() if any(t.get("objects") and not (isinstance(t.get("width"), int) and isinstance(t.get("height"), int))
+                                           for t in truths) else None
         for r, t in enumerate(truths):
-            for j, o in enumerate(t.get("objects", [])):
-                self.object_cells[r, j] = box_cells(o, t["width"], t["height"], side)
+            size = image_size_of(t, paths and paths[r]) if t.get("objects") else None
+            if size is None:
+                t["objects"] = []
+            for j, o in enumerate(t["objects"] if size else []):
+                self.object_cells[r, j] = box_cells(o, *size, side)
         self.word_object = np.full(self.ids.shape, -1, np.int8)
         for i, (ids, img) in enumerate(zip(self.ids, self.image_index)):
             objs = truths[img].get("objects")

@@ -7,6 +7,7 @@
     named_objects(words, objects)       the true object each colour or shape word of a caption names
     pointing(words, maps, objects, width, height)   grounding: for each word naming a true object,
                                         is the peak of its attention map inside that object's box?
+    image_size_of(truth, path)          an image's (width, height): recorded, else its file's header
     box_cells(object, width, height, side)   the grid cells of an object's box (pointing's hits,
                                         attention supervision's targets)
     degenerate(text), count_degenerate(texts)   babble: a word three times in a row, a repeated
@@ -90,6 +91,19 @@ def pointing(words: list[str], maps, objects: list[dict], width: int, height: in
         hits += int(box_cells(o, width, height, grid_side(len(m)))[int(np.argmax(m))])
         scored += 1
     return hits, scored
+
+
+def image_size_of(truth: dict, path) -> tuple[int, int] | None:
+    """(width, height) of an image whose objects are recorded: from its caption file's entry, else
+    from the image file's header (older captions.h5); None when the header cannot be read (a missing or
+    broken file, a FIFO or device: extract.images.image_size)."""
+    if isinstance(truth.get("width"), int) and isinstance(truth.get("height"), int):
+        return truth["width"], truth["height"]
+    from extract.images import BadImage, image_size
+    try:
+        return image_size(path)
+    except BadImage:
+        return None
 
 
 def box_cells(o: dict, width: int, height: int, side: int) -> np.ndarray:

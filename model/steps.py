@@ -97,7 +97,7 @@ def make_steps(model, optimizer, strategy, clip_norm: float):
 
     @tf.function(reduce_retracing=True)
     def eval_step(batch):
-        s, n = strategy.run(lambda f, i, *cells: masked_token_loss(model, f, i, False), args=batch)
+        s, n = strategy.run(lambda f, i: masked_token_loss(model, f, i, False), args=batch)
         return strategy.reduce("SUM", s, axis=None), strategy.reduce("SUM", n, axis=None)
     return train_step, eval_step
 

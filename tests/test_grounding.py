@@ -168,3 +168,14 @@ def test_supervised_heads_pulls_only_the_first_heads_and_is_checked():
     from model.config import override
     with pytest.raises(UserError, match=r"--supervised-heads 3: at most --transformer-heads 2"):
         override(m.config, {"supervised_heads": 3})
+
+
+def test_ground_reads_the_size_from_the_image_where_the_captions_file_does_not_record_it(tiny_dataset, tiny_grid):
+    ts, vocab = _trainset(tiny_dataset, tiny_grid)
+    named = ts.ground(vocab, 2)
+    cells = ts.object_cells.copy()
+    old, _ = _trainset(tiny_dataset, tiny_grid)                      # an older captions.h5: no width, height
+    old.objects = [json.dumps({k: v for k, v in json.loads(t).items() if k not in ("width", "height")})
+                   for t in old.objects]
+    assert old.ground(vocab, 2) == named
+    np.testing.assert_array_equal(old.object_cells, cells)

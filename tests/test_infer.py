@@ -129,7 +129,8 @@ def test_pointing_scores_the_peak_cell_of_each_word_naming_a_true_object():
 def test_pointing_reads_an_old_images_size_from_its_header_and_leaves_unreadable_ones_out(tmp_path, monkeypatch):
     import os
     from PIL import Image
-    from infer.evaluate import _image_size, _pointing
+    from infer.evaluate import _pointing
+    from model.metrics import image_size_of as _image_size
     Image.new("RGB", (100, 50)).save(tmp_path / "ok.png")
     os.mkfifo(tmp_path / "pipe.png")                          # opening it would block the evaluation for ever
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
