@@ -1,4 +1,4 @@
-"""python -m infer {caption,evaluate,bench} ..."""
+"""python -m infer {caption,evaluate,export,serve,serve-bench,bench,rehearse} ..."""
 from __future__ import annotations
 
 import argparse
@@ -94,10 +94,27 @@ def _add_bench(sub) -> None:
     b.add_argument("--run", help="also time end-to-end captioning from JPEG files with this run")
 
 
+def _add_rehearse(sub) -> None:
+    r = sub.add_parser("rehearse", help="time and measure every stage on a caption set of MS-COCO's size "
+                       "(prepare synth-coco) at several fractions of it")
+    r.add_argument("--out", required=True, help="folder for the data made and rehearsal.json")
+    r.add_argument("--fractions", default="1/16,1/4,1", help="comma-separated shares of COCO 2014's size "
+                   "(default 1/16,1/4,1)")
+    r.add_argument("--stages", default="write,prepare,extract,features,datapath,scoring",
+                   help="comma-separated, from write,prepare,extract,features,datapath,scoring (default all)")
+    r.add_argument("--grid", default="lite0", help="the synthetic grid's shape: lite0 (49 x 1,280, default) "
+                   "or inception (64 x 2,048)")
+    r.add_argument("--extract-up-to", default="1/16", help="run the real extraction up to this fraction; "
+                   "above it, extrapolate from its rate (default 1/16)")
+    r.add_argument("--keep", action="store_true", help="keep each fraction's data (default: removed when measured)")
+    r.add_argument("--overwrite", action="store_true", help="replace a previous rehearsal in --out")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m infer", description="caption images with a trained run")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for add in (_add_caption, _add_evaluate, _add_export, _add_serve, _add_serve_bench, _add_bench):
+    for add in (_add_caption, _add_evaluate, _add_export, _add_serve, _add_serve_bench, _add_bench,
+                _add_rehearse):
         add(sub)
     return p
 
@@ -146,8 +163,20 @@ def _bench(a) -> None:
     bench.run(a.vocab, a.size, a.images, a.batch_size, a.beam_size, a.max_len, a.run)
 
 
+def _rehearse(a) -> None:
+    from infer.rehearsal import rehearse
+    from prepare.synth_coco import parse_fraction
+    fractions = [parse_fraction(f, "--fractions") for f in a.fractions.split(",") if f.strip()]
+    if not fractions:
+        from prepare.errors import UserError
+        raise UserError("--fractions is empty; give e.g. 1/16,1/4,1")
+    rehearse(a.out, fractions, stages=[s.strip() for s in a.stages.split(",") if s.strip()], grid=a.grid,
+             extract_up_to=parse_fraction(a.extract_up_to, "--extract-up-to"), keep=a.keep, overwrite=a.overwrite)
+
+
 COMMANDS = {"caption": _caption, "evaluate": _evaluate, "export": _export, "serve": _serve,
-            "serve-bench": _serve_bench, "bench": _bench}
+            "serve-bench": _serve_bench, "bench": _bench,
+            "rehearse": _rehearse}
 
 
 def main(argv=None) -> int:

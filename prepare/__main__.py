@@ -1,4 +1,4 @@
-"""python -m prepare {synth,captions} ...  (see README)."""
+"""python -m prepare {synth,synth-coco,captions} ...  (see README)."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +18,16 @@ def _synth(a) -> None:
     dt = time.time() - t0
     print(f"wrote {n} images ({', '.join(f'{k} {v}' for k, v in counts.items())}) and "
           f"{sum(out.values())} captions to {a.out} in {dt:.1f}s ({n / dt:.0f} images/s)")
+
+
+def _synth_coco(a) -> None:
+    from prepare import synth_coco
+    t0 = time.time()
+    counts = synth_coco.generate(a.out, synth_coco.parse_fraction(a.fraction), seed=a.seed,
+                                 progress=not a.quiet, overwrite=a.overwrite)
+    n = sum(counts.values())
+    print(f"wrote {n} placeholder images ({', '.join(f'{k} {v}' for k, v in counts.items())}) and "
+          f"{n * synth_coco.CAPTIONS_PER_IMAGE} captions to {a.out} in {time.time() - t0:.1f}s")
 
 
 def _captions(a) -> None:
@@ -63,6 +73,14 @@ def main(argv=None) -> int:
     s.add_argument("--seed", type=int, default=0, help="non-negative; the dataset is a function of counts, size and seed")
     s.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    sc = sub.add_parser("synth-coco", help="a caption set of MS-COCO 2014's size and shape (placeholder images), "
+                        "for rehearsing the stages at scale")
+    sc.add_argument("--out", required=True, help="dataset folder to create")
+    sc.add_argument("--fraction", default="1", help="share of the full size (113,287 / 5,000 / 5,000 images): "
+                    "e.g. 1/16, 1/4, 1 (default)")
+    sc.add_argument("--seed", type=int, default=0, help="non-negative")
+    sc.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out")
+    sc.add_argument("--quiet", action="store_true", help="no progress bar")
     c = sub.add_parser("captions", help="caption JSON -> captions.h5 (vocabulary, padded ids, splits)")
     c.add_argument("--dataset", help="a folder with annotations/captions_<split>.json and images/<split>/")
     c.add_argument("--annotations", action="append", help="COCO caption JSON; repeat once per split")
@@ -84,7 +102,7 @@ def main(argv=None) -> int:
                    "(Chinese, Japanese, Thai...) is its own token; stored with the vocabulary")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     a = p.parse_args(argv)
-    {"synth": _synth, "captions": _captions}[a.cmd](a)
+    {"synth": _synth, "synth-coco": _synth_coco, "captions": _captions}[a.cmd](a)
     return 0
 
 

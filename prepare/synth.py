@@ -230,11 +230,40 @@ def check_args(out: str | os.PathLike, counts: dict[str, int], size: int, seed: 
     unknown = sorted(set(counts) - set(SPLITS))
     if unknown:
         raise UserError(f"unknown split(s) {', '.join(unknown)}; the dataset has {', '.join(SPLITS)}")
+    check_out(out, overwrite)
+
+
+def check_out(out: str | os.PathLike, overwrite: bool) -> None:
+    """UserError unless --out is a new or empty folder, or overwrite, or a dataset left unfinished."""
+    from prepare.errors import UserError
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite and not (out / UNFINISHED).exists():
         raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace the dataset in it")
+
+
+def begin_dataset(out: Path, overwrite: bool, log=print) -> None:
+    """Make --out ready for a new dataset: after overwrite or an unfinished run (full disk, kill),
+    the dataset's own files (images/<split>/, annotations/captions_<split>.json) are removed first,
+    so no stale split or image is left behind; anything else in the folder is kept (and named).
+    Marks the folder UNFINISHED until end_dataset."""
+    import shutil
+    unfinished = (out / UNFINISHED).exists()      # a run stopped part-way (full disk, kill): start over
+    if out.is_dir() and (overwrite or unfinished):
+        for split in SPLITS:
+            (out / "annotations" / f"captions_{split}.json").unlink(missing_ok=True)
+            shutil.rmtree(out / "images" / split, ignore_errors=True)
+        derived = [p for p in (out / "captions.h5", out / "features") if p.exists()]
+        if derived and not unfinished:
+            log(f"warning: {' and '.join(map(str, derived))} were made from the replaced dataset; "
+                "re-make them (prepare captions --overwrite, extract --force)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / UNFINISHED).write_text("prepare is writing this dataset; re-run the same command to start over\n")
+
+
+def end_dataset(out: Path) -> None:
+    (out / UNFINISHED).unlink()
 
 
 def generate(out: str | os.PathLike, counts: dict[str, int], size: int = 128, seed: int = 0,
@@ -247,24 +276,12 @@ def generate(out: str | os.PathLike, counts: dict[str, int], size: int = 128, se
     (images/<split>/, annotations/captions_<split>.json) are removed first, so no stale
     split or image is left behind. Anything else in the folder is kept (and named).
     """
-    import shutil
-
     from prepare.cli import progress_bar
 
     from prepare.files import write_json_atomic
     check_args(out, counts, size, seed, overwrite)
     out = Path(out)
-    unfinished = (out / UNFINISHED).exists()      # a run stopped part-way (full disk, kill): start over
-    if out.is_dir() and (overwrite or unfinished):
-        for split in SPLITS:
-            (out / "annotations" / f"captions_{split}.json").unlink(missing_ok=True)
-            shutil.rmtree(out / "images" / split, ignore_errors=True)
-        derived = [p for p in (out / "captions.h5", out / "features") if p.exists()]
-        if derived and not unfinished:
-            log(f"warning: {' and '.join(map(str, derived))} were made from the replaced dataset; "
-                "re-make them (prepare captions --overwrite, extract --force)")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / UNFINISHED).write_text("prepare synth is writing this dataset; re-run it to start over\n")
+    begin_dataset(out, overwrite, log)
     next_id, next_ann, summary = 1, 1, {}
     workers = workers or os.cpu_count() or 1
     with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -289,5 +306,5 @@ def generate(out: str | os.PathLike, counts: dict[str, int], size: int = 128, se
                    "images": images, "annotations": anns}
             write_json_atomic(out / "annotations" / f"captions_{split}.json", doc)
             summary[split] = len(anns)
-    (out / UNFINISHED).unlink()
+    end_dataset(out)
     return summary
