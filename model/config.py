@@ -100,6 +100,9 @@ class FinetuneConfig:
     recipe: str = setting("", "filled in: pretrained or from_scratch (model/finetune.py: resolve_recipe)")
     samples: int = setting(3, "validation images whose greedy captions print each epoch")
     sample_max_len: int = setting(30, "max tokens of those captions")
+    strategy: str = setting("default", "default, mirrored (all GPUs of one machine) or multiworker (every machine "
+                            "of TF_CONFIG; --batch-size is the global batch of images; docs/stages.md)")
+    peer_timeout: float = setting(300.0, "multiworker: seconds to wait for every worker to join before giving up")
 
 
 @dataclass

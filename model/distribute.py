@@ -157,6 +157,17 @@ def cluster_of(strategy) -> Cluster | None:
     return Cluster(tuple(r.cluster_spec().as_dict()["worker"]), r.task_id)
 
 
+def worker_role(strategy, out, log) -> tuple[bool, object]:
+    """-> (chief: this process writes the run directory `out`; its log). Another worker's lines are
+    marked with its number, and it says first who writes."""
+    c = cluster_of(strategy)
+    if not (c and c.index):
+        return True, log
+    mark = lambda msg: log(f"[worker {c.index}] {msg}")  # noqa: E731
+    mark(f"worker {c.index} of {len(c.workers)}: the chief ({c.workers[0]}) writes {out}")
+    return False, mark
+
+
 def is_chief(strategy) -> bool:
     c = cluster_of(strategy)
     return c is None or c.index == 0

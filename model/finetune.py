@@ -21,6 +21,7 @@ trainable CNN, its BatchNorm and augmentation are model/cnn.py (measurements: do
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -36,10 +37,11 @@ from model import checkpoint
 from model.cnn import augment, calibrate_batchnorm, fit_feature_normalisation, trainable_encoder
 from model.config import FinetuneConfig, override
 from model.data import ImageCaptionSet
+from model.distribute import local_replicas, make_strategy, replica_rows, worker_role
 from model.loop import TrainingPhase, fit, open_run, perplexity
 from model.metrics import content_accuracy
-from model.run import CONFIG, DECODER, ENCODER, HISTORY, Run, load_run
-from model.steps import clip_by_global_norm, masked_token_loss
+from model.run import CHECKPOINT, CONFIG, DECODER, ENCODER, HISTORY, Run, load_run
+from model.steps import all_reduce_gradients, clip_by_global_norm, masked_token_loss, summed_gradients
 from model.train import RESUMABLE_CHANGES
 from prepare.errors import UserError
 from prepare.files import sha256_file, write_json_atomic
@@ -61,22 +63,21 @@ def resolve_recipe(cfg: "FinetuneConfig", manifest: dict) -> "FinetuneConfig":
                                cnn_optimizer=auto(cfg.cnn_optimizer, "cnn_optimizer"))
 
 
-def _check_stage1(stage1: Run, force: bool) -> tuple:
-    """-> (decoder, vocab, config, manifest) of a trained stage-1 run whose encoder is the one that
-    made the features its decoder was trained on."""
+def _check_stage1(stage1: Run, force: bool) -> None:
+    """UserError unless `stage1` is a trained stage-1 run whose encoder is the one that made the
+    features its decoder was trained on (file checks only: no TensorFlow operation yet)."""
     enc_file = stage1.file(ENCODER)
     manifest = stage1.manifest() if stage1.is_run() else {}
     want = stage1.encoder_sha256() or manifest.get("weights", {}).get("sha256")
     if stage1.is_run() and (not enc_file.is_file() or sha256_file(enc_file) != want):
         raise UserError(f"{enc_file}: is not the encoder that made the features this decoder was trained on "
                         f"(checksum differs from {str(want)[:12]}...); restore the run directory from its training")
-    model, vocab, config, manifest = load_run(stage1.path)
+    stage1.verify()
     hist = stage1.file(HISTORY)
     if not force and (not hist.is_file() or not json.loads(hist.read_text())):
         raise UserError(f"{stage1.path}: its decoder has not finished an epoch of stage-1 training. Fine-tuning the "
                         "CNN under a random LSTM corrupts it (Show and Tell, 2016); train it first with "
                         "`python -m model train`, or pass --force")
-    return model, vocab, config, manifest
 
 
 def _check_data(data: Path, stage1: Run, s1config: dict) -> Path:
@@ -100,26 +101,51 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
     if out.path.resolve() == stage1.path.resolve():
         raise UserError("--out must differ from --run: the stage-1 run directory is never modified")
     cfg = override(FinetuneConfig(), overrides or {}, "finetune config")
-    keras.utils.set_random_seed(cfg.seed)       # dropout masks (their generator states are checkpointed)
-    decoder, vocab, s1config, manifest = _check_stage1(stage1, force)
+    _check_stage1(stage1, force)
+    s1config, manifest = stage1.config(), stage1.manifest()
     captions = _check_data(data, stage1, s1config)
     cfg = resolve_recipe(cfg, manifest)
+    # multiworker: TF_CONFIG is checked here, before anything is written and before any TensorFlow operation
+    strategy = make_strategy(cfg.strategy, cfg.peer_timeout)
+    chief, log = worker_role(strategy, out.path, log)        # only the chief writes the run directory
+    keras.utils.set_random_seed(cfg.seed)       # dropout masks (their generator states are checkpointed)
+    with strategy.scope():                      # the decoder's variables: mirrored over the replicas
+        decoder, vocab, _, _ = load_run(stage1.path)
     config = {"model": s1config["model"], "train": s1config["train"], "finetune": dataclasses.asdict(cfg),
               "data": s1config["data"], "stage1_run": str(stage1.path.resolve()),
               "encoder": {"fine_tuned": True, "from_sha256": sha256_file(stage1.file(ENCODER)), "sha256": None}}
-    with out.lock():
-        resume = open_run(out, config, vocab, RESUMABLE_CHANGES | {"encoder"}, same_kind=_is_finetune, kept=("encoder",),
-                          create=lambda: out.create(config, vocab, manifest, stage1.file(ENCODER)))
-        phase = FinetunePhase(out, config, cfg, decoder, vocab, manifest, captions, stage1, log)
+    with out.lock() if chief else contextlib.nullcontext():
+        resume = (open_run(out, config, vocab, RESUMABLE_CHANGES | {"encoder"}, same_kind=_is_finetune,
+                           kept=("encoder",), create=lambda: out.create(config, vocab, manifest, stage1.file(ENCODER)))
+                  if chief else out.file(CHECKPOINT).is_file())
+        phase = FinetunePhase(out, config, cfg, decoder, vocab, manifest, captions, stage1, log, strategy)
         log(f"recipe {cfg.recipe}: decoder Adam {cfg.lr:g}, {phase.spec.title} {cfg.cnn_optimizer} {cfg.cnn_lr:g}, "
             f"BatchNorm {'training mode (calibrated)' if phase.bn_train else 'frozen'}")
         t_start = time.time()
-        state = fit(phase, resume, progress, log)
-    log(f"fine-tuned run directory {out.path}: best val perplexity {perplexity(state['best_val']):.2f} "
-        f"(stage 1 on images: {perplexity(state['start']['val_loss']):.2f})")
+        state = fit(phase, resume, progress and chief, log)
+    if chief:
+        log(f"fine-tuned run directory {out.path}: best val perplexity {perplexity(state['best_val']):.2f} "
+            f"(stage 1 on images: {perplexity(state['start']['val_loss']):.2f})")
     return {"run": str(out.path), "steps": state["step"], "history": state["history"], "start": state["start"],
             "calibrated": state.get("calibrated"), "best_val": state["best_val"],
             "seconds": round(time.time() - t_start, 1)}
+
+
+class _image_stream:
+    """Decoded images of `paths` in order (extract.images.image_dataset, batches of `batch`), taken
+    `m` at a time: (uint8 [m, S, S, 3], ok [m])."""
+
+    def __init__(self, paths: list, size: int, batch: int):
+        self.size, self.it = size, iter(image_dataset(paths, size, batch)) if paths else iter(())
+        self.imgs, self.ok = np.zeros((0, size, size, 3), np.uint8), np.zeros(0, bool)
+
+    def take(self, m: int) -> tuple[np.ndarray, np.ndarray]:
+        while len(self.ok) < m:
+            imgs, ok, _ = next(self.it)
+            self.imgs, self.ok = np.concatenate([self.imgs, imgs.numpy()]), np.concatenate([self.ok, ok.numpy()])
+        out = self.imgs[:m], self.ok[:m]
+        self.imgs, self.ok = self.imgs[m:], self.ok[m:]
+        return out
 
 
 class FinetunePhase(TrainingPhase):
@@ -129,46 +155,65 @@ class FinetunePhase(TrainingPhase):
     nan_hint = "lower --cnn-lr/--lr"
 
     def __init__(self, out: Run, config: dict, cfg: FinetuneConfig, decoder, vocab, manifest: dict, captions: Path,
-                 stage1: Run, log):
+                 stage1: Run, log, strategy):
         import keras
         self.trainset = ImageCaptionSet(captions, "train", manifest)
         self.valset = ImageCaptionSet(captions, "val", manifest)
         super().__init__(out, cfg.epochs, cfg.max_steps, cfg.checkpoint_every,
-                         math.ceil(len(self.trainset.rows) / cfg.batch_size), cfg.batch_size)
+                         math.ceil(len(self.trainset.rows) / cfg.batch_size), cfg.batch_size, strategy)
         self.out, self.config, self.cfg, self.decoder, self.vocab, self.log = out, config, cfg, decoder, vocab, log
         self.spec, self.size = enc.spec_of_manifest(manifest), int(manifest["image_size"])
-        self.encoder = trainable_encoder(self.spec, self.size, cfg, stage1.file(ENCODER), feature_kind(manifest))
         self.bn_train = cfg.bn == "train"
         from model.optim import FusedAdam
-        opt_dec = FusedAdam(cfg.lr)
-        opt_cnn = keras.optimizers.SGD(cfg.cnn_lr) if cfg.cnn_optimizer == "sgd" else FusedAdam(cfg.cnn_lr)
-        self.dec_vars, self.cnn_vars = decoder.trainable_variables, self.encoder.trainable_variables
-        opt_dec.build(self.dec_vars)
-        opt_cnn.build(self.cnn_vars)
+        with strategy.scope():
+            self.encoder = trainable_encoder(self.spec, self.size, cfg, stage1.file(ENCODER), feature_kind(manifest))
+            opt_dec = FusedAdam(cfg.lr)
+            opt_cnn = keras.optimizers.SGD(cfg.cnn_lr) if cfg.cnn_optimizer == "sgd" else FusedAdam(cfg.cnn_lr)
+            self.dec_vars, self.cnn_vars = decoder.trainable_variables, self.encoder.trainable_variables
+            opt_dec.build(self.dec_vars)
+            opt_cnn.build(self.cnn_vars)
         self.optimizers = [opt_dec, opt_cnn]
+        if strategy.num_replicas_in_sync > 1:    # the step sums the replicas' gradients itself, before clipping
+            for opt in self.optimizers:
+                summed_gradients(opt)
         self.forward = enc.compiled_forward(self.encoder)
         self._step = self._compiled_step()
         self._calib: list = []               # the first training images, unaugmented, decoded once
 
     def _compiled_step(self):
+        """One step over a (distributed) batch: each replica runs the CNN on its own images and the
+        decoder on their captions; its loss is its token-loss sum over the global batch's token count,
+        the gradients are summed over the replicas before each optimiser's clipping (as model/steps.py's
+        step). Augmentation draws from (seed, step, replica); BatchNorm in training mode normalises
+        each replica's images by their own statistics (not synchronised, as PyTorch DDP without SyncBN;
+        --bn train recalibrates the moving statistics on whole batches before every evaluation)."""
         import tensorflow as tf
-        cfg, (opt_dec, opt_cnn) = self.cfg, self.optimizers
+        cfg, (opt_dec, opt_cnn), strategy = self.cfg, self.optimizers, self.strategy
+        variables = self.dec_vars + self.cnn_vars
 
-        @tf.function(reduce_retracing=True)
-        def train_step(images, ids, cap_img, seed):
+        def replica_step(images, ids, cap_img, seed):
+            ctx = tf.distribute.get_replica_context()
             x = tf.cast(images, tf.float32)
             if cfg.augment:
-                x = augment(x, seed, self.size, cfg.flip)
+                x = augment(x, tf.stack([seed[0], seed[1] * ctx.num_replicas_in_sync + ctx.replica_id_in_sync_group]),
+                            self.size, cfg.flip)
             with tf.GradientTape() as tape:
                 f = tf.cast(self.encoder(x, training=self.bn_train), tf.float32)        # [B, D] or [B, P, D]
                 loss_sum, n = masked_token_loss(self.decoder, tf.gather(f, cap_img), ids, True)
-                loss = loss_sum / n
-            g = tape.gradient(loss, self.dec_vars + self.cnn_vars)
+                loss = loss_sum / tf.maximum(ctx.all_reduce(tf.distribute.ReduceOp.SUM, n), 1.0)
+            g = tape.gradient(loss, variables)
+            if ctx.num_replicas_in_sync > 1:
+                g = all_reduce_gradients(ctx, g)
             gd, _ = clip_by_global_norm(g[:len(self.dec_vars)], cfg.clip_norm)
             gc, _ = clip_by_global_norm(g[len(self.dec_vars):], cfg.clip_norm)
             opt_dec.apply_gradients(zip(gd, self.dec_vars))
             opt_cnn.apply_gradients(zip(gc, self.cnn_vars))
             return loss
+
+        @tf.function(reduce_retracing=True)
+        def train_step(batch, seed):
+            per = strategy.run(replica_step, args=(*batch, seed))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per, axis=None)
 
         @tf.function(reduce_retracing=True)
         def eval_loss(f, ids):
@@ -178,23 +223,41 @@ class FinetunePhase(TrainingPhase):
 
     # ---- data ------------------------------------------------------------------------------
     def batches(self, epoch: int, start: int):
-        """(images, caption ids, caption -> image, rng seed) of one epoch from batch `start` on;
-        captions of an image unreadable now sit the step out."""
-        cfg, ts = self.cfg, self.trainset
+        """(images, caption ids, caption -> image) of one epoch from batch `start` on, as this
+        process's replicas' pieces of each global batch (model/distribute.py: replica_rows; one
+        process: the whole batch). The captions of each global batch are drawn as one process draws
+        them, then each replica takes its images' captions; captions of an image unreadable now sit
+        the step out."""
+        import tensorflow as tf
+        cfg, ts, B = self.cfg, self.trainset, self.cfg.batch_size
         order = ts.epoch_rows(epoch, cfg.seed)
-        paths = [ts.paths[r] for r in order[start * cfg.batch_size:]]
-        for b, (imgs, ok, _) in enumerate(image_dataset(paths, self.size, cfg.batch_size), start=start):
-            rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            ids, owner = ts.captions_for(rows, cfg.captions_per_image, np.random.default_rng([cfg.seed, epoch, b]))
-            readable = ok.numpy()[owner]
-            yield imgs, ids[readable], owner[readable]
+        n, mine = self.strategy.num_replicas_in_sync, local_replicas(self.strategy)
+        steps = range(start, self.steps_per_epoch)
+        pieces_of = {b: replica_rows(np.arange(len(order[b * B:(b + 1) * B])), n) for b in steps}
+        mine_paths = [ts.paths[order[b * B + i]] for b in steps for k in mine for i in pieces_of[b][k]]
+
+        def pieces():
+            images = _image_stream(mine_paths, self.size, B)
+            for b in steps:
+                rows = order[b * B:(b + 1) * B]
+                ids, owner = ts.captions_for(rows, cfg.captions_per_image, np.random.default_rng([cfg.seed, epoch, b]))
+                for k in mine:
+                    part = pieces_of[b][k]
+                    imgs, ok = images.take(len(part))
+                    sel = np.isin(owner, part)
+                    own = (owner[sel] - (part[0] if len(part) else 0)).astype(np.int32)
+                    readable = ok[own]
+                    yield imgs, ids[sel][readable], own[readable]
+        spec = (tf.TensorSpec([None, self.size, self.size, 3], tf.uint8), tf.TensorSpec([None, None], tf.int32),
+                tf.TensorSpec([None], tf.int32))
+        return self.strategy.distribute_datasets_from_function(
+            lambda ctx: tf.data.Dataset.from_generator(pieces, output_signature=spec).prefetch(2))
 
     def train_step(self, batch, step: int) -> float:
         import tensorflow as tf
-        imgs, ids, owner = batch
-        if not len(ids):
-            return 0.0
-        return float(self._step(imgs, ids, owner, tf.constant([self.cfg.seed, step], tf.int32)))
+        if self.strategy.num_replicas_in_sync == 1 and not batch[1].shape[0]:
+            return 0.0                     # every image of the batch unreadable (with replicas: a zero step)
+        return float(self._step(batch, tf.constant([self.cfg.seed, step], tf.int32)))
 
     def calibration_batches(self) -> list:
         if not self._calib:
@@ -235,7 +298,8 @@ class FinetunePhase(TrainingPhase):
         in training mode) re-estimate BatchNorm statistics and the decoder's normalisation."""
         ev = state["start"] = self.evaluate(calibrate=False)
         self.log(f"stage-1 model on images: {self.describe(ev)}")
-        self.save_best({})
+        if self.writes:                   # multiworker: the chief
+            self.save_best({})
         state["best_val"] = ev["val_loss"]
         if self.bn_train:
             n = calibrate_batchnorm(self.encoder, self.calibration_batches())

@@ -18,7 +18,7 @@ import numpy as np
 from model import checkpoint
 from model.config import DEFAULT_LR, FEATURES_OF_DECODER, ModelConfig, TrainConfig, override
 from model.data import CaptionSet, open_data
-from model.distribute import cluster_of, local_replicas, make_strategy, replica_rows
+from model.distribute import local_replicas, make_strategy, replica_rows, worker_role
 from model.decoders import build_decoder
 from model.loop import TrainingPhase, fit, open_run, perplexity
 from model.run import CHECKPOINT, DECODER, Run
@@ -150,13 +150,9 @@ def train(data, out, *, features=None, captions=None, model_overrides: dict | No
             f"larger --vocab-size, or with val captions in the training split's language")
     # multiworker: TF_CONFIG is checked here, before anything is written and before any TensorFlow operation
     strategy = make_strategy(tcfg.strategy, tcfg.peer_timeout)
-    cluster = cluster_of(strategy)
-    chief = not (cluster and cluster.index)    # another worker reads the chief's checkpoint and writes nothing
+    chief, log = worker_role(strategy, out, log)    # another worker reads the chief's checkpoint and writes nothing
     run = Run(out)
     t_start = time.time()
-    if not chief:
-        log = worker_log(cluster.index, log)
-        log(f"worker {cluster.index} of {len(cluster.workers)}: the chief ({cluster.workers[0]}) writes {out}")
     with run.lock() if chief else contextlib.nullcontext():
         resume = (open_run(run, config, vocab, RESUMABLE_CHANGES, same_kind=_same_encoder(manifest, features_dir),
                            create=lambda: run.create(config, vocab, manifest, features_dir / manifest["weights"]["file"]))
@@ -187,11 +183,6 @@ def _ground(trainset: CaptionSet, mcfg: ModelConfig, vocab, captions: Path, log)
                         f"one (`python -m prepare synth`), or leave the flag out")
     log(f"attention supervision: {words} words of {len(trainset)} training captions name an object whose cells "
         f"they are pulled to (weight {mcfg.attention_supervision})")
-
-
-def worker_log(index: int, log):
-    """Another worker's lines, marked with its number."""
-    return lambda msg: log(f"[worker {index}] {msg}")
 
 
 class DecoderPhase(TrainingPhase):

@@ -68,6 +68,14 @@ def test_multiworker_without_tf_config_writes_nothing(tiny_dataset, tiny_feature
     assert not (tmp_path / "run").exists()
 
 
+def test_finetune_under_multiworker_without_tf_config_writes_nothing(tiny_dataset, tiny_run, tmp_path, monkeypatch):
+    from model.finetune import finetune
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(UserError, match="TF_CONFIG is not set"):
+        finetune(tiny_run, tiny_dataset, tmp_path / "ft", overrides={"strategy": "multiworker"}, **quiet)
+    assert not (tmp_path / "ft").exists()
+
+
 def test_a_run_may_resume_under_another_strategy():
     from model.train import RESUMABLE_CHANGES
     assert {"strategy", "peer_timeout"} <= RESUMABLE_CHANGES       # the steps are the same on any replica count
@@ -214,3 +222,53 @@ def test_a_worker_whose_peer_never_comes_gives_up_after_peer_timeout(tiny_datase
     line = e0.strip().splitlines()[-1]                          # ... after saying why
     assert "did not join within --peer-timeout 3 s" in line and "127.0.0.1:" in line
     assert not (tmp_path / "run").exists()                      # nothing written before the cluster is whole
+
+
+# ---- model finetune under multiworker ------------------------------------------------------------
+
+FT_WORKER = r"""
+import json, sys
+sys.path.insert(0, {root!r})
+from model import finetune
+seen = [0]
+take = finetune._image_stream.take
+def counted(self, m):
+    seen[0] += m
+    return take(self, m)
+finetune._image_stream.take = counted
+import atexit
+atexit.register(lambda: print("IMAGES " + json.dumps(seen[0]), flush=True))
+from prepare.cli import run_cli
+from model.__main__ import main
+run_cli(main, sys.argv[1:])
+"""
+# BatchNorm frozen and no augmentation: the steps are then exactly one process's (in training mode
+# each replica normalises by its own images' statistics; augmentation draws per replica)
+FT = {"epochs": 2, "batch_size": 8, "captions_per_image": 2, "checkpoint_every": 3, "samples": 0, "bn": "frozen"}
+
+
+@pytest.mark.slow
+def test_two_workers_finetune_as_one_process_each_decoding_half_the_images(tiny_dataset, tiny_run, tmp_path):
+    from model.finetune import finetune
+    from model.run import Run
+    ref = finetune(tiny_run, tiny_dataset, tmp_path / "ref", overrides={**FT, "augment": False}, **quiet)
+    script = tmp_path / "ft_worker.py"
+    script.write_text(FT_WORKER.format(root=str(ROOT)))
+    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    out = tmp_path / "run"
+    procs = [subprocess.Popen([sys.executable, str(script), "finetune", "--run", str(tiny_run), "--data",
+                               str(tiny_dataset), "--out", str(out), "--quiet", "--strategy", "multiworker",
+                               "--peer-timeout", "120", "--no-augment", *flags(FT)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "TF_CONFIG": tf_config(workers, i), "TF_CPP_MIN_LOG_LEVEL": "2",
+                                   "CUDA_VISIBLE_DEVICES": ""}) for i in range(2)]
+    (c0, o0, e0), (c1, o1, e1) = finish(procs)
+    assert c0 == 0 and c1 == 0, (e0[-2000:], e1[-2000:])
+    assert_same_history(json.loads((out / "history.json").read_text()), ref["history"])
+    Run(out).verify()
+    n0, n1 = (int(next(ln for ln in o.splitlines() if ln.startswith("IMAGES "))[7:]) for o in (o0, o1))
+    from extract.cache import read_manifest
+    from model.data import ImageCaptionSet
+    n_train = len(ImageCaptionSet(tiny_dataset / "captions.h5", "train", read_manifest(tiny_dataset / "features")).rows)
+    assert n0 + n1 == FT["epochs"] * n_train and abs(n0 - n1) <= ref["steps"]    # each image once an epoch, halves
+    assert "[worker 1]" in o1 and "[worker 1]" not in o0
