@@ -48,6 +48,7 @@ def _label(fraction: float) -> str:
 
 def check_args(out: Path, fractions: list[float], stages: list[str], grid: str, overwrite: bool) -> None:
     """UserError naming the flag for anything rehearse() would refuse; writes nothing."""
+    from prepare.synth import check_out
     from prepare.synth_coco import split_counts
     bad = [s for s in stages if s not in STAGES]
     if bad:
@@ -56,10 +57,7 @@ def check_args(out: Path, fractions: list[float], stages: list[str], grid: str, 
         raise UserError(f"--grid must be one of {', '.join(GRIDS)} (got {grid!r})")
     if "datapath" in stages and "features" not in stages:
         raise UserError("--stages: datapath reads the grid that the features stage writes; add features")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace the rehearsal in it")
+    check_out(out, overwrite, "the rehearsal")
     if "features" in stages:
         p, c = GRIDS[grid]
         need = max(sum(split_counts(f).values()) for f in fractions) * p * c * 2

@@ -183,6 +183,14 @@ def local_replicas(strategy) -> range:
     return range(first, first + n_local)
 
 
+def dataset_of_pieces(strategy, pieces, spec, prefetch: int):
+    """The distributed dataset of a generator that yields this process's replicas' pieces of each
+    global batch, in replica order (the phases' `batches`)."""
+    import tensorflow as tf
+    return strategy.distribute_datasets_from_function(
+        lambda ctx: tf.data.Dataset.from_generator(pieces, output_signature=spec).prefetch(prefetch))
+
+
 def replica_rows(rows: np.ndarray, replicas: int) -> list[np.ndarray]:
     """A global batch's rows -> each replica's contiguous piece (sizes differ by at most one; a
     piece is empty only when the batch has fewer rows than there are replicas)."""

@@ -37,7 +37,7 @@ from model import checkpoint
 from model.cnn import augment, calibrate_batchnorm, fit_feature_normalisation, trainable_encoder
 from model.config import FinetuneConfig, override
 from model.data import ImageCaptionSet
-from model.distribute import local_replicas, make_strategy, replica_rows, worker_role
+from model.distribute import dataset_of_pieces, local_replicas, make_strategy, replica_rows, worker_role
 from model.loop import TrainingPhase, fit, open_run, perplexity
 from model.metrics import content_accuracy
 from model.run import CHECKPOINT, CONFIG, DECODER, ENCODER, HISTORY, Run, load_run
@@ -250,8 +250,7 @@ class FinetunePhase(TrainingPhase):
                     yield imgs, ids[sel][readable], own[readable]
         spec = (tf.TensorSpec([None, self.size, self.size, 3], tf.uint8), tf.TensorSpec([None, None], tf.int32),
                 tf.TensorSpec([None], tf.int32))
-        return self.strategy.distribute_datasets_from_function(
-            lambda ctx: tf.data.Dataset.from_generator(pieces, output_signature=spec).prefetch(2))
+        return dataset_of_pieces(self.strategy, pieces, spec, 2)
 
     def train_step(self, batch, step: int) -> float:
         import tensorflow as tf

@@ -18,7 +18,7 @@ import numpy as np
 from model import checkpoint
 from model.config import DEFAULT_LR, FEATURES_OF_DECODER, ModelConfig, TrainConfig, override
 from model.data import CaptionSet, open_data
-from model.distribute import local_replicas, make_strategy, replica_rows, worker_role
+from model.distribute import dataset_of_pieces, local_replicas, make_strategy, replica_rows, worker_role
 from model.decoders import build_decoder
 from model.loop import TrainingPhase, fit, open_run, perplexity
 from model.run import CHECKPOINT, DECODER, Run
@@ -219,8 +219,7 @@ class DecoderPhase(TrainingPhase):
                 parts = replica_rows(r, n)
                 for k in mine:
                     yield data.batch(parts[k])
-        return self.strategy.distribute_datasets_from_function(
-            lambda ctx: tf.data.Dataset.from_generator(pieces, output_signature=spec).prefetch(4))
+        return dataset_of_pieces(self.strategy, pieces, spec, 4)
 
     def batches(self, epoch: int, start: int):
         t = self.tcfg

@@ -233,14 +233,14 @@ def check_args(out: str | os.PathLike, counts: dict[str, int], size: int, seed: 
     check_out(out, overwrite)
 
 
-def check_out(out: str | os.PathLike, overwrite: bool) -> None:
+def check_out(out: str | os.PathLike, overwrite: bool, what: str = "the dataset") -> None:
     """UserError unless --out is a new or empty folder, or overwrite, or a dataset left unfinished."""
     from prepare.errors import UserError
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite and not (out / UNFINISHED).exists():
-        raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace the dataset in it")
+        raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace {what} in it")
 
 
 def begin_dataset(out: Path, overwrite: bool, log=print) -> None:
