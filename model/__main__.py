@@ -29,9 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(f, FinetuneConfig, skip=("recipe",))
     f.add_argument("--force", action="store_true", help="fine-tune even an untrained decoder (not advised)")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
-    s = sub.add_parser("scst", help="self-critical training: sampled captions rewarded by CIDEr-D, on cached features")
+    s = sub.add_parser("scst", help="self-critical training: sampled captions rewarded by CIDEr-D, on cached features "
+                       "(--train-cnn: on the images, the CNN trained too)")
     s.add_argument("--run", required=True, help="a trained run directory to start from (never modified)")
-    s.add_argument("--data", required=True, help="the dataset folder it was trained on (captions.h5)")
+    s.add_argument("--data", required=True, help="the dataset folder it was trained on (captions.h5, images)")
     s.add_argument("--features", help="feature cache folder of the run's encoder (default: the run's own)")
     s.add_argument("--out", required=True, help="new run directory (an existing self-critical run is resumed)")
     add_flags(s, ScstConfig)

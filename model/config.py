@@ -114,6 +114,10 @@ class ScstConfig:
     baseline: str = setting("mean", "mean: each sample's baseline is the mean reward of the image's other samples "
                             "(new SCST); greedy: the reward of the greedy caption (Rennie et al.)")
     lr: float = setting(5e-5, "learning rate (Adam)")
+    train_cnn: bool = setting(False, "also train the CNN: the images are read and run through the run's encoder "
+                              "(BatchNorm frozen, no augmentation) at every step, and the trained encoder is saved "
+                              "with the decoder (slow on CPU; without it: the cached features, the CNN frozen)")
+    cnn_lr: float = setting(0.0, "with --train-cnn: the CNN's learning rate (Adam); 0: the decoder's --lr / 25")
     xe_weight: float = setting(0.0, "weight of a cross-entropy term on one reference caption of each image beside "
                                "the policy-gradient loss (0: pure SCST); keeps the words the references use for each "
                                "object while CIDEr-D is pushed up")
@@ -166,7 +170,7 @@ RULES = {
     "strategy": (lambda v: v in STRATEGIES, " or ".join(STRATEGIES)),
     "peer_timeout": (lambda v: v > 0, "above 0"),
     "captions_per_image": (lambda v: v >= 1, "at least 1"),
-    "cnn_lr": (lambda v: v >= 0 and v == v, "above 0 (0: the recipe's)"),
+    "cnn_lr": (lambda v: v >= 0 and v == v, "0 or more (0: the default, see --help)"),
     "cnn_optimizer": (lambda v: v in ("auto", "sgd", "adam"), "sgd, adam or auto"),
     "bn": (lambda v: v in ("auto", "train", "frozen"), "train, frozen or auto"),
     "calibration_images": (lambda v: v >= 1, "at least 1"),

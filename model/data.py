@@ -112,6 +112,7 @@ class ImageCaptionSet:
         self.rows = np.array([r for r in range(len(sp.image_ids)) if r not in bad], np.int64)
         self.caps_of = captions_of_images(sp.image_index, len(sp.image_ids))
         self.ids, self.lengths, self.split = sp.captions, sp.lengths, split
+        self.image_index = sp.image_index              # [N]: the image row of each caption
         self.file_names = sp.file_names
         self.truth = {r: json.loads(sp.objects[r])["objects"] for r in self.rows if sp.objects[r]}  # synth only
 

@@ -80,7 +80,7 @@ def _check_stage1(stage1: Run, force: bool) -> None:
                         "`python -m model train`, or pass --force")
 
 
-def _check_data(data: Path, stage1: Run, s1config: dict) -> Path:
+def check_data(data: Path, stage1: Run, s1config: dict) -> Path:
     captions = data / "captions.h5"
     if not captions.is_file():
         raise UserError(f"{captions}: not found; pass the --data folder the stage-1 run was trained on")
@@ -103,7 +103,7 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
     cfg = override(FinetuneConfig(), overrides or {}, "finetune config")
     _check_stage1(stage1, force)
     s1config, manifest = stage1.config(), stage1.manifest()
-    captions = _check_data(data, stage1, s1config)
+    captions = check_data(data, stage1, s1config)
     cfg = resolve_recipe(cfg, manifest)
     # multiworker: TF_CONFIG is checked here, before anything is written and before any TensorFlow operation
     strategy = make_strategy(cfg.strategy, cfg.peer_timeout)
@@ -131,7 +131,17 @@ def finetune(run, data, out, *, overrides: dict | None = None, force: bool = Fal
             "seconds": round(time.time() - t_start, 1)}
 
 
-class _image_stream:
+def commit_trained_encoder(run: Run, config: dict, encoder, decoder, meta: dict | None = None) -> None:
+    """A trained CNN's run (finetune, scst --train-cnn): encoder, decoder and the config naming the
+    encoder's checksum (config["encoder"]["sha256"], filled in here), in one atomic commit."""
+    def write_config(p: Path) -> None:
+        config["encoder"]["sha256"] = sha256_file(p.parent / ENCODER)
+        write_json_atomic(p, config)
+    run.commit({ENCODER: lambda p: enc.save_encoder_weights(encoder, p),
+                DECODER: lambda p: checkpoint.save(p, decoder, None, meta), CONFIG: write_config})
+
+
+class ImageStream:
     """Decoded images of `paths` in order (extract.images.image_dataset, batches of `batch`), taken
     `m` at a time: (uint8 [m, S, S, 3], ok [m])."""
 
@@ -237,7 +247,7 @@ class FinetunePhase(TrainingPhase):
         mine_paths = [ts.paths[order[b * B + i]] for b in steps for k in mine for i in pieces_of[b][k]]
 
         def pieces():
-            images = _image_stream(mine_paths, self.size, B)
+            images = ImageStream(mine_paths, self.size, B)
             for b in steps:
                 rows = order[b * B:(b + 1) * B]
                 ids, owner = ts.captions_for(rows, cfg.captions_per_image, np.random.default_rng([cfg.seed, epoch, b]))
@@ -308,12 +318,7 @@ class FinetunePhase(TrainingPhase):
                      f"images: {self.describe(ev)}")
 
     def save_best(self, _rec: dict) -> None:
-        """Encoder, decoder and the config naming the encoder's checksum: one atomic commit."""
-        def config(p: Path) -> None:
-            self.config["encoder"]["sha256"] = sha256_file(p.parent / ENCODER)
-            write_json_atomic(p, self.config)
-        self.out.commit({ENCODER: lambda p: enc.save_encoder_weights(self.encoder, p),
-                         DECODER: lambda p: checkpoint.save(p, self.decoder), CONFIG: config})
+        commit_trained_encoder(self.out, self.config, self.encoder, self.decoder)
 
     def checkpointed(self) -> tuple[list, list]:
         return [self.decoder, self.encoder], self.optimizers

@@ -191,10 +191,10 @@ def _end_of_epoch(phase: TrainingPhase, state: dict, writer, stopped: bool, seen
     log(f"{phase.name} epoch {_fmt(rec['epoch'])}: train loss {rec['train_loss']:.3f}, {phase.describe(ev)}, "
         f"{rec['examples_per_s']:.1f} examples/s")
     phase.after_epoch()
-    with writer.as_default():
-        for key in ("val_loss", "val_perplexity", phase.best_key):
-            if isinstance(rec.get(key), (int, float)):
-                tf.summary.scalar(f"{phase.name}/{key}", rec[key], step=state["step"])
+    with writer.as_default():             # every figure of the evaluation and the phase's extras
+        for key, value in rec.items():
+            if key not in ("epoch", "step", "seconds") and isinstance(value, (int, float)) and math.isfinite(value):
+                tf.summary.scalar(f"{phase.name}/{key}", value, step=state["step"])
     if phase.improved(ev, state["best_val"]):
         if phase.writes:
             phase.save_best(rec)

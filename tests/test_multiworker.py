@@ -231,11 +231,11 @@ import json, sys
 sys.path.insert(0, {root!r})
 from model import finetune
 seen = [0]
-take = finetune._image_stream.take
+take = finetune.ImageStream.take
 def counted(self, m):
     seen[0] += m
     return take(self, m)
-finetune._image_stream.take = counted
+finetune.ImageStream.take = counted
 import atexit
 atexit.register(lambda: print("IMAGES " + json.dumps(seen[0]), flush=True))
 from prepare.cli import run_cli

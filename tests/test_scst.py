@@ -20,6 +20,15 @@ def _checksums(run: Path) -> dict:
     return json.loads((run / "run.json").read_text())["files"]
 
 
+def _tensorboard_tags(folder: Path) -> set:
+    import tensorflow as tf
+    tags = set()
+    for f in folder.iterdir():
+        for raw in tf.data.TFRecordDataset(str(f)):
+            tags |= {v.tag for v in tf.compat.v1.Event.FromString(raw.numpy()).summary.value}
+    return tags
+
+
 @pytest.mark.slow
 def test_scst_writes_a_run_that_keeps_the_best_and_leaves_the_source_untouched(tiny_dataset, tiny_run, tmp_path):
     before = _checksums(tiny_run)
@@ -32,6 +41,8 @@ def test_scst_writes_a_run_that_keeps_the_best_and_leaves_the_source_untouched(t
     assert run.config()["scst"]["samples_per_image"] == 3 and run.config()["scst_from"] == str(tiny_run.resolve())
     h = s["history"]
     assert [r["epoch"] for r in h] == [1, 2] and all(r["mean_reward"] > 0 for r in h)
+    assert all(0 <= r["val_degenerate"] <= 1 for r in h)
+    assert {"scst/loss", "scst/val_cider", "scst/mean_reward", "scst/val_degenerate"} <= _tensorboard_tags(out / "tb")
     assert s["best_val_cider"] == max([s["start"]["val_cider"]] + [r["val_cider"] for r in h])
     from model.run import load_run
     model, vocab, config, _ = load_run(out)                      # infer can load it: a complete run directory
@@ -124,3 +135,73 @@ def test_bad_flags_and_a_cache_of_another_encoder_are_refused_in_one_line(tiny_d
                         "--out", str(tmp_path / "b"), "--temperature", "0"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --temperature 0")
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_train_cnn_trains_the_encoder_from_the_images_and_commits_it_with_the_decoder(tiny_dataset, tiny_run,
+                                                                                     tmp_path):
+    """--train-cnn: the images are read, the policy gradient reaches the CNN, the trained encoder is
+    committed with the decoder and a config naming its checksum, the old encoder's cache is then
+    refused for the new run; the same command resumes; --features beside it is refused."""
+    import tensorflow as tf
+    from extract.encoder import compiled_forward
+    from prepare.files import sha256_file
+    with pytest.raises(UserError, match="--features: not read with --train-cnn"):
+        scst(tiny_run, tiny_dataset, tmp_path / "x", features=tiny_dataset / "features", overrides={"train_cnn": True},
+             **quiet)
+    assert not (tmp_path / "x").exists()
+    before = _checksums(tiny_run)
+    out = tmp_path / "cnn"
+    kw = {**SMALL, "train_cnn": True, "cnn_lr": 1e-2, "max_steps": 2}
+    s = scst(tiny_run, tiny_dataset, out, overrides=kw, **quiet)
+    assert _checksums(tiny_run) == before and s["steps"] == 2
+    assert scst(tiny_run, tiny_dataset, out, overrides=kw, **quiet)["steps"] == 2      # resumed: nothing left
+    run = Run(out)
+    run.verify()
+    assert run.config()["encoder"] == {"fine_tuned": True, "from_sha256": before["encoder.weights.h5"],
+                                       "sha256": sha256_file(run.file("encoder.weights.h5"))}
+    assert run.config()["scst"]["cnn_lr"] == 1e-2
+
+    # the phase itself: a step with a non-zero advantage moves the CNN; save_best commits that CNN
+    phase = _cnn_phase(tiny_run, tiny_dataset, tmp_path / "direct", kw)
+    rows, images = next(iter(phase.batches(0, 0)))
+    f = phase.sampling_features(images)
+    from model.decoding import sample
+    ids, lengths, _ = sample(phase.model, f, samples=3, max_len=12, seed=5)
+    w0 = [w.numpy().copy() for w in phase.encoder.trainable_variables]
+    adv = tf.constant(np.tile([1.0, -1.0, 0.0], len(rows)), tf.float32)
+    phase._step(tf.constant(images), ids, lengths, adv)
+    assert max(float(np.abs(w.numpy() - v).max()) for w, v in zip(phase.encoder.trainable_variables, w0)) > 0
+    phase.save_best({"epoch": 1, "val_cider": 0.5})
+    direct = Run(tmp_path / "direct")
+    assert direct.config()["encoder"]["sha256"] == sha256_file(direct.file("encoder.weights.h5"))
+    assert direct.encoder_sha256() != before["encoder.weights.h5"]
+    from model.cnn import trainable_encoder
+    from model.config import FinetuneConfig
+    def features_of(weights: Path) -> np.ndarray:
+        encoder = trainable_encoder(phase.spec, phase.size, FinetuneConfig(bn="frozen"), weights)
+        return compiled_forward(encoder)(images).numpy()
+    now = phase.forward(images).numpy()
+    np.testing.assert_allclose(features_of(direct.file("encoder.weights.h5")), now, rtol=1e-5, atol=1e-9)
+    assert not np.allclose(features_of(Run(tiny_run).file("encoder.weights.h5")), now, rtol=1e-3, atol=1e-9)
+    # the cache of the encoder it started from no longer fits the run: refused, with the fix
+    with pytest.raises(UserError, match="holds features of another encoder"):
+        scst(direct.path, tiny_dataset, tmp_path / "again", **quiet)
+
+
+def _cnn_phase(source: Path, data: Path, out: Path, overrides: dict):
+    """A ScstCnnPhase writing into the new run `out`, as `scst --train-cnn` builds it."""
+    import dataclasses
+    from model.cider import CiderD
+    from model.config import ScstConfig
+    from model.data import ImageCaptionSet
+    from model.run import load_run
+    from model.scst import ScstCnnPhase, references
+    cfg = ScstConfig(**overrides)
+    model, vocab, config, manifest = load_run(source)
+    captions = data / "captions.h5"
+    train, val = (ImageCaptionSet(captions, s, manifest) for s in ("train", "val"))
+    config = {**config, "scst": dataclasses.asdict(cfg), "encoder": {"fine_tuned": True, "sha256": None}}
+    Run(out).create(config, vocab, manifest, Run(source).file("encoder.weights.h5"))
+    return ScstCnnPhase(Run(out), cfg, model, vocab, train, val,
+                        CiderD.from_references(references(train).values()), 12, lambda *a: None, config, Run(source))
