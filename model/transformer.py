@@ -123,8 +123,10 @@ class TransformerDecoder(Decoder):
 
     def state_shapes(self) -> tuple:
         c = self.config
-        P, E, M = c.grid_positions, c.embedding_size, c.max_positions
-        return ((P, E), *[(M, E)] * c.transformer_layers, (1,))
+        P, M, L = c.grid_positions, c.max_positions, c.transformer_layers
+        H = c.transformer_heads
+        D = c.embedding_size // H
+        return (*[(P, H, D)] * (2 * L), *[(M, H, D)] * (2 * L), (1,))
 
     # ---- the pieces -----------------------------------------------------------------------
     def memory(self, features):
@@ -145,8 +147,11 @@ class TransformerDecoder(Decoder):
                              return_attention_scores=return_attention)
         att, scores = out if return_attention else (out, None)
         x = x + self.drop(att, training=training)
-        ff = block["ff2"](self.drop(block["ff1"](block["ff_norm"](x)), training=training))
-        return x + self.drop(ff, training=training), scores
+        return x + self._feed_forward(block, x, training), scores
+
+    def _feed_forward(self, block, x, training=False):
+        return self.drop(block["ff2"](self.drop(block["ff1"](block["ff_norm"](x)), training=training)),
+                         training=training)
 
     # ---- teacher forcing --------------------------------------------------------------------
     def hidden(self, features, input_ids, training=False, return_attention=False):
@@ -188,26 +193,39 @@ class TransformerDecoder(Decoder):
 
     # ---- decoding ----------------------------------------------------------------------------
     def initial_state(self, features):
-        """[N, P, F] -> (memory [N, P, E], an empty cache [N, M, E] per layer, position [N, 1] = 0)."""
+        """[N, P, F] -> (each layer's cross-attention keys and values of the grid [N, P, H, D], projected
+        once here; each layer's self-attention key and value cache [N, M, H, D], empty; position [N, 1] = 0)."""
         memory = self.memory(features)
         n, c = ops.shape(features)[0], self.config
-        cache = ops.zeros((n, c.max_positions, c.embedding_size), dtype=memory.dtype)
-        return (memory, *[cache] * c.transformer_layers, ops.zeros((n, 1), dtype=memory.dtype))
+        H = c.transformer_heads
+        grid = [t for b in self.blocks for t in (b["cross"].key_dense(memory), b["cross"].value_dense(memory))]
+        empty = ops.zeros((n, c.max_positions, H, c.embedding_size // H), dtype=memory.dtype)
+        return (*grid, *[empty] * (2 * c.transformer_layers), ops.zeros((n, 1), dtype=memory.dtype))
 
     def step_logits(self, word_ids, state):
-        """word_ids [N], state (memory, caches..., position) -> (logits [N, V], new state)."""
-        memory, caches, position = state[0], list(state[1:-1]), state[-1]
-        M = self.config.max_positions
+        """word_ids [N], state (grid keys/values..., caches..., position) -> (logits [N, V], new state).
+        Each step projects only the new word: its key and value go into the caches at its position
+        (the caches hold projected keys and values, the grid's are projected once by initial_state),
+        and MultiHeadAttention's own attention (_compute_attention, the method Keras documents for
+        overriding) reads them; the result equals teacher forcing (tests/test_transformer.py)."""
+        L, M = self.config.transformer_layers, self.config.max_positions
+        grid, caches, position = state[:2 * L], state[2 * L:4 * L], state[-1]
         pos = ops.minimum(ops.cast(position[:, 0], "int32"), M - 1)                         # [N]
-        write = ops.one_hot(pos, M, dtype=memory.dtype)[:, :, None]                         # [N, M, 1]
+        write = ops.one_hot(pos, M, dtype=position.dtype)[:, :, None, None]                 # [N, M, 1, 1]
         visible = (ops.arange(M, dtype="int32")[None, :] <= pos[:, None])[:, None, :]      # [N, 1, M]
         x = self.embed(word_ids[:, None], pos[:, None])                                      # [N, 1, E]
         new_caches = []
-        for block, cache in zip(self.blocks, caches):
-            def attend(h, b=block, cache=cache):
-                cache = cache * (1.0 - write) + h * write                                   # h: [N, 1, E]
-                new_caches.append(cache)
-                return b["self"](h, cache, cache, attention_mask=visible)
-            x, _ = self._layer(block, x, memory, attend)
+        for i, block in enumerate(self.blocks):
+            sa, ca = block["self"], block["cross"]
+            h = block["self_norm"](x)
+            keys = caches[2 * i] * (1.0 - write) + sa.key_dense(h) * write                  # [N, M, H, D]
+            values = caches[2 * i + 1] * (1.0 - write) + sa.value_dense(h) * write
+            new_caches += [keys, values]
+            att, _ = sa._compute_attention(sa.query_dense(h), keys, values, visible, training=False)
+            x = x + sa.output_dense(att)
+            att, _ = ca._compute_attention(ca.query_dense(block["cross_norm"](x)), grid[2 * i], grid[2 * i + 1],
+                                           None, training=False)
+            x = x + ca.output_dense(att)
+            x = x + self._feed_forward(block, x)
         logits = self.project(self.final_norm(x)[:, 0])
-        return logits, (memory, *new_caches, position + 1.0)
+        return logits, (*grid, *new_caches, position + 1.0)

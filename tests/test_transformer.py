@@ -33,14 +33,17 @@ def _model(vocab=13, sharp=1.0, seed=3, **kw):
     return m, feats
 
 
-def test_step_run_t_times_reproduces_teacher_forcing_and_maps_are_distributions():
-    m, f = _model()
+@pytest.mark.parametrize("attention_dropout", [0.0, 0.2])   # 0.2: MultiHeadAttention's explicit-scores path
+def test_step_run_t_times_reproduces_teacher_forcing_and_maps_are_distributions(attention_dropout):
+    m, f = _model(attention_dropout=attention_dropout)
     ids = np.random.default_rng(1).integers(1, 13, size=(5, 10)).astype(np.int32)     # T = max_positions
     full = m(f, ids).numpy()                                                           # [5, 10, 13]
     init, step = compiled_decoding(m)
     state = init(f)
-    assert [tuple(s.shape) for s in state] == [(5, 4, 8), (5, 10, 8), (5, 10, 8), (5, 1)]
-    assert m.state_shapes() == ((4, 8), (10, 8), (10, 8), (1,))
+    # per layer the grid's projected keys and values [P, H, D], then per layer the key and value caches
+    # [M, H, D] (2 layers, 2 heads of 4 channels), then the position
+    shapes = ((4, 2, 4),) * 4 + ((10, 2, 4),) * 4 + ((1,),)
+    assert [tuple(s.shape) for s in state] == [(5, *s) for s in shapes] and m.state_shapes() == shapes
     for t in range(10):
         logp, state = step(ids[:, t], state)
         np.testing.assert_allclose(logp.numpy(), full[:, t], atol=1e-5)
@@ -147,6 +150,26 @@ def test_a_transformer_run_trains_and_captions_with_attention(tiny_dataset, tiny
     assert out["captioned"] == 1
     row = json.loads((tmp_path / "cap" / "captions.jsonl").read_text().splitlines()[0])
     assert row["captions"][0]["caption"] == cap.text(res[0].captions[0])
+
+
+@pytest.mark.slow
+def test_savedmodel_of_a_transformer_run_captions_like_infer_caption(tiny_dataset, tiny_grid, tmp_path):
+    """The exported graph carries the transformer's cached decoding (its state: the grid's keys and
+    values, the self-attention caches) and captions image bytes as infer caption does."""
+    from infer.caption import caption_images
+    from infer.export import export
+    run = tmp_path / "run"
+    train(tiny_dataset, run, features=tiny_grid, model_overrides=TINY_RUN,
+          train_overrides={"epochs": 3, "batch_size": 16, "lr": 5e-3, "samples": 0}, **quiet)
+    export(run, tmp_path / "saved", beam_size=3, top_k=1, log=lambda *a: None)
+    imgs = sorted((tiny_dataset / "images" / "test").glob("*.jpg"))[:6]
+    caption_images(run, [str(p) for p in imgs], tmp_path / "cap", **quiet)
+    want = [r["captions"][0]["caption"] for r in map(json.loads, (tmp_path / "cap" / "captions.jsonl")
+                                                     .read_text().splitlines())]
+    m = tf.saved_model.load(str(tmp_path / "saved"))
+    got = m.signatures["serving_default"](images=tf.constant([p.read_bytes() for p in imgs]))["captions"]
+    got = got.numpy().astype(str)[:, 0].tolist()
+    assert sum(a == b for a, b in zip(got, want)) >= 5, (got, want)     # JPEG decoding may differ by a grey level
 
 
 def test_bench_times_the_transformer_beside_the_pooled_decoder():
