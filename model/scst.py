@@ -163,7 +163,7 @@ class ScstPhase(TrainingPhase):
         truth = (valset.truth if isinstance(valset, ImageCaptionSet)                # what the images show (synth)
                  else {r: json.loads(valset.objects[r])["objects"] for r in self.val_refs if valset.objects[r]})
         self.truth = {r: t for r, t in truth.items() if r in self.val_refs}
-        self._step = self._compiled_step()
+        self._step, self._sample = self._compiled_step(), self._compiled_sampler()
         self._rewards: list[float] = []
         self._greedy_captions: dict[int, list[int]] = {}
         self._caps_of = None                            # image row -> its captions (--xe-weight only)
@@ -238,15 +238,27 @@ class ScstPhase(TrainingPhase):
         import tensorflow as tf
         return tf.constant(inputs)
 
-    def train_step(self, batch, step: int) -> float:
+    def _compiled_sampler(self):
+        """model.decoding.sample as one graph (run eagerly, its while-loop runs op by op from Python:
+        measured 2026-12-03, most of a Transformer step's time)."""
         import tensorflow as tf
         from model.decoding import sample
+        cfg = self.cfg
+
+        @tf.function(reduce_retracing=True)
+        def draw(features, seed):
+            ids, lengths, _ = sample(self.model, features, samples=cfg.samples_per_image, max_len=self.max_len,
+                                     seed=seed, temperature=cfg.temperature)
+            return ids, lengths
+        return draw
+
+    def train_step(self, batch, step: int) -> float:
+        import tensorflow as tf
         rows, inputs = batch
         if not len(rows):
             return 0.0                   # every image of the batch unreadable now (--train-cnn)
         f = self.sampling_features(inputs)
-        ids, lengths, _ = sample(self.model, f, samples=self.cfg.samples_per_image, max_len=self.max_len,
-                                 seed=tf.constant([self.cfg.seed, step], tf.int64), temperature=self.cfg.temperature)
+        ids, lengths = self._sample(f, tf.constant([self.cfg.seed, step], tf.int64))
         ids, lengths = ids.numpy(), lengths.numpy()
         reward = self.rewards(rows, ids, lengths)
         advantage = (reward - self.baseline(rows, f, reward)).astype(np.float32)
