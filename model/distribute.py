@@ -185,10 +185,55 @@ def local_replicas(strategy) -> range:
 
 def dataset_of_pieces(strategy, pieces, spec, prefetch: int):
     """The distributed dataset of a generator that yields this process's replicas' pieces of each
-    global batch, in replica order (the phases' `batches`)."""
+    global batch, in replica order (the phases' `batches`). One replica in all (the usual case):
+    the pieces as tensors from a thread that keeps `prefetch` of them ready (`prefetched`)."""
     import tensorflow as tf
+    if strategy.num_replicas_in_sync == 1:
+        return prefetched(pieces, spec, prefetch)
     return strategy.distribute_datasets_from_function(
         lambda ctx: tf.data.Dataset.from_generator(pieces, output_signature=spec).prefetch(prefetch))
+
+
+def prefetched(pieces, spec, depth: int):
+    """Iterate pieces() (tuples of arrays) as tuples of tensors of `spec`'s dtypes, made by a thread
+    that runs up to `depth` pieces ahead; its errors are raised here, and it stops when the
+    iteration ends or is abandoned. Measured 2026-12-03 against tf.data's from_generator on one
+    replica (the attention LSTM, 2 cores): from_generator lost a fixed ~20 s after the last step of
+    every other epoch and its threads slowed the steps ~10%; epochs 82 / 60 s -> 54 / 51 s."""
+    import queue
+    import threading
+
+    import tensorflow as tf
+    items, stop, end = queue.Queue(depth), threading.Event(), object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill() -> None:
+        try:
+            for piece in pieces():
+                if not put(tuple(tf.constant(x, s.dtype) for x, s in zip(piece, spec))):
+                    return
+            put(end)
+        except BaseException as e:          # raised in the consumer
+            put(e)
+
+    def iterate():
+        threading.Thread(target=fill, name="batches", daemon=True).start()
+        try:
+            while (item := items.get()) is not end:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+    return iterate()
 
 
 def replica_rows(rows: np.ndarray, replicas: int) -> list[np.ndarray]:
