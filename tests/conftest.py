@@ -69,6 +69,25 @@ def tiny_run(tiny_dataset, tiny_features, tmp_path_factory):
     return run
 
 
+def savedmodel_captions_like_infer_caption(run: Path, images: list, tmp: Path, at_least: int) -> None:
+    """Export `run`, caption `images` (their bytes) with the SavedModel and with infer caption: the
+    best captions agree on at least `at_least` of them (JPEG decoding may differ by a grey level)."""
+    import json
+
+    import tensorflow as tf
+
+    from infer.caption import caption_images
+    from infer.export import export
+    export(run, tmp / "saved", beam_size=3, top_k=1, log=lambda *a: None)
+    caption_images(run, [str(p) for p in images], tmp / "cap", progress=False, log=lambda *a: None)
+    want = [r["captions"][0]["caption"] for r in map(json.loads, (tmp / "cap" / "captions.jsonl")
+                                                     .read_text().splitlines())]
+    m = tf.saved_model.load(str(tmp / "saved"))
+    got = m.signatures["serving_default"](images=tf.constant([p.read_bytes() for p in images]))["captions"]
+    got = got.numpy().astype(str)[:, 0].tolist()
+    assert sum(a == b for a, b in zip(got, want)) >= at_least, (got, want)
+
+
 @pytest.fixture
 def killed_after_saves():
     """Run `call` (Python source, after `from model import checkpoint`) in a fresh process that dies
