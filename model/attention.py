@@ -120,10 +120,12 @@ class AttendAndTell(Decoder):
                 "query": (wq, tf.transpose(wq), tf.cast(tf.convert_to_tensor(q.bias), dtype))}
 
     # ---- teacher forcing --------------------------------------------------------------------
-    def hidden(self, features, input_ids, training=False, return_attention=False):
-        """[B, P, F], [B, T] -> outputs [B, T, H + E] (after dropout) [, attention [B, T, P]]."""
+    def hidden(self, features, input_ids, training=False, return_attention=False, owner=None):
+        """[U, P, F], [B, T] -> outputs [B, T, H + E] (after dropout) [, attention [B, T, P]]. owner
+        [B]: the image row of each caption (None: U = B); the grid's values and keys are made once
+        per image."""
         import tensorflow as tf
-        h0, c0, values, keys = self.initial_state(features)
+        h0, c0, values, keys = (self.per_caption(s, owner) for s in self.initial_state(features))
         words = self.drop_in(self.word_embedding(input_ids), training=training)       # [B, T, E]
         zeros_out = tf.zeros_like(ops.concatenate([h0, values[:, 0]], axis=-1))     # [B, H + E]: scan's shapes
         zeros_alpha = tf.zeros_like(values[:, :, 0])                                 # [B, P]
@@ -145,14 +147,14 @@ class AttendAndTell(Decoder):
         """Attention maps of a given caption: [B, P, F], [B, T] -> [B, T, P] (inference mode)."""
         return self.hidden(features, input_ids, training=False, return_attention=True)[1]
 
-    def hidden_and_penalty(self, features, input_ids, mask, training=False, cells=None):
+    def hidden_and_penalty(self, features, input_ids, mask, training=False, cells=None, owner=None):
         """In training: with attention_reg > 0 the doubly stochastic penalty, summed over captions
         (mask [B, T] marks the real words); with attention_supervision > 0 and cells, the grounding
         penalty (Decoder.grounding_penalty)."""
         grounded = cells is not None and self.config.attention_supervision > 0
         if not (training and (self.config.attention_reg or grounded)):
-            return self.hidden(features, input_ids, training=training), 0.0
-        out, alphas = self.hidden(features, input_ids, training=training, return_attention=True)
+            return self.hidden(features, input_ids, training=training, owner=owner), 0.0
+        out, alphas = self.hidden(features, input_ids, training=training, return_attention=True, owner=owner)
         total = ops.sum(alphas * ops.cast(mask, alphas.dtype)[:, :, None], axis=1)      # [B, P]
         penalty = self.config.attention_reg * ops.sum((1.0 - total) ** 2)
         return out, penalty + (self.grounding_penalty(alphas, cells) if grounded else 0.0)

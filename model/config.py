@@ -62,6 +62,9 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = setting(20, "passes over the training captions")
     batch_size: int = setting(32, "captions per step (im2txt: 32)")
+    group_by_image: bool = setting(False, "batches hold each image's captions together (the images shuffled), so "
+                                   "a decoder projects an image's features once for all its captions, not once "
+                                   "per caption (grid decoders: fewer FLOPs a caption; ruotianluo's seq_per_img)")
     optimizer: str = setting("adam", "adam or sgd (im2txt's recipe: sgd, lr 2.0)")
     lr: float = setting(0.0, "initial learning rate; 0: by optimizer (adam 1e-3; sgd 2.0, im2txt's)")
     lr_decay_factor: float = setting(0.5, "learning rate multiplied by this ...")

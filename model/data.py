@@ -74,27 +74,41 @@ class CaptionSet:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def batch(self, rows: np.ndarray) -> tuple:
+    def batch(self, rows: np.ndarray, grouped: bool = False) -> tuple:
         """-> features [B, F] (or [B, P, F]) float32, ids [B, T+1] int32 trimmed to the batch's longest
         caption (B may be 0: a replica's share of a last batch smaller than the replicas); once
-        grounded, also the cells of the object each target word names [B, T, P] float32 (0: none)."""
+        grounded, also the cells of the object each target word names [B, T, P] float32 (0: none).
+        grouped: features [U, ...] of the batch's U distinct images and, after ids, owner [B] int32
+        (the row of features each caption describes), so a decoder projects each image once."""
         if not len(rows):
-            empty = np.zeros((0, *self.features.shape[1:]), np.float32), np.zeros((0, 2), np.int32)
+            empty = (np.zeros((0, *self.features.shape[1:]), np.float32), np.zeros((0, 2), np.int32),
+                     *([np.zeros((0,), np.int32)] if grouped else []))
             return empty if self.word_object is None else (*empty, np.zeros((0, 1, self.object_cells.shape[2]),
                                                                               np.float32))
         t = int(self.lengths[rows].max())
-        out = self.features[self.image_index[rows]], self.ids[rows, :t]
+        if grouped:
+            images, owner = np.unique(self.image_index[rows], return_inverse=True)
+            out = self.features[images], self.ids[rows, :t], owner.astype(np.int32).reshape(-1)
+        else:
+            out = self.features[self.image_index[rows]], self.ids[rows, :t]
         if self.word_object is None:
             return out
         named = self.word_object[rows, :t - 1].astype(np.int64)                         # [B, T]
         cells = self.object_cells[self.image_index[rows][:, None], np.maximum(named, 0)]    # [B, T, P]
         return (*out, cells * (named >= 0)[:, :, None])
 
-    def epoch_rows(self, epoch: int, batch_size: int, seed: int, start: int = 0, shuffle: bool = True):
+    def epoch_rows(self, epoch: int, batch_size: int, seed: int, start: int = 0, shuffle: bool = True,
+                   grouped: bool = False):
         """The caption rows of each batch of epoch `epoch` from batch number `start` on; the order
-        depends on (seed, epoch) only."""
-        order = (np.random.default_rng([seed, epoch]).permutation(len(self)) if shuffle
-                 else np.arange(len(self)))
+        depends on (seed, epoch) only. grouped: the images in a random order, each image's captions
+        together (in a random order; without shuffle: image by image), so a batch of 32 holds the
+        captions of about 32 / (captions per image) images (ruotianluo's seq_per_img)."""
+        rng = np.random.default_rng([seed, epoch])
+        if grouped:
+            rank = rng.permutation(self.num_images)[self.image_index] if shuffle else self.image_index
+            order = np.lexsort((rng.random(len(self)) if shuffle else np.arange(len(self)), rank))
+        else:
+            order = rng.permutation(len(self)) if shuffle else np.arange(len(self))
         for b in range(start, self.num_batches(batch_size)):
             yield order[b * batch_size:(b + 1) * batch_size]
 

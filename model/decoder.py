@@ -83,11 +83,18 @@ class Decoder(keras.Model):
     def feature_shape(self) -> tuple:
         return (self.config.feature_dim,)
 
-    def hidden_and_penalty(self, features, input_ids, mask, training=False, cells=None):
+    def hidden_and_penalty(self, features, input_ids, mask, training=False, cells=None, owner=None):
         """Teacher forcing for the loss: (outputs [B, T, H], a regularisation term summed over the
         batch, added to the loss sum in training only). No penalty here. cells [B, T, P]: see
-        grounding_penalty (the grid decoders')."""
-        return self.hidden(features, input_ids, training=training), 0.0
+        grounding_penalty (the grid decoders'). owner [B] (optional): the row of features [U, ...]
+        that caption b describes, so an image's features are projected once for all its captions."""
+        return self.hidden(features, input_ids, training=training, owner=owner), 0.0
+
+    @staticmethod
+    def per_caption(x, owner):
+        """x [U, ...] (one row per image) -> [B, ...] (one per caption: owner [B] the image row of
+        each); owner None: x as it is (one caption per image)."""
+        return x if owner is None else ops.take(x, owner, axis=0)
 
     def grounding_penalty(self, attention, cells):
         """Attention supervision: attention [B, T, P] (the maps `attention` draws), cells [B, T, P]
@@ -139,21 +146,22 @@ class ShowAndTell(Decoder):
         return self.image_embedding(self.normalise(features))
 
     # ---- teacher forcing ----------------------------------------------------------------
-    def hidden(self, features, input_ids, training=False, lengths=None):
+    def hidden(self, features, input_ids, training=False, lengths=None, owner=None):
         """LSTM outputs for each input word: [B, T, H] (after output dropout). lengths [B]
-        (optional): only row b's first lengths[b] outputs are needed (the rest may come back 0)."""
-        img = self.embed_image(features)[:, None, :]                   # [B, 1, E]
+        (optional): only row b's first lengths[b] outputs are needed (the rest may come back 0).
+        owner [B] (optional): the row of features each caption describes (Decoder.per_caption)."""
+        img = self.per_caption(self.embed_image(features), owner)[:, None, :]     # [B, 1, E]
         words = self.word_embedding(input_ids)                         # [B, T, E]
         seq = self.drop_in(ops.concatenate([img, words], axis=1), training=training)  # [B, T+1, E]
         steps = None if lengths is None else lengths + 1               # the image's step too
         out = run_lstm(self.lstm, seq, training, steps)                # [B, T+1, H]
         return self.drop_out(out[:, 1:], training=training)            # [B, T, H]
 
-    def hidden_and_penalty(self, features, input_ids, mask, training=False, cells=None):
+    def hidden_and_penalty(self, features, input_ids, mask, training=False, cells=None, owner=None):
         # the loss reads the outputs of real targets only: the LSTM skips the steps after a row's last
         T = ops.shape(mask)[1]
         lengths = ops.max(ops.cast(mask, "int32") * ops.arange(1, T + 1, dtype="int32")[None, :], axis=1)
-        return self.hidden(features, input_ids, training, lengths), 0.0
+        return self.hidden(features, input_ids, training, lengths, owner), 0.0
 
     def project(self, h):
         """[..., H] -> logits [..., V]. Training calls it on real (non-pad) positions only."""

@@ -209,7 +209,7 @@ class FinetunePhase(TrainingPhase):
                             self.size, cfg.flip)
             with tf.GradientTape() as tape:
                 f = tf.cast(self.encoder(x, training=self.bn_train), tf.float32)        # [B, D] or [B, P, D]
-                loss_sum, n = masked_token_loss(self.decoder, tf.gather(f, cap_img), ids, True)
+                loss_sum, n = masked_token_loss(self.decoder, f, ids, True, None, cap_img)   # each image projected once
                 loss = loss_sum / tf.maximum(ctx.all_reduce(tf.distribute.ReduceOp.SUM, n), 1.0)
             g = tape.gradient(loss, variables)
             if ctx.num_replicas_in_sync > 1:
@@ -226,8 +226,8 @@ class FinetunePhase(TrainingPhase):
             return strategy.reduce(tf.distribute.ReduceOp.SUM, per, axis=None)
 
         @tf.function(reduce_retracing=True)
-        def eval_loss(f, ids):
-            return masked_token_loss(self.decoder, f, ids, False)
+        def eval_loss(f, ids, owner):
+            return masked_token_loss(self.decoder, f, ids, False, None, owner)
         self._eval_loss = eval_loss
         return train_step
 
@@ -285,7 +285,7 @@ class FinetunePhase(TrainingPhase):
         tot = cnt = 0.0
         for i in range(0, len(vs.rows), 64):
             ids, owner = vs.captions_for(vs.rows[i:i + 64], 1000, None)
-            s_, n_ = self._eval_loss(feats[i:i + 64][owner], ids)
+            s_, n_ = self._eval_loss(feats[i:i + 64], ids, owner)
             tot, cnt = tot + float(s_), cnt + float(n_)
         self.captions = greedy(self.decoder, feats, cfg.sample_max_len)
         texts = {r: self.vocab.decode(c) for r, c in zip(vs.rows, self.captions) if r in vs.truth}

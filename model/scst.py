@@ -190,8 +190,8 @@ class ScstPhase(TrainingPhase):
             mask = tf.sequence_mask(lengths, tf.shape(ids)[1])                         # the sampled words
             with tf.GradientTape() as tape:
                 features = self.encode(inputs)
-                f = tf.repeat(features, K, axis=0)                                    # [n, ...], n = N*K
-                out, _ = model.hidden_and_penalty(f, words, mask, False)
+                owner = tf.repeat(tf.range(tf.shape(features)[0]), K)                # [n]: sample -> its image
+                out, _ = model.hidden_and_penalty(features, words, mask, False, None, owner)
                 logits = tf.cast(model.project(tf.boolean_mask(out, mask)), tf.float32)   # [tokens, V]
                 nll = token_cross_entropy(logits, tf.boolean_mask(ids, mask))         # -log p per token
                 adv = tf.boolean_mask(tf.broadcast_to(advantage[:, None], tf.shape(ids)), mask)

@@ -10,18 +10,19 @@ from __future__ import annotations
 import numpy as np
 
 
-def masked_token_loss(model, features, ids, training=False, cells=None):
+def masked_token_loss(model, features, ids, training=False, cells=None, owner=None):
     """Cross-entropy summed over real (non-pad) target tokens, and their count.
 
     ids [B, T+1] -> inputs ids[:, :-1], targets ids[:, 1:]; logits are computed for real tokens
     only, so pads cost nothing and cannot leak into the mean (sum / count is a true per-token mean).
     cells [B, T, P] (optional): the grid cells of the object each target word names, for attention
-    supervision (the decoder's penalty; training only).
+    supervision (the decoder's penalty; training only). owner [B] (optional): the row of features
+    [U, ...] each caption describes (grouped batches: an image's features projected once).
     """
     import tensorflow as tf
     inp, tgt = ids[:, :-1], ids[:, 1:]                                          # [B, T], [B, T]
     mask = tgt > 0
-    out, penalty = model.hidden_and_penalty(features, inp, mask, training, cells)   # penalty: training only
+    out, penalty = model.hidden_and_penalty(features, inp, mask, training, cells, owner)   # penalty: training only
     h = tf.boolean_mask(out, mask)                                              # [n, H]
     logits = tf.cast(model.project(h), tf.float32)                              # [n, V]
     ce = token_cross_entropy(logits, tf.boolean_mask(tgt, mask))
@@ -66,8 +67,9 @@ def clip_by_global_norm(grads, clip_norm: float):
     return [None if g is None else next(out) for g in grads], norm
 
 
-def make_steps(model, optimizer, strategy, clip_norm: float):
-    """Compiled (train_step, eval_step) over (possibly distributed) batches (features, ids).
+def make_steps(model, optimizer, strategy, clip_norm: float, grouped: bool = False):
+    """Compiled (train_step, eval_step) over (possibly distributed) batches (features, ids[, cells]),
+    or with `grouped` (features of each image, ids, owner[, cells]): CaptionSet.batch.
 
     Each replica's loss is its token-loss sum divided by the token count of the *global* batch,
     so the sum of the replicas' gradients is the gradient of the global per-token mean. With more
@@ -78,10 +80,15 @@ def make_steps(model, optimizer, strategy, clip_norm: float):
     if strategy.num_replicas_in_sync > 1:
         summed_gradients(optimizer)
 
-    def replica_train(features, ids, *cells):         # cells: with attention supervision (CaptionSet.ground)
+    def split(rest):                                  # -> (cells or None, owner or None)
+        owner, rest = (rest[0], rest[1:]) if grouped else (None, rest)
+        return (rest[0] if rest else None), owner
+
+    def replica_train(features, ids, *rest):          # rest: owner if grouped, cells with attention supervision
         ctx = tf.distribute.get_replica_context()
+        cells, owner = split(rest)
         with tf.GradientTape() as tape:
-            loss_sum, n = masked_token_loss(model, features, ids, True, *cells)
+            loss_sum, n = masked_token_loss(model, features, ids, True, cells, owner)
             loss = loss_sum / ctx.all_reduce(tf.distribute.ReduceOp.SUM, n)
         grads = tape.gradient(loss, model.trainable_variables)
         if ctx.num_replicas_in_sync > 1:
@@ -97,7 +104,8 @@ def make_steps(model, optimizer, strategy, clip_norm: float):
 
     @tf.function(reduce_retracing=True)
     def eval_step(batch):
-        s, n = strategy.run(lambda f, i: masked_token_loss(model, f, i, False), args=batch)
+        s, n = strategy.run(lambda f, i, *rest: masked_token_loss(model, f, i, False, None, split(rest)[1]),
+                            args=batch)
         return strategy.reduce("SUM", s, axis=None), strategy.reduce("SUM", n, axis=None)
     return train_step, eval_step
 

@@ -199,7 +199,9 @@ class DecoderPhase(TrainingPhase):
             self.model = build_decoder(mcfg, manifest)
             self.optimizer = make_optimizer(tcfg, self.steps_per_epoch)
             self.optimizer.build(self.model.trainable_variables)
-        self._train_step, self._eval_step = make_steps(self.model, self.optimizer, self.strategy, tcfg.clip_norm)
+        self.grouped = tcfg.group_by_image
+        self._train_step, self._eval_step = make_steps(self.model, self.optimizer, self.strategy, tcfg.clip_norm,
+                                                       self.grouped)
         self.nan_hint = (f"the learning rate ({tcfg.lr}) is probably too high for {tcfg.optimizer}, or the features "
                          f"hold NaN/inf")
         n = len(valset.image_ids)
@@ -210,6 +212,8 @@ class DecoderPhase(TrainingPhase):
         (model/distribute.py: replica_rows)."""
         import tensorflow as tf
         spec = (tf.TensorSpec([None, *self.model.feature_shape], tf.float32), tf.TensorSpec([None, None], tf.int32))
+        if self.grouped:                        # the row of the features each caption describes
+            spec += (tf.TensorSpec([None], tf.int32),)
         if data.word_object is not None:        # attention supervision: the cells each target word names
             spec += (tf.TensorSpec([None, None, data.object_cells.shape[2]], tf.float32),)
         n, mine = self.strategy.num_replicas_in_sync, local_replicas(self.strategy)
@@ -218,19 +222,21 @@ class DecoderPhase(TrainingPhase):
             for r in rows:
                 parts = replica_rows(r, n)
                 for k in mine:
-                    yield data.batch(parts[k])
+                    yield data.batch(parts[k], self.grouped)
         return dataset_of_pieces(self.strategy, pieces, spec, 4)
 
     def batches(self, epoch: int, start: int):
         t = self.tcfg
-        return self._distributed(self.trainset, self.trainset.epoch_rows(epoch, t.batch_size, t.seed, start=start))
+        return self._distributed(self.trainset, self.trainset.epoch_rows(epoch, t.batch_size, t.seed, start=start,
+                                                                         grouped=self.grouped))
 
     def train_step(self, batch, step: int) -> float:
         return float(self._train_step(batch))
 
     def evaluate(self) -> dict:
         tot = cnt = 0.0
-        for batch in self._distributed(self.valset, self.valset.epoch_rows(0, self.tcfg.batch_size, 0, shuffle=False)):
+        for batch in self._distributed(self.valset, self.valset.epoch_rows(0, self.tcfg.batch_size, 0, shuffle=False,
+                                                                                grouped=self.grouped)):
             s, n = self._eval_step(batch)
             tot, cnt = tot + float(s), cnt + float(n)
         return {"val_loss": tot / max(cnt, 1.0)}

@@ -140,46 +140,63 @@ class TransformerDecoder(Decoder):
         positions = ops.minimum(positions, self.config.max_positions - 1)
         return self.drop(self.word_embedding(word_ids) + self.position_embedding(positions), training=training)
 
-    def _layer(self, block, x, memory, self_attend, training=False, return_attention=False):
-        """One pre-norm layer over x [N, T, E]. self_attend(h) -> the self-attention of LN(x)."""
+    def _layer(self, block, x, grid_kv, self_attend, training=False, return_attention=False):
+        """One pre-norm layer over x [N, T, E]. self_attend(h) -> the self-attention of LN(x);
+        grid_kv: the grid's keys and values for this layer's cross-attention (grid_keys_values)."""
         x = x + self.drop(self_attend(block["self_norm"](x)), training=training)
-        out = block["cross"](block["cross_norm"](x), memory, memory, training=training,
-                             return_attention_scores=return_attention)
-        att, scores = out if return_attention else (out, None)
+        att, scores = self._cross_attend(block, x, *grid_kv, training, return_attention)
         x = x + self.drop(att, training=training)
         return x + self._feed_forward(block, x, training), scores
+
+    def _cross_attend(self, block, x, keys, values, training=False, scores=False):
+        """The cross-attention of LN(x) [N, T, E] over a grid's projected keys and values [N, P, H, D]:
+        MultiHeadAttention.call's computation with the grid's projections done beforehand (once per
+        image, not per caption or per step) -> (output [N, T, E], per-head weights [N, H, T, P] or None)."""
+        ca = block["cross"]
+        att, weights = ca._compute_attention(ca.query_dense(block["cross_norm"](x)), keys, values, None, training,
+                                             scores)
+        return ca.output_dense(att), weights
+
+    def grid_keys_values(self, features, owner=None) -> list:
+        """[U, P, F] -> each layer's cross-attention (keys, values) of the grid, [N, P, H, D] each:
+        projected once per image, then repeated for each caption (owner [N]: the image row of each
+        caption; None: one caption per image)."""
+        memory = self.memory(features)
+        return [(self.per_caption(b["cross"].key_dense(memory), owner),
+                 self.per_caption(b["cross"].value_dense(memory), owner)) for b in self.blocks]
 
     def _feed_forward(self, block, x, training=False):
         return self.drop(block["ff2"](self.drop(block["ff1"](block["ff_norm"](x)), training=training)),
                          training=training)
 
     # ---- teacher forcing --------------------------------------------------------------------
-    def hidden(self, features, input_ids, training=False, return_attention=False):
-        """[B, P, F], [B, T] -> outputs [B, T, E] (after the final LayerNorm) [, attention [B, T, P]]."""
-        out, scores = self._teacher_forced(features, input_ids, training, return_attention)
+    def hidden(self, features, input_ids, training=False, return_attention=False, owner=None):
+        """[U, P, F], [B, T] -> outputs [B, T, E] (after the final LayerNorm) [, attention [B, T, P]].
+        owner [B]: the image row of each caption (None: U = B, one caption per image)."""
+        out, scores = self._teacher_forced(features, input_ids, training, return_attention, owner)
         return (out, ops.mean(scores, axis=1)) if return_attention else out     # heads averaged: [B, T, P]
 
-    def _teacher_forced(self, features, input_ids, training=False, scores=False):
+    def _teacher_forced(self, features, input_ids, training=False, scores=False, owner=None):
         """-> outputs [B, T, E], the last layer's cross-attention per head [B, H, T, P] (or None)."""
-        memory = self.memory(features)
+        grid = self.grid_keys_values(features, owner)
         x = self.embed(input_ids, ops.arange(ops.shape(input_ids)[1], dtype="int32"), training)
         att = None
         for i, block in enumerate(self.blocks):
             last = scores and i == len(self.blocks) - 1
-            x, att = self._layer(block, x, memory,
+            x, att = self._layer(block, x, grid[i],
                                  lambda h, b=block: b["self"](h, h, h, use_causal_mask=True, training=training),
                                  training, last)
         return self.final_norm(x), att
 
-    def hidden_and_penalty(self, features, input_ids, mask, training=False, cells=None):
+    def hidden_and_penalty(self, features, input_ids, mask, training=False, cells=None, owner=None):
         """In training with attention_supervision > 0 and cells: the grounding penalty on the last
         layer's cross-attention averaged over its first `supervised_heads` heads (0: all of them, the
         maps `attention` draws); the other heads stay free (e.g. to look at the object a relation
         compares with)."""
         c = self.config
         if not (training and cells is not None and c.attention_supervision > 0):
-            return self.hidden(features, input_ids, training=training), 0.0
-        out, scores = self._teacher_forced(features, input_ids, training, True)
+            return self.hidden(features, input_ids, training=training, owner=owner), 0.0
+        out, scores = self._teacher_forced(features, input_ids, training, True, owner)
         k = c.supervised_heads or c.transformer_heads
         return out, self.grounding_penalty(ops.mean(scores[:, :k], axis=1), cells)
 
@@ -195,12 +212,11 @@ class TransformerDecoder(Decoder):
     def initial_state(self, features):
         """[N, P, F] -> (each layer's cross-attention keys and values of the grid [N, P, H, D], projected
         once here; each layer's self-attention key and value cache [N, M, H, D], empty; position [N, 1] = 0)."""
-        memory = self.memory(features)
         n, c = ops.shape(features)[0], self.config
         H = c.transformer_heads
-        grid = [t for b in self.blocks for t in (b["cross"].key_dense(memory), b["cross"].value_dense(memory))]
-        empty = ops.zeros((n, c.max_positions, H, c.embedding_size // H), dtype=memory.dtype)
-        return (*grid, *[empty] * (2 * c.transformer_layers), ops.zeros((n, 1), dtype=memory.dtype))
+        grid = [t for kv in self.grid_keys_values(features) for t in kv]
+        empty = ops.zeros((n, c.max_positions, H, c.embedding_size // H), dtype=grid[0].dtype)
+        return (*grid, *[empty] * (2 * c.transformer_layers), ops.zeros((n, 1), dtype=grid[0].dtype))
 
     def step_logits(self, word_ids, state):
         """word_ids [N], state (grid keys/values..., caches..., position) -> (logits [N, V], new state).
@@ -216,16 +232,14 @@ class TransformerDecoder(Decoder):
         x = self.embed(word_ids[:, None], pos[:, None])                                      # [N, 1, E]
         new_caches = []
         for i, block in enumerate(self.blocks):
-            sa, ca = block["self"], block["cross"]
+            sa = block["self"]
             h = block["self_norm"](x)
             keys = caches[2 * i] * (1.0 - write) + sa.key_dense(h) * write                  # [N, M, H, D]
             values = caches[2 * i + 1] * (1.0 - write) + sa.value_dense(h) * write
             new_caches += [keys, values]
             att, _ = sa._compute_attention(sa.query_dense(h), keys, values, visible, training=False)
             x = x + sa.output_dense(att)
-            att, _ = ca._compute_attention(ca.query_dense(block["cross_norm"](x)), grid[2 * i], grid[2 * i + 1],
-                                           None, training=False)
-            x = x + ca.output_dense(att)
+            x = x + self._cross_attend(block, x, grid[2 * i], grid[2 * i + 1])[0]
             x = x + self._feed_forward(block, x)
         logits = self.project(self.final_norm(x)[:, 0])
         return logits, (*grid, *new_caches, position + 1.0)
