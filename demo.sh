@@ -4,7 +4,8 @@
 #   ENCODER=inception_v3 WEIGHTS=none ./demo.sh   pick the encoder / weights yourself
 #   DECODER=show_and_tell ./demo.sh   im2txt's pooled-vector decoder instead of the Transformer decoder
 #   DECODER=attention ./demo.sh       the attention LSTM (Show, Attend and Tell) over the same grid
-#   GRID=grid16 ./demo.sh    a grid decoder over the encoder's finer stride-16 map (Lite0: 14x14)
+#   GRID=grid ./demo.sh      a grid decoder over the encoder's last stride-32 map (Lite0: 7x7) instead of
+#                            the stride-16 one (grid16, 14x14: the Transformer's default)
 #   FINETUNE=1 ./demo.sh     also runs a short stage-2 fine-tune of the CNN (slow on CPU)
 #   SCST=1 ./demo.sh         also runs self-critical training (CIDEr-D reward) on the cached features
 set -euo pipefail
@@ -28,12 +29,12 @@ else WHY="ENCODER=$ENCODER"; fi
 WEIGHTS="${WEIGHTS:-imagenet}"
 # Extraction size for the 128 px built-in images (measured: see the README's results)
 case "$ENCODER" in efficientnet_lite0) FEAT_SIZE="${FEAT_SIZE:-224}" ;; *) FEAT_SIZE="${FEAT_SIZE:-$SIZE}" ;; esac
-# The decoder: the Transformer over the encoder's grid (default: measured best, docs/results.md),
-# the attention LSTM over the same grid, or im2txt's pooled-vector Show and Tell decoder; each with
+# The decoder: the Transformer over the encoder's stride-16 grid (default: measured best,
+# docs/results.md), the attention LSTM over the stride-32 grid, or im2txt's pooled-vector Show and Tell decoder; each with
 # its measured recipe (the Transformer: a cosine decay from 5e-4, 5 epochs; the LSTMs: Adam 1e-3, 8).
 DECODER="${DECODER:-transformer}"
 case "$DECODER" in
-  transformer) KIND="${GRID:-grid}"; SHOW=(--attention); MAPS=(--attention-maps 6)
+  transformer) KIND="${GRID:-grid16}"; SHOW=(--attention); MAPS=(--attention-maps 6)
     RECIPE=(--lr 5e-4 --lr-schedule cosine); EPOCHS="${EPOCHS:-5}" ;;
   attention) KIND="${GRID:-grid}"; SHOW=(--attention); MAPS=(--attention-maps 6); RECIPE=(); EPOCHS="${EPOCHS:-8}" ;;
   show_and_tell) KIND=pooled; SHOW=(); MAPS=(); RECIPE=(); EPOCHS="${EPOCHS:-8}" ;;
@@ -41,7 +42,9 @@ case "$DECODER" in
 esac
 case "$KIND" in grid|grid16|pooled) ;; *) echo "GRID=$KIND: choose grid or grid16" >&2; exit 2 ;; esac
 FEATURES="$DATA/features-$ENCODER-$WEIGHTS-$FEAT_SIZE-$KIND"
-RUN="${RUN:-runs/synth-$ENCODER-$DECODER}"
+# a run keeps to its kind of features: the stride-16 grid's run has a name of its own
+case "$KIND" in grid16) TAG=-grid16 ;; *) TAG= ;; esac
+RUN="${RUN:-runs/synth-$ENCODER-$DECODER$TAG}"
 echo "encoder: $ENCODER ($WEIGHTS weights, $FEAT_SIZE px): $WHY"
 echo "decoder: $DECODER (reads $KIND features)"
 
