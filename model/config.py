@@ -71,6 +71,8 @@ class TrainConfig:
     lr_decay_epochs: float = setting(8.0, "... every this many epochs (im2txt: halved every 8 epochs)")
     lr_schedule: str = setting("step", "step: the two settings above (im2txt's); cosine: from lr down to 0 over "
                                "all the run's steps, a cosine (measured best for the transformer decoder)")
+    warmup_steps: int = setting(0, "with --lr-schedule cosine: the learning rate rises linearly from 0 to --lr over "
+                                "this many steps, then the cosine falls to 0 over the rest (0: no warm-up)")
     clip_norm: float = setting(5.0, "gradient clipping by global norm (im2txt: 5.0)")
     seed: int = setting(0, "initialisation and data order (epoch e uses seed+e)")
     checkpoint_every: int = setting(200, "steps between checkpoints (one is also written every epoch)")
@@ -167,6 +169,7 @@ RULES = {
     "lr_decay_epochs": (lambda v: v >= 0, "0 or more"),
     "lr_schedule": (lambda v: v in ("step", "cosine"), "step or cosine"),
     "clip_norm": (lambda v: v > 0, "above 0"),
+    "warmup_steps": (lambda v: v >= 0, "0 (no warm-up) or more"),
     "checkpoint_every": (lambda v: v >= 1, "at least 1"),
     "max_steps": (lambda v: v >= 0, "0 (no limit) or more"),
     "samples": (lambda v: v >= 0, "0 or more"),
@@ -195,6 +198,9 @@ def validate(cfg) -> None:
             raise UserError(f"--{f.name.replace('_', '-')} {v}: must be {rule[1]}")
     if isinstance(cfg, ModelConfig) and cfg.decoder == "transformer":
         _check_transformer(cfg)
+    if getattr(cfg, "warmup_steps", 0) and cfg.lr_schedule != "cosine":
+        raise UserError(f"--warmup-steps {cfg.warmup_steps}: a warm-up belongs to the cosine schedule; add "
+                        f"--lr-schedule cosine or leave the flag out")
 
 
 def _check_transformer(cfg: ModelConfig) -> None:

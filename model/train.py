@@ -40,7 +40,10 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int):
     lr = cfg.lr
     if cfg.lr_schedule == "cosine":
         total = cfg.max_steps or cfg.epochs * steps_per_epoch
-        lr = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=max(1, total))
+        warm = min(cfg.warmup_steps, total)
+        lr = (keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(1, total - warm), warmup_target=cfg.lr,
+                                                     warmup_steps=warm) if warm
+              else keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=max(1, total)))
     elif cfg.lr_decay_factor != 1.0 and cfg.lr_decay_epochs > 0:
         lr = keras.optimizers.schedules.ExponentialDecay(
             cfg.lr, decay_steps=max(1, int(cfg.lr_decay_epochs * steps_per_epoch)),

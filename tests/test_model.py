@@ -299,3 +299,20 @@ def test_cosine_schedule_falls_from_lr_to_zero_over_the_runs_steps_and_step_halv
     assert seen["cosine", 100] == pytest.approx(0.0, abs=1e-9)
     assert seen["step", 39] == pytest.approx(4e-4) and seen["step", 40] == pytest.approx(2e-4)
     assert seen["step", 100] == pytest.approx(1e-4)
+    # --warmup-steps 20: 0 -> lr linearly over 20 steps, then the cosine over the other 80
+    warm = make_optimizer(TrainConfig(lr=4e-4, epochs=5, lr_schedule="cosine", warmup_steps=20), steps_per_epoch=20)
+    at = {}
+    for it in (0, 5, 20, 60, 100):
+        warm.iterations.assign(it)
+        at[it] = float(keras.ops.convert_to_numpy(warm.learning_rate))
+    assert at[0] == pytest.approx(0.0, abs=1e-12) and at[5] == pytest.approx(1e-4, rel=1e-5)
+    assert at[20] == pytest.approx(4e-4, rel=1e-5) and at[60] == pytest.approx(2e-4, rel=1e-5)
+    assert at[100] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_warmup_without_the_cosine_schedule_is_refused_naming_the_flags():
+    from model.config import TrainConfig, override
+    from prepare.errors import UserError
+    with pytest.raises(UserError, match=r"--warmup-steps 10: .*--lr-schedule cosine"):
+        override(TrainConfig(), {"warmup_steps": 10})
+    assert override(TrainConfig(), {"warmup_steps": 10, "lr_schedule": "cosine"}).warmup_steps == 10
