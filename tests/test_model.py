@@ -182,8 +182,8 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_datase
     from model import data
     orig, calls = data.CaptionSet.batch, [0]
 
-    def batch(self, rows):
-        f, ids = orig(self, rows)
+    def batch(self, rows, *grouped):
+        f, ids = orig(self, rows, *grouped)
         calls[0] += 1
         if calls[0] == 3:                     # the 3rd training batch carries a NaN feature
             f = f.copy()
@@ -203,8 +203,9 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_datase
 
 
 @pytest.mark.slow
-def test_mirrored_strategy_on_two_cpu_devices_matches_one_device(tiny_dataset, tiny_features, tmp_path):
-    kw = {"epochs": 1, "batch_size": 16, "samples": 0}
+@pytest.mark.parametrize("grouped", [False, True])     # True: each replica's piece carries its images once
+def test_mirrored_strategy_on_two_cpu_devices_matches_one_device(tiny_dataset, tiny_features, tmp_path, grouped):
+    kw = {"epochs": 1, "batch_size": 16, "samples": 0, "group_by_image": grouped}
     ref = train(tiny_dataset, tmp_path / "ref", model_overrides=TINY, train_overrides=kw, **quiet)
     code = f"""
 import sys, json

@@ -91,9 +91,9 @@ from model.train import DecoderPhase
 from prepare.cli import run_cli
 seen = {{"train": 0, "val": 0}}
 batch = CaptionSet.batch
-def counted(self, rows):
+def counted(self, rows, *grouped):
     seen[self.split] += len(rows)
-    return batch(self, rows)
+    return batch(self, rows, *grouped)
 CaptionSet.batch = counted
 kill_at = int(os.environ.get("KILL_AT_STEP", "0"))
 step = DecoderPhase.train_step
