@@ -107,7 +107,9 @@ def test_finetune_resumes_after_a_kill(tiny_dataset, tiny_run, tmp_path, killed_
     # 0.5% after 2 steps (0.1% with BatchNorm frozen), and once 1.6% (a CI run, 2026-12-01); the step
     # count and resume point are asserted above.
     assert res["history"][-1]["val_loss"] == pytest.approx(ref["history"][-1]["val_loss"], rel=3e-2)
-    assert abs(ref["history"][-1]["val_loss"] - ref["calibrated"]["val_loss"]) > 0.01 * ref["calibrated"]["val_loss"]
+    # and the 6 steps did train: the loss moved from the calibrated start (measured 0.94-1.1% in
+    # runs of 2026-12-03, against float noise of ~0.1% between equal runs)
+    assert abs(ref["history"][-1]["val_loss"] - ref["calibrated"]["val_loss"]) > 0.005 * ref["calibrated"]["val_loss"]
 
 
 def test_untrained_decoder_and_wrong_encoder_are_refused(tiny_dataset, tiny_run, tmp_path):
