@@ -85,16 +85,16 @@ class CaptionSet:
                      *([np.zeros((0,), np.int32)] if grouped else []))
             return empty if self.word_object is None else (*empty, np.zeros((0, 1, self.object_cells.shape[2]),
                                                                               np.float32))
-        t = int(self.lengths[rows].max())
+        t, image = int(self.lengths[rows].max()), self.image_index[rows]             # image: [B]
         if grouped:
-            images, owner = np.unique(self.image_index[rows], return_inverse=True)
+            images, owner = np.unique(image, return_inverse=True)
             out = self.features[images], self.ids[rows, :t], owner.astype(np.int32).reshape(-1)
         else:
-            out = self.features[self.image_index[rows]], self.ids[rows, :t]
+            out = self.features[image], self.ids[rows, :t]
         if self.word_object is None:
             return out
         named = self.word_object[rows, :t - 1].astype(np.int64)                         # [B, T]
-        cells = self.object_cells[self.image_index[rows][:, None], np.maximum(named, 0)]    # [B, T, P]
+        cells = self.object_cells[image[:, None], np.maximum(named, 0)]                    # [B, T, P]
         return (*out, cells * (named >= 0)[:, :, None])
 
     def epoch_rows(self, epoch: int, batch_size: int, seed: int, start: int = 0, shuffle: bool = True,

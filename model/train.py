@@ -202,13 +202,17 @@ class DecoderPhase(TrainingPhase):
             self.model = build_decoder(mcfg, manifest)
             self.optimizer = make_optimizer(tcfg, self.steps_per_epoch)
             self.optimizer.build(self.model.trainable_variables)
-        self.grouped = tcfg.group_by_image
         self._train_step, self._eval_step = make_steps(self.model, self.optimizer, self.strategy, tcfg.clip_norm,
-                                                       self.grouped)
+                                                       tcfg.group_by_image)
         self.nan_hint = (f"the learning rate ({tcfg.lr}) is probably too high for {tcfg.optimizer}, or the features "
                          f"hold NaN/inf")
         n = len(valset.image_ids)
         self.sample_rows = np.linspace(0, n - 1, min(tcfg.samples, n)).astype(int)
+
+    @property
+    def grouped(self) -> bool:
+        """--group-by-image: batches of each image's captions, its features once (CaptionSet.batch)."""
+        return self.tcfg.group_by_image
 
     def _distributed(self, data: CaptionSet, rows):
         """The batches of `rows` (each step's global batch) as this process's replicas' pieces
