@@ -60,6 +60,39 @@ def grid_position_tables(side: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     return rows, cols
 
 
+class Words:
+    """Where a layer's per-token products (the projections, the feed-forward block) run: over every
+    position of the words [N, T, ...] (mask None), or packed over the positions of a mask [B, T]
+    only, [n, ...] row by row (training: the real targets, a prefix of each row, so that causal
+    attention reading up to a position never reads a pad); the attention itself runs over [N, T]."""
+
+    def __init__(self, mask=None):
+        self.packed = mask is not None
+        if self.packed:
+            self.shape = ops.shape(mask)
+            self.where = ops.nonzero(ops.reshape(mask, (-1,)))[0]                        # [n]
+
+    def pack(self, x):
+        """[B, T, ...] -> [n, ...] (as it is when not packed)."""
+        if not self.packed:
+            return x
+        return ops.take(ops.reshape(x, (self.shape[0] * self.shape[1], *x.shape[2:])), self.where, axis=0)
+
+    def unpack(self, y):
+        """[n, ...] -> [B, T, ...], zeros at the positions not packed (as it is when not packed)."""
+        if not self.packed:
+            return y
+        flat = ops.scatter(self.where[:, None], y, (self.shape[0] * self.shape[1], *y.shape[1:]))
+        return ops.reshape(flat, (self.shape[0], self.shape[1], *y.shape[1:]))
+
+    def project(self, dense, x):
+        """A MultiHeadAttention projection (an EinsumDense over [N, T, ...]) of the words x."""
+        return dense(x[None])[0] if self.packed else dense(x)
+
+
+ALL_WORDS = Words()
+
+
 class TransformerDecoder(Decoder):
     def __init__(self, config: ModelConfig, seed: int | None = None, **kwargs):
         super().__init__(config, seed, name="transformer", **kwargs)
@@ -140,22 +173,27 @@ class TransformerDecoder(Decoder):
         positions = ops.minimum(positions, self.config.max_positions - 1)
         return self.drop(self.word_embedding(word_ids) + self.position_embedding(positions), training=training)
 
-    def _layer(self, block, x, grid_kv, self_attend, training=False, return_attention=False):
-        """One pre-norm layer over x [N, T, E]. self_attend(h) -> the self-attention of LN(x);
+    def _layer(self, block, x, grid_kv, words=ALL_WORDS, training=False, return_attention=False):
+        """One pre-norm layer over the words x: [N, T, E], or packed [n, E] (words: Words).
         grid_kv: the grid's keys and values for this layer's cross-attention (grid_keys_values)."""
-        x = x + self.drop(self_attend(block["self_norm"](x)), training=training)
-        att, scores = self._cross_attend(block, x, *grid_kv, training, return_attention)
+        sa = block["self"]
+        h = block["self_norm"](x)
+        q, k, v = (words.unpack(words.project(d, h)) for d in (sa.query_dense, sa.key_dense, sa.value_dense))
+        att, _ = sa._compute_attention(q, k, v, None, training, use_causal_mask=True)
+        x = x + self.drop(words.project(sa.output_dense, words.pack(att)), training=training)
+        att, scores = self._cross_attend(block, x, *grid_kv, training, return_attention, words)
         x = x + self.drop(att, training=training)
         return x + self._feed_forward(block, x, training), scores
 
-    def _cross_attend(self, block, x, keys, values, training=False, scores=False):
-        """The cross-attention of LN(x) [N, T, E] over a grid's projected keys and values [N, P, H, D]:
-        MultiHeadAttention.call's computation with the grid's projections done beforehand (once per
-        image, not per caption or per step) -> (output [N, T, E], per-head weights [N, H, T, P] or None)."""
+    def _cross_attend(self, block, x, keys, values, training=False, scores=False, words=ALL_WORDS):
+        """The cross-attention of LN(x) (x [N, T, E], or packed [n, E]: Words) over a grid's
+        projected keys and values [N, P, H, D]: MultiHeadAttention.call's computation with the grid's
+        projections done beforehand (once per image, not per caption or per step) -> (output shaped
+        like x, per-head weights [N, H, T, P] or None)."""
         ca = block["cross"]
-        att, weights = ca._compute_attention(ca.query_dense(block["cross_norm"](x)), keys, values, None, training,
-                                             scores)
-        return ca.output_dense(att), weights
+        q = words.unpack(words.project(ca.query_dense, block["cross_norm"](x)))
+        att, weights = ca._compute_attention(q, keys, values, None, training, scores)
+        return words.project(ca.output_dense, words.pack(att)), weights
 
     def grid_keys_values(self, features, owner=None) -> list:
         """[U, P, F] -> each layer's cross-attention (keys, values) of the grid, [N, P, H, D] each:
@@ -170,23 +208,25 @@ class TransformerDecoder(Decoder):
                          training=training)
 
     # ---- teacher forcing --------------------------------------------------------------------
-    def hidden(self, features, input_ids, training=False, return_attention=False, owner=None):
+    def hidden(self, features, input_ids, training=False, return_attention=False, owner=None, mask=None):
         """[U, P, F], [B, T] -> outputs [B, T, E] (after the final LayerNorm) [, attention [B, T, P]].
-        owner [B]: the image row of each caption (None: U = B, one caption per image)."""
-        out, scores = self._teacher_forced(features, input_ids, training, return_attention, owner)
+        owner [B]: the image row of each caption (None: U = B, one caption per image). mask [B, T]
+        (optional): the positions whose outputs are read (a prefix of each row, as the loss's real
+        targets are); the others come out 0 and cost no per-token products."""
+        out, scores = self._teacher_forced(features, input_ids, training, return_attention, owner, mask)
         return (out, ops.mean(scores, axis=1)) if return_attention else out     # heads averaged: [B, T, P]
 
-    def _teacher_forced(self, features, input_ids, training=False, scores=False, owner=None):
-        """-> outputs [B, T, E], the last layer's cross-attention per head [B, H, T, P] (or None)."""
+    def _teacher_forced(self, features, input_ids, training=False, scores=False, owner=None, mask=None):
+        """-> outputs [B, T, E], the last layer's cross-attention per head [B, H, T, P] (or None).
+        With a mask the words run packed (Words)."""
         grid = self.grid_keys_values(features, owner)
-        x = self.embed(input_ids, ops.arange(ops.shape(input_ids)[1], dtype="int32"), training)
+        words = Words(mask)
+        x = words.pack(self.embed(input_ids, ops.arange(ops.shape(input_ids)[1], dtype="int32"), training))
         att = None
         for i, block in enumerate(self.blocks):
             last = scores and i == len(self.blocks) - 1
-            x, att = self._layer(block, x, grid[i],
-                                 lambda h, b=block: b["self"](h, h, h, use_causal_mask=True, training=training),
-                                 training, last)
-        return self.final_norm(x), att
+            x, att = self._layer(block, x, grid[i], words, training, last)
+        return words.unpack(self.final_norm(x)), att
 
     def hidden_and_penalty(self, features, input_ids, mask, training=False, cells=None, owner=None):
         """In training with attention_supervision > 0 and cells: the grounding penalty on the last
@@ -195,8 +235,8 @@ class TransformerDecoder(Decoder):
         compares with)."""
         c = self.config
         if not (training and cells is not None and c.attention_supervision > 0):
-            return self.hidden(features, input_ids, training=training, owner=owner), 0.0
-        out, scores = self._teacher_forced(features, input_ids, training, True, owner)
+            return self.hidden(features, input_ids, training=training, owner=owner, mask=mask), 0.0
+        out, scores = self._teacher_forced(features, input_ids, training, True, owner, mask)
         k = c.supervised_heads or c.transformer_heads
         return out, self.grounding_penalty(ops.mean(scores[:, :k], axis=1), cells)
 

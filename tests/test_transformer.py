@@ -59,6 +59,46 @@ def test_step_run_t_times_reproduces_teacher_forcing_and_maps_are_distributions(
     assert not np.allclose(m.attention(f2, ids).numpy()[0], maps[0])      # another image, another map
 
 
+@pytest.mark.parametrize("supervised", [False, True])
+def test_the_loss_packs_the_real_words_and_equals_the_padded_computation(supervised):
+    """Training runs each layer's per-token products over the real positions only (Words): the
+    outputs, the loss and every gradient equal those of the padded [B, T] computation, and the
+    positions past each caption come out 0 (with attention supervision: its penalty included)."""
+    m, f = _model(attention_supervision=1.0 if supervised else 0.0, supervised_heads=1)
+    rng = np.random.default_rng(2)
+    ids = np.zeros((5, 9), np.int32)                       # <start> w ... <end>, then pads
+    for i, k in enumerate((3, 9, 6, 2, 5)):
+        ids[i, :k] = [START_ID, *rng.integers(4, 13, k - 2), END_ID]
+    mask = ids[:, 1:] > 0
+    cells = np.zeros((5, 8, 4), np.float32)
+    cells[:, ::2, 1] = 1.0
+    cells *= mask[:, :, None]
+    packed = m.hidden(f, ids[:, :-1], mask=tf.constant(mask)).numpy()
+    padded = m.hidden(f, ids[:, :-1]).numpy()
+    np.testing.assert_allclose(packed[mask], padded[mask], atol=1e-5)
+    assert (packed[~mask] == 0).all() and (padded[~mask] != 0).all()
+
+    inputs, targets = tf.constant(ids[:, :-1]), tf.constant(ids[:, 1:])
+
+    def padded_loss():      # the computation over every position [B, T], then the real targets picked
+        out, scores = m._teacher_forced(tf.constant(f), inputs, True, supervised)
+        h = tf.boolean_mask(out, mask)
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.boolean_mask(targets, mask), m.project(h))
+        penalty = m.grounding_penalty(tf.reduce_mean(scores[:, :1], axis=1), cells) if supervised else 0.0
+        return tf.reduce_sum(ce) + penalty, tf.cast(tf.shape(ce)[0], tf.float32)
+
+    def loss_and_grads(loss_fn):
+        with tf.GradientTape() as tape:
+            loss, n = loss_fn()
+        return float(loss), float(n), tape.gradient(loss, m.trainable_variables)
+    lp, n_p, gp = loss_and_grads(lambda: masked_token_loss(m, tf.constant(f), tf.constant(ids), True,
+                                                           tf.constant(cells) if supervised else None))
+    ld, n_d, gd = loss_and_grads(padded_loss)
+    assert n_p == n_d == mask.sum() and lp == pytest.approx(ld, rel=1e-5)
+    for a, b in zip(gp, gd):
+        np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy(), atol=1e-5)
+
+
 def test_each_weight_has_its_own_seed_and_the_same_seed_the_same_model():
     m, _ = _model(seed=5)
     att = m.blocks[0]["self"]
@@ -172,6 +212,22 @@ def test_bench_times_the_transformer_beside_the_pooled_decoder():
     name = "transformer decoder (4 positions x 6), ours"
     assert r[name]["real_tokens_s"] > 0 and r[name]["ms_per_step"] > 0
     assert any(x.startswith("  transformer decoder / pooled decoder: ") for x in lines)
+
+
+def test_bench_groups_captions_by_image_and_sets_the_layers_and_its_flags_are_checked(capsys):
+    from model import bench
+    from model.__main__ import main
+    from prepare.cli import run_cli
+    batches = bench._random_batches(np.random.default_rng(0), 2, 6, 8, 6.0, 40, False, (4, 3), per_image=3)
+    f, ids, n, owner = batches[0]
+    assert f.shape == (2, 4, 3) and ids.shape[0] == 6 and owner.tolist() == [0, 0, 0, 1, 1, 1]
+    assert n == int((ids[:, 1:] > 0).sum())
+    r = bench.run(vocab=40, size=8, batch=4, max_len=8, mean_len=6.0, steps=1, decoder="transformer", positions=4,
+                  grid_dim=6, per_image=2, layers=1, log=lambda *a: None)
+    assert r["transformer decoder (4 positions x 6, 1 layer, 2 captions per image), ours"]["real_tokens_s"] > 0
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, ["bench", "--batch-size", "32", "--captions-per-image", "5"])
+    assert e.value.code == 2 and "--captions-per-image 5: must divide --batch-size 32" in capsys.readouterr().err
 
 
 def test_a_run_saved_before_attention_dropout_existed_is_rebuilt_with_its_dropout():
