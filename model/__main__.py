@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention or transformer: also time that grid decoder beside the pooled one (same sizes)")
     b.add_argument("--positions", type=int, default=49, help="grid decoders: grid positions (default 49: 7x7)")
     b.add_argument("--grid-dim", type=int, default=1280, help="grid decoders: grid channels (default 1280: Lite0)")
+    b.add_argument("--captions-per-image", type=int, default=1,
+                   help="grid decoders: batches of K captions of each image, as --group-by-image trains "
+                        "(COCO: 5; default 1, an image per caption)")
+    b.add_argument("--transformer-layers", type=int, default=0,
+                   help="transformer: its layers (default 0: the decoder's default)")
     return p
 
 
@@ -72,12 +77,16 @@ def main(argv=None) -> int:
         reward_bench()
     else:
         from model import bench
-        from prepare.errors import check_range
+        from prepare.errors import UserError, check_range
         for flag, v, lo in (("--vocab", a.vocab, 5), ("--size", a.size, 1), ("--batch-size", a.batch_size, 1),
                             ("--max-len", a.max_len, 5), ("--steps", a.steps, 1), ("--positions", a.positions, 1),
-                            ("--grid-dim", a.grid_dim, 1)):
+                            ("--grid-dim", a.grid_dim, 1), ("--captions-per-image", a.captions_per_image, 1),
+                            ("--transformer-layers", a.transformer_layers, 0)):
             check_range(flag, v, lo)
-        bench.run(a.vocab, a.size, a.batch_size, a.max_len, a.mean_len, a.steps, a.decoder, a.positions, a.grid_dim)
+        if a.batch_size % a.captions_per_image:
+            raise UserError(f"--captions-per-image {a.captions_per_image}: must divide --batch-size {a.batch_size}")
+        bench.run(a.vocab, a.size, a.batch_size, a.max_len, a.mean_len, a.steps, a.decoder, a.positions, a.grid_dim,
+                  a.captions_per_image, a.transformer_layers)
     return 0
 
 

@@ -55,9 +55,10 @@ PEER_NAME = "PyTorch peer: packed sequences, real-token logits (same batches)"
 
 
 def _random_batches(rng, n: int, batch: int, max_len: int, mean_len: float, vocab: int, fixed: bool,
-                    feature_shape: tuple) -> list:
-    """n batches of (features [batch, *feature_shape], ids padded to max_len if fixed else to the
-    batch's longest caption, number of real target tokens)."""
+                    feature_shape: tuple, per_image: int = 1) -> list:
+    """n batches of (features [batch / per_image, *feature_shape], ids padded to max_len if fixed else
+    to the batch's longest caption, number of real target tokens[, owner: the image row of each
+    caption, when per_image > 1: the batches of --group-by-image])."""
     out = []
     for _ in range(n):
         lens = _lengths(rng, batch, max_len, mean_len)
@@ -66,7 +67,9 @@ def _random_batches(rng, n: int, batch: int, max_len: int, mean_len: float, voca
         for i, k in enumerate(lens):
             ids[i, 0], ids[i, k - 1] = 1, 2
             ids[i, 1:k - 1] = rng.integers(4, vocab, k - 2)
-        out.append((rng.normal(size=(batch, *feature_shape)).astype(np.float32), ids, int((lens - 1).sum())))
+        f = rng.normal(size=(batch // per_image, *feature_shape)).astype(np.float32)
+        owner = (np.repeat(np.arange(batch // per_image, dtype=np.int32), per_image),) if per_image > 1 else ()
+        out.append((f, ids, int((lens - 1).sum()), *owner))
     return out
 
 
@@ -88,9 +91,11 @@ def _padded_step(model, opt):
     return step
 
 
-def _variant_step(vocab: int, size: int, fixed: bool, grid: str | None, positions: int, grid_dim: int, strategy):
+def _variant_step(vocab: int, size: int, fixed: bool, grid: str | None, positions: int, grid_dim: int, strategy,
+                  grouped: bool = False, layers: int = 0):
     """A freshly seeded decoder and optimizer, and the step that trains them: the baseline's
-    (fixed padding) or ours (model.steps). grid: None (the pooled decoder) or the grid decoder's name."""
+    (fixed padding) or ours (model.steps; grouped: batches of --group-by-image). grid: None (the
+    pooled decoder) or the grid decoder's name; layers: the transformer's (0: its default)."""
     import keras
 
     from model.config import ModelConfig
@@ -98,24 +103,25 @@ def _variant_step(vocab: int, size: int, fixed: bool, grid: str | None, position
     from model.optim import FusedAdam
     from model.steps import make_steps
     keras.utils.set_random_seed(0)
-    grid_cfg = dict(decoder=grid, feature_dim=grid_dim, grid_positions=positions, attention_units=size)
+    grid_cfg = dict(decoder=grid, feature_dim=grid_dim, grid_positions=positions, attention_units=size,
+                    **({"transformer_layers": layers} if layers else {}))
     model = build_decoder(ModelConfig(vocab_size=vocab, embedding_size=size, lstm_units=size,
                                       **(grid_cfg if grid else {})))
     opt = FusedAdam(1e-3)
     opt.build(model.trainable_variables)
     if fixed:
         return _padded_step(model, opt)
-    return make_steps(model, opt, strategy, 5.0)[0]
+    return make_steps(model, opt, strategy, 5.0, grouped)[0]
 
 
 def _time_step(step, data, batch: int) -> dict:
     """Two warm-up steps, then the median time of one step over the rest of `data`."""
     import tensorflow as tf
-    for f, ids, _ in data[:2]:
-        float(step((tf.constant(f), tf.constant(ids))))       # trace / warm up
+    for f, ids, _, *owner in data[:2]:
+        float(step((tf.constant(f), tf.constant(ids), *map(tf.constant, owner))))       # trace / warm up
     times, toks = [], []
-    for f, ids, n in data[2:]:
-        bt = (tf.constant(f), tf.constant(ids))
+    for f, ids, n, *owner in data[2:]:
+        bt = (tf.constant(f), tf.constant(ids), *map(tf.constant, owner))
         t = time.perf_counter()
         float(step(bt))
         times.append(time.perf_counter() - t)
@@ -164,10 +170,13 @@ def _log_results(results: dict, peaks: list, peak: float, attention_name: str | 
 
 def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20, mean_len: float = 12.5,
         steps: int = 12, decoder: str = "show_and_tell", positions: int = 49, grid_dim: int = 1280,
-        log=print) -> dict:
+        per_image: int = 1, layers: int = 0, log=print) -> dict:
     """decoder "attention" or "transformer": also times that grid decoder (same sizes, our step; the
-    transformer with its default layers, heads and feed-forward size, d_model `size`) on random grids
-    of `positions` x `grid_dim` (EfficientNet-Lite0 at 224 px: 49 x 1280)."""
+    transformer with `layers` layers (0: its default) and its default heads and feed-forward size,
+    d_model `size`) on random grids of `positions` x `grid_dim` (EfficientNet-Lite0 at 224 px:
+    49 x 1280); per_image > 1: in batches of `per_image` captions of each image (--group-by-image;
+    COCO has 5), so that it projects each grid once for them. The pooled decoder keeps one image
+    per caption: projecting its vector is under 1% of its step."""
     import tensorflow as tf
     rng = np.random.default_rng(0)
     strategy = tf.distribute.get_strategy()
@@ -178,13 +187,19 @@ def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20,
     variants = [("ours: dynamic padding, real-token logits", False, None),
                 ("baseline: fixed padding, logits at every position", True, None)]
     if decoder in GRID_DECODERS:
-        variants.append((f"{GRID_DECODERS[decoder]} ({positions} positions x {grid_dim}), ours", False, decoder))
+        shape = f"{positions} positions x {grid_dim}"
+        if layers and decoder == "transformer":
+            shape += f", {layers} layer{'s' * (layers > 1)}"
+        if per_image > 1:
+            shape += f", {per_image} captions per image"
+        variants.append((f"{GRID_DECODERS[decoder]} ({shape}), ours", False, decoder))
     peaks = [peak]
     for name, fixed, grid in variants:
         peaks.append(measure_matmul_flops(batch * 13, size, vocab))   # the machine's rate drifts: sample it
-        step = _variant_step(vocab, size, fixed, grid, positions, grid_dim, strategy)
+        k = per_image if grid else 1
+        step = _variant_step(vocab, size, fixed, grid, positions, grid_dim, strategy, k > 1, layers)
         data = _random_batches(rng, steps + 2, batch, max_len, mean_len, vocab, fixed,
-                               (positions, grid_dim) if grid else (2048,))
+                               (positions, grid_dim) if grid else (2048,), k)
         if name == variants[0][0]:
             ours_data = data
         results[name] = _time_step(step, data, batch)
