@@ -47,6 +47,11 @@ class ModelConfig:
     supervised_heads: int = setting(0, "transformer decoder: how many heads of the last layer's cross-attention "
                                     "--attention-supervision pulls (the first ones; 0: all, their average); the "
                                     "others stay free")
+    supervised_words: str = setting("names", "which words --attention-supervision pulls: names (each colour and "
+                                    "shape word naming a true object, into that object's box: the words pointing "
+                                    "accuracy scores) or phrases (also each size word, into its object's box, "
+                                    "and each word of a relation, 'to the left of', 'above', into the box of "
+                                    "the object named next, the one the relation compares with)")
     transformer_layers: int = setting(2, "transformer decoder: layers (each self-attention, cross-attention to the "
                                       "grid, feed-forward; d_model is embedding_size)")
     transformer_heads: int = setting(4, "transformer decoder: attention heads (embedding_size must be a multiple)")
@@ -140,6 +145,8 @@ DECODERS = ("show_and_tell", "attention", "transformer")
 # what `extract --features` feeds each: "grid" stands for either grid kind (grid or grid16, extract.encoder.is_grid)
 FEATURES_OF_DECODER = {"show_and_tell": "pooled", "attention": "grid", "transformer": "grid"}
 
+SUPERVISED_WORDS = ("names", "phrases")   # model.metrics.grounded_objects
+
 # Valid values, checked before anything is written: field -> (test, what it must be)
 RULES = {
     "vocab_size": (lambda v: v >= 5, "at least 5 (4 special tokens and a word)"),
@@ -152,6 +159,7 @@ RULES = {
     "attention_reg": (lambda v: v >= 0, "0 (off) or more"),
     "attention_supervision": (lambda v: 0 <= v < 1e6, "0 (off) or more"),
     "supervised_heads": (lambda v: v >= 0, "0 (all) or more"),
+    "supervised_words": (lambda v: v in SUPERVISED_WORDS, " or ".join(SUPERVISED_WORDS)),
     "transformer_layers": (lambda v: v >= 1, "at least 1"),
     "transformer_heads": (lambda v: v >= 1, "at least 1"),
     "transformer_ff": (lambda v: v >= 1, "at least 1"),
@@ -198,6 +206,9 @@ def validate(cfg) -> None:
             raise UserError(f"--{f.name.replace('_', '-')} {v}: must be {rule[1]}")
     if isinstance(cfg, ModelConfig) and cfg.decoder == "transformer":
         _check_transformer(cfg)
+    if isinstance(cfg, ModelConfig) and cfg.supervised_words != "names" and not cfg.attention_supervision:
+        raise UserError(f"--supervised-words {cfg.supervised_words}: chooses the words --attention-supervision "
+                        f"pulls; add --attention-supervision (e.g. 0.5) or leave the flag out")
     if getattr(cfg, "warmup_steps", 0) and cfg.lr_schedule != "cosine":
         raise UserError(f"--warmup-steps {cfg.warmup_steps}: a warm-up belongs to the cosine schedule; add "
                         f"--lr-schedule cosine or leave the flag out")

@@ -44,13 +44,14 @@ class CaptionSet:
         self.split = split
         self.word_object = self.object_cells = None     # attention supervision's targets (ground)
 
-    def ground(self, vocab, side: int) -> int:
+    def ground(self, vocab, side: int, phrases: bool = False) -> int:
         """Attention supervision's targets: for each target word of each caption, the index of the
-        true object it names (model.metrics.named_objects: colour and shape words; -1: none), and
+        true object it names (model.metrics.grounded_objects: colour and shape words, with phrases
+        also size words and relations; -1: none), and
         each image's object cells on the side x side grid (model.metrics.box_cells); an image of
         unknown size (model.metrics.image_size_of) names none. From then on `batch` also returns the
         cells of each target word [B, T, side * side]. -> words named."""
-        from model.metrics import box_cells, image_size_of, named_objects
+        from model.metrics import box_cells, grounded_objects, image_size_of
         truths = [json.loads(t) if t else {} for t in self.objects]
         k = max([len(t.get("objects", [])) for t in truths] + [1])
         self.object_cells = np.zeros((len(truths), k, side * side), np.float32)
@@ -66,7 +67,7 @@ class CaptionSet:
         for i, (ids, img) in enumerate(zip(self.ids, self.image_index)):
             objs = truths[img].get("objects")
             if objs:
-                named = named_objects([vocab.words[w] for w in ids[1:]], objs)
+                named = grounded_objects([vocab.words[w] for w in ids[1:]], objs, phrases)
                 index = {id(o): j for j, o in enumerate(objs)}
                 self.word_object[i, :-1] = [-1 if o is None else index[id(o)] for o in named]
         return int((self.word_object >= 0).sum())

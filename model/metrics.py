@@ -5,6 +5,8 @@
     content_accuracy(captions, truth)   the share of images captioned exactly right, per attribute and
                                         by the number of objects in the image
     named_objects(words, objects)       the true object each colour or shape word of a caption names
+    grounded_objects(words, objects, phrases)   attention supervision's targets: named_objects, and
+                                        with phrases also size words and relations (the object named next)
     pointing(words, maps, objects, width, height)   grounding: for each word naming a true object,
                                         is the peak of its attention map inside that object's box?
     image_size_of(truth, path)          an image's (width, height): recorded, else its file's header
@@ -21,7 +23,7 @@ import numpy as np
 
 from extract.encoder import grid_side
 from model.decoding import NO_END_AFTER
-from prepare.synth import parse_caption, relation_holds
+from prepare.synth import RELATIONS, SIZES, parse_caption, relation_holds
 
 
 def score_content(text: str, truth: list[dict]) -> dict[str, bool | None]:
@@ -77,6 +79,31 @@ def named_objects(words: list[str], objects: list[dict]) -> list[dict | None]:
         o = lookup.get((words[t], words[t + 1]))
         if o is not None:
             named[t] = named[t + 1] = o
+    return named
+
+
+RELATION_WORDS = [tuple(r.split()) for r in RELATIONS]      # ("to", "the", "left", "of"), ("above",), ...
+
+
+def grounded_objects(words: list[str], objects: list[dict], phrases: bool = False) -> list[dict | None]:
+    """Per word of a caption, the true object attention supervision pulls it to: named_objects;
+    with phrases also each size word just before a named colour (its object), and each word of a
+    relation ("to the left of", "above", ...) the object the caption names next, the one the
+    relation compares the first with ("a red star to the left of a blue circle": the relation's
+    words and "blue circle" to the circle). A relation with no named object after it names none."""
+    named = named_objects(words, objects)
+    if not phrases:
+        return named
+    for t in range(len(words) - 1):
+        if words[t] in SIZES and named[t + 1] is not None and named[t + 1]["colour"] == words[t + 1]:
+            named[t] = named[t + 1]
+    for t in range(len(words)):
+        for rel in RELATION_WORDS:
+            if tuple(words[t:t + len(rel)]) != rel:
+                continue
+            after = next((o for o in named[t + len(rel):] if o is not None), None)
+            if after is not None:
+                named[t:t + len(rel)] = [after] * len(rel)
     return named
 
 

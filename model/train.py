@@ -179,13 +179,13 @@ def _ground(trainset: CaptionSet, mcfg: ModelConfig, vocab, captions: Path, log)
     if FEATURES_OF_DECODER[mcfg.decoder] != "grid":
         raise UserError(f"{flag}: the {mcfg.decoder} decoder has no attention; pass --decoder attention or "
                         f"transformer, or leave the flag out")
-    words = trainset.ground(vocab, grid_side(mcfg.grid_positions))
+    words = trainset.ground(vocab, grid_side(mcfg.grid_positions), mcfg.supervised_words == "phrases")
     if not words:
         raise UserError(f"{flag}: {captions} records no objects with their places for the training images (or no "
                         f"caption names one), so there is nothing to point at; it needs a dataset like the built-in "
                         f"one (`python -m prepare synth`), or leave the flag out")
     log(f"attention supervision: {words} words of {len(trainset)} training captions name an object whose cells "
-        f"they are pulled to (weight {mcfg.attention_supervision})")
+        f"they are pulled to (weight {mcfg.attention_supervision}; {mcfg.supervised_words})")
 
 
 class DecoderPhase(TrainingPhase):

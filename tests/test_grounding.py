@@ -10,7 +10,7 @@ import tensorflow as tf
 from model.config import ModelConfig
 from model.data import CaptionSet, open_data
 from model.decoders import build_decoder
-from model.metrics import box_cells, named_objects, pointing
+from model.metrics import box_cells, grounded_objects, named_objects, pointing
 from model.steps import masked_token_loss
 from model.train import _ground, train
 from prepare import captions_h5
@@ -40,21 +40,24 @@ def _trainset(tiny_dataset, tiny_grid):
     return CaptionSet(captions, feats, "train", manifest), captions_h5.read_vocab(captions)
 
 
-def test_ground_marks_the_colour_and_shape_words_with_their_objects_cells(tiny_dataset, tiny_grid):
+@pytest.mark.parametrize("phrases", [False, True])
+def test_ground_marks_the_colour_and_shape_words_with_their_objects_cells(tiny_dataset, tiny_grid, phrases):
     ts, vocab = _trainset(tiny_dataset, tiny_grid)
-    named = ts.ground(vocab, 2)
+    named = ts.ground(vocab, 2, phrases)
     assert ts.object_cells.shape == (len(ts.image_ids), 3, 4) and ts.word_object.shape == ts.ids.shape
     marked = 0
     for i in range(len(ts)):
         truth = json.loads(ts.objects[ts.image_index[i]])["objects"]
         words = [vocab.words[w] for w in ts.ids[i, 1:]]
-        expect = [-1 if o is None else truth.index(o) for o in named_objects(words, truth)]
+        expect = [-1 if o is None else truth.index(o) for o in grounded_objects(words, truth, phrases)]
         assert ts.word_object[i, :-1].tolist() == expect
         for t, j in enumerate(expect):
-            if j >= 0:
+            if j >= 0 and not phrases:
                 assert words[t] in (truth[j]["colour"], truth[j]["shape"])
         marked += sum(j >= 0 for j in expect)
     assert marked == named and named >= 2 * len(ts)                 # every caption names an object
+    if phrases:                                                       # more words than the names alone
+        assert named > _trainset(tiny_dataset, tiny_grid)[0].ground(vocab, 2)
     rows = np.arange(5)
     f, ids, cells = ts.batch(rows)
     assert cells.shape == (5, ids.shape[1] - 1, 4) and cells.dtype == np.float32
@@ -152,6 +155,34 @@ def test_attention_supervision_is_refused_where_there_is_nothing_to_point_at(tin
     cfg = ModelConfig(vocab_size=len(vocab), decoder="attention", grid_positions=4, attention_supervision=1.0)
     with pytest.raises(UserError, match=r"records no objects with their places .* prepare synth"):
         _ground(ts, cfg, vocab, tiny_dataset / "captions.h5", lambda *a: None)
+
+
+def test_phrases_also_ground_the_size_words_and_the_relations_onto_the_object_named_next():
+    star, circle, square = ({"colour": c, "shape": s} for c, s in (("red", "star"), ("blue", "circle"),
+                                                                     ("green", "square")))
+    words = "a small red star to the left of a large blue circle , and a green square . <end>".split()
+    marks = lambda phrases: "".join("-" if o is None else o["shape"][1] for o in
+                                    grounded_objects(words, [star, circle, square], phrases))
+    assert marks(False) == "--tt------ii---qq--"                       # named_objects: colour and shape words
+    assert grounded_objects(words, [star, circle, square]) == named_objects(words, [star, circle, square])
+    assert marks(True) == "-tttiiii-iii---qq--"                         # "small", the relation, "large" too
+    above = "there is a blue circle above a red star".split()
+    assert "".join("-" if o is None else o["shape"][1] for o in grounded_objects(above, [star, circle], True)) == \
+        "---iit-tt"
+    # a relation with no true object named after it (a caption's words cut short, or naming a wrong one)
+    dangling = "a red star to the left of a pink moon".split()
+    assert [o is not None for o in grounded_objects(dangling, [star], True)] == [False, True, True] + [False] * 7
+
+
+def test_supervised_words_is_checked_and_needs_the_supervision():
+    from model.config import override
+    base = ModelConfig(vocab_size=9, decoder="transformer", grid_positions=4, embedding_size=8,
+                       transformer_heads=2, attention_supervision=0.5)
+    assert override(base, {"supervised_words": "phrases"}).supervised_words == "phrases"
+    with pytest.raises(UserError, match=r"--supervised-words sentences: must be names or phrases"):
+        override(base, {"supervised_words": "sentences"})
+    with pytest.raises(UserError, match=r"--supervised-words phrases: .* add --attention-supervision"):
+        override(base, {"supervised_words": "phrases", "attention_supervision": 0.0})
 
 
 def test_supervised_heads_pulls_only_the_first_heads_and_is_checked():
