@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(COCO: 5; default 1, an image per caption)")
     b.add_argument("--transformer-layers", type=int, default=0,
                    help="transformer: its layers (default 0: the decoder's default)")
+    b.add_argument("--transformer-size", type=int, default=0,
+                   help="transformer: its d_model (default 0: --size), e.g. 256 to time the width a recipe "
+                        "trains beside the pooled LSTM at im2txt's 512")
     return p
 
 
@@ -81,12 +84,17 @@ def main(argv=None) -> int:
         for flag, v, lo in (("--vocab", a.vocab, 5), ("--size", a.size, 1), ("--batch-size", a.batch_size, 1),
                             ("--max-len", a.max_len, 5), ("--steps", a.steps, 1), ("--positions", a.positions, 1),
                             ("--grid-dim", a.grid_dim, 1), ("--captions-per-image", a.captions_per_image, 1),
-                            ("--transformer-layers", a.transformer_layers, 0)):
+                            ("--transformer-layers", a.transformer_layers, 0),
+                            ("--transformer-size", a.transformer_size, 0)):
             check_range(flag, v, lo)
+        heads = ModelConfig(vocab_size=a.vocab).transformer_heads
+        if a.transformer_size % heads or (not a.transformer_size and a.decoder == "transformer" and a.size % heads):
+            flag, v = ("--transformer-size", a.transformer_size) if a.transformer_size else ("--size", a.size)
+            raise UserError(f"{flag} {v}: the transformer's d_model must be a multiple of its {heads} heads")
         if a.batch_size % a.captions_per_image:
             raise UserError(f"--captions-per-image {a.captions_per_image}: must divide --batch-size {a.batch_size}")
         bench.run(a.vocab, a.size, a.batch_size, a.max_len, a.mean_len, a.steps, a.decoder, a.positions, a.grid_dim,
-                  a.captions_per_image, a.transformer_layers)
+                  a.captions_per_image, a.transformer_layers, a.transformer_size)
     return 0
 
 

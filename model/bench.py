@@ -93,9 +93,10 @@ def _padded_step(model, opt):
 
 def _variant_step(vocab: int, size: int, fixed: bool, grid: str | None, positions: int, grid_dim: int, strategy,
                   grouped: bool = False, layers: int = 0):
-    """A freshly seeded decoder and optimizer, and the step that trains them: the baseline's
-    (fixed padding) or ours (model.steps; grouped: batches of --group-by-image). grid: None (the
-    pooled decoder) or the grid decoder's name; layers: the transformer's (0: its default)."""
+    """A freshly seeded decoder and optimizer, the step that trains them (the baseline's, fixed
+    padding, or ours, model.steps; grouped: batches of --group-by-image) and the decoder's number of
+    trainable weights. grid: None (the pooled decoder) or the grid decoder's name; layers: the
+    transformer's (0: its default); size: embedding and LSTM size, the transformer's d_model."""
     import keras
 
     from model.config import ModelConfig
@@ -109,9 +110,10 @@ def _variant_step(vocab: int, size: int, fixed: bool, grid: str | None, position
                                       **(grid_cfg if grid else {})))
     opt = FusedAdam(1e-3)
     opt.build(model.trainable_variables)
+    n_params = int(sum(np.prod(v.shape) for v in model.trainable_variables))
     if fixed:
-        return _padded_step(model, opt)
-    return make_steps(model, opt, strategy, 5.0, grouped)[0]
+        return _padded_step(model, opt), n_params
+    return make_steps(model, opt, strategy, 5.0, grouped)[0], n_params
 
 
 def _time_step(step, data, batch: int) -> dict:
@@ -153,7 +155,8 @@ def _log_results(results: dict, peaks: list, peak: float, attention_name: str | 
     for name, r in results.items():
         if isinstance(r, dict):
             log(f"  {name}:\n      {r['ms_per_step']:7.1f} ms/step  {r['examples_s']:7.1f} examples/s  "
-                f"{r['real_tokens_s']:7.0f} real tokens/s  {100 * r['limit_ratio']:5.1f}% of the matmul limit")
+                f"{r['real_tokens_s']:7.0f} real tokens/s  {100 * r['limit_ratio']:5.1f}% of the matmul limit"
+                + (f"  ({r['params'] / 1e6:.1f} M weights)" if "params" in r else ""))
     ours, base = (results[k] for k in list(results)[:2])
     log(f"  speed-up over the baseline: {ours['real_tokens_s'] / base['real_tokens_s']:.2f}x real tokens/s")
     if PEER_NAME in results:
@@ -170,10 +173,10 @@ def _log_results(results: dict, peaks: list, peak: float, attention_name: str | 
 
 def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20, mean_len: float = 12.5,
         steps: int = 12, decoder: str = "show_and_tell", positions: int = 49, grid_dim: int = 1280,
-        per_image: int = 1, layers: int = 0, log=print) -> dict:
+        per_image: int = 1, layers: int = 0, transformer_size: int = 0, log=print) -> dict:
     """decoder "attention" or "transformer": also times that grid decoder (same sizes, our step; the
     transformer with `layers` layers (0: its default) and its default heads and feed-forward size,
-    d_model `size`) on random grids of `positions` x `grid_dim` (EfficientNet-Lite0 at 224 px:
+    d_model `transformer_size`, 0: `size`) on random grids of `positions` x `grid_dim` (EfficientNet-Lite0 at 224 px:
     49 x 1280); per_image > 1: in batches of `per_image` captions of each image (--group-by-image;
     COCO has 5), so that it projects each grid once for them. The pooled decoder keeps one image
     per caption: projecting its vector is under 1% of its step."""
@@ -188,6 +191,8 @@ def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20,
                 ("baseline: fixed padding, logits at every position", True, None)]
     if decoder in GRID_DECODERS:
         shape = f"{positions} positions x {grid_dim}"
+        if transformer_size and decoder == "transformer":
+            shape += f", d_model {transformer_size}"
         if layers and decoder == "transformer":
             shape += f", {layers} layer{'s' * (layers > 1)}"
         if per_image > 1:
@@ -197,12 +202,14 @@ def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20,
     for name, fixed, grid in variants:
         peaks.append(measure_matmul_flops(batch * 13, size, vocab))   # the machine's rate drifts: sample it
         k = per_image if grid else 1
-        step = _variant_step(vocab, size, fixed, grid, positions, grid_dim, strategy, k > 1, layers)
+        width = transformer_size if grid == "transformer" and transformer_size else size
+        step, n_params = _variant_step(vocab, width, fixed, grid, positions, grid_dim, strategy, k > 1, layers)
         data = _random_batches(rng, steps + 2, batch, max_len, mean_len, vocab, fixed,
                                (positions, grid_dim) if grid else (2048,), k)
         if name == variants[0][0]:
             ours_data = data
         results[name] = _time_step(step, data, batch)
+        results[name]["params"] = n_params
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024        # before PyTorch loads
     _time_peer(results, ours_data, batch, vocab, size)
     peaks.append(measure_matmul_flops(batch * 13, size, vocab))

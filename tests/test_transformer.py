@@ -214,7 +214,7 @@ def test_bench_times_the_transformer_beside_the_pooled_decoder():
     assert any(x.startswith("  transformer decoder / pooled decoder: ") for x in lines)
 
 
-def test_bench_groups_captions_by_image_and_sets_the_layers_and_its_flags_are_checked(capsys):
+def test_bench_groups_captions_by_image_sets_the_layers_and_width_and_its_flags_are_checked(capsys):
     from model import bench
     from model.__main__ import main
     from prepare.cli import run_cli
@@ -224,10 +224,23 @@ def test_bench_groups_captions_by_image_and_sets_the_layers_and_its_flags_are_ch
     assert n == int((ids[:, 1:] > 0).sum())
     r = bench.run(vocab=40, size=8, batch=4, max_len=8, mean_len=6.0, steps=1, decoder="transformer", positions=4,
                   grid_dim=6, per_image=2, layers=1, log=lambda *a: None)
-    assert r["transformer decoder (4 positions x 6, 1 layer, 2 captions per image), ours"]["real_tokens_s"] > 0
-    with pytest.raises(SystemExit) as e:
-        run_cli(main, ["bench", "--batch-size", "32", "--captions-per-image", "5"])
-    assert e.value.code == 2 and "--captions-per-image 5: must divide --batch-size 32" in capsys.readouterr().err
+    one_layer = r["transformer decoder (4 positions x 6, 1 layer, 2 captions per image), ours"]
+    assert one_layer["real_tokens_s"] > 0
+    wide = bench.run(vocab=40, size=8, batch=4, max_len=8, mean_len=6.0, steps=1, decoder="transformer", positions=4,
+                     grid_dim=6, per_image=2, layers=1, transformer_size=16, log=lambda *a: None)
+    pooled = "ours: dynamic padding, real-token logits"
+    assert wide[pooled]["params"] == r[pooled]["params"]          # --transformer-size leaves the LSTM at --size
+    assert wide["transformer decoder (4 positions x 6, d_model 16, 1 layer, 2 captions per image), ours"]["params"] \
+        > one_layer["params"]
+    for argv, err in ((["--batch-size", "32", "--captions-per-image", "5"],
+                       "--captions-per-image 5: must divide --batch-size 32"),
+                      (["--decoder", "transformer", "--transformer-size", "250"],
+                       "--transformer-size 250: the transformer's d_model must be a multiple of its 4 heads"),
+                      (["--decoder", "transformer", "--size", "510"],
+                       "--size 510: the transformer's d_model must be a multiple of its 4 heads")):
+        with pytest.raises(SystemExit) as e:
+            run_cli(main, ["bench", *argv])
+        assert e.value.code == 2 and err in capsys.readouterr().err
 
 
 def test_a_run_saved_before_attention_dropout_existed_is_rebuilt_with_its_dropout():
