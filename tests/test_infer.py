@@ -385,8 +385,14 @@ def test_an_animated_gif_is_captioned_as_its_first_frame(tiny_run, tmp_path):
     assert s["captioned"] == 3 and not s["unreadable"]
     rows = {Path(r["file"]).name: r["captions"] for r in
             map(json.loads, (tmp_path / "out" / "captions.jsonl").read_text().splitlines())}
-    assert rows["anim.gif"] == rows["red.gif"]
-    assert [c["logprob"] for c in rows["red.gif"]] != [c["logprob"] for c in rows["blue.gif"]]
+    # the same captions; their log-probabilities to float rounding only (a row's place in the
+    # batch changes the kernels' rounding: -2.8640368 against -2.8640361 seen), far closer than
+    # the blue picture's
+    def logprobs(name):
+        return [c["logprob"] for c in rows[name]]
+    assert [c["caption"] for c in rows["anim.gif"]] == [c["caption"] for c in rows["red.gif"]]
+    assert logprobs("anim.gif") == pytest.approx(logprobs("red.gif"), abs=1e-5)
+    assert logprobs("blue.gif") != pytest.approx(logprobs("red.gif"), abs=1e-3)
 
 
 def test_odd_pictures_and_non_utf8_names_never_stop_a_caption_run(tiny_dataset, tiny_run, tmp_path, monkeypatch):
