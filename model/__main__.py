@@ -87,10 +87,8 @@ def main(argv=None) -> int:
                             ("--transformer-layers", a.transformer_layers, 0),
                             ("--transformer-size", a.transformer_size, 0)):
             check_range(flag, v, lo)
-        heads = ModelConfig(vocab_size=a.vocab).transformer_heads
-        if a.transformer_size % heads or (not a.transformer_size and a.decoder == "transformer" and a.size % heads):
-            flag, v = ("--transformer-size", a.transformer_size) if a.transformer_size else ("--size", a.size)
-            raise UserError(f"{flag} {v}: the transformer's d_model must be a multiple of its {heads} heads")
+        bench.check_grid_decoder(a.vocab, a.size, a.decoder, a.positions, a.grid_dim, a.transformer_layers,
+                                 a.transformer_size)
         if a.batch_size % a.captions_per_image:
             raise UserError(f"--captions-per-image {a.captions_per_image}: must divide --batch-size {a.batch_size}")
         bench.run(a.vocab, a.size, a.batch_size, a.max_len, a.mean_len, a.steps, a.decoder, a.positions, a.grid_dim,

@@ -9,6 +9,7 @@ Prints, from one run (medians over timed steps):
 """
 from __future__ import annotations
 
+import re
 import resource
 import statistics
 import time
@@ -91,6 +92,35 @@ def _padded_step(model, opt):
     return step
 
 
+def _variant_config(vocab: int, size: int, grid: str | None, positions: int, grid_dim: int, layers: int):
+    """The ModelConfig of a variant's decoder (arguments as _variant_step's)."""
+    from model.config import ModelConfig
+    grid_cfg = dict(decoder=grid, feature_dim=grid_dim, grid_positions=positions, attention_units=size,
+                    **({"transformer_layers": layers} if layers else {}))
+    return ModelConfig(vocab_size=vocab, embedding_size=size, lstm_units=size, **(grid_cfg if grid else {}))
+
+
+def _width(decoder: str | None, size: int, transformer_size: int) -> int:
+    """The embedding / LSTM size of a variant, the transformer's d_model (transformer_size, 0: size)."""
+    return transformer_size or size if decoder == "transformer" else size
+
+
+def check_grid_decoder(vocab: int, size: int, decoder: str, positions: int, grid_dim: int, layers: int = 0,
+                       transformer_size: int = 0) -> None:
+    """The grid decoder's config through model.config.validate (what `model train` checks), before
+    anything is timed; its errors name the bench's flags."""
+    from model.config import validate
+    from prepare.errors import UserError
+    if decoder not in GRID_DECODERS:
+        return
+    try:
+        validate(_variant_config(vocab, _width(decoder, size, transformer_size), decoder, positions, grid_dim,
+                                 layers))
+    except UserError as e:
+        msg = str(e).replace("--embedding-size", "--transformer-size" if transformer_size else "--size")
+        raise UserError(re.sub(r"the feature cache has (\d+) positions", r"--positions \1", msg)) from None
+
+
 def _variant_step(vocab: int, size: int, fixed: bool, grid: str | None, positions: int, grid_dim: int, strategy,
                   grouped: bool = False, layers: int = 0):
     """A freshly seeded decoder and optimizer, the step that trains them (the baseline's, fixed
@@ -99,15 +129,11 @@ def _variant_step(vocab: int, size: int, fixed: bool, grid: str | None, position
     transformer's (0: its default); size: embedding and LSTM size, the transformer's d_model."""
     import keras
 
-    from model.config import ModelConfig
     from model.decoders import build_decoder
     from model.optim import FusedAdam
     from model.steps import make_steps
     keras.utils.set_random_seed(0)
-    grid_cfg = dict(decoder=grid, feature_dim=grid_dim, grid_positions=positions, attention_units=size,
-                    **({"transformer_layers": layers} if layers else {}))
-    model = build_decoder(ModelConfig(vocab_size=vocab, embedding_size=size, lstm_units=size,
-                                      **(grid_cfg if grid else {})))
+    model = build_decoder(_variant_config(vocab, size, grid, positions, grid_dim, layers))
     opt = FusedAdam(1e-3)
     opt.build(model.trainable_variables)
     n_params = int(sum(np.prod(v.shape) for v in model.trainable_variables))
@@ -202,8 +228,8 @@ def run(vocab: int = 12000, size: int = 512, batch: int = 32, max_len: int = 20,
     for name, fixed, grid in variants:
         peaks.append(measure_matmul_flops(batch * 13, size, vocab))   # the machine's rate drifts: sample it
         k = per_image if grid else 1
-        width = transformer_size if grid == "transformer" and transformer_size else size
-        step, n_params = _variant_step(vocab, width, fixed, grid, positions, grid_dim, strategy, k > 1, layers)
+        step, n_params = _variant_step(vocab, _width(grid, size, transformer_size), fixed, grid, positions, grid_dim,
+                                       strategy, k > 1, layers)
         data = _random_batches(rng, steps + 2, batch, max_len, mean_len, vocab, fixed,
                                (positions, grid_dim) if grid else (2048,), k)
         if name == variants[0][0]:

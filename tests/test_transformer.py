@@ -235,9 +235,11 @@ def test_bench_groups_captions_by_image_sets_the_layers_and_width_and_its_flags_
     for argv, err in ((["--batch-size", "32", "--captions-per-image", "5"],
                        "--captions-per-image 5: must divide --batch-size 32"),
                       (["--decoder", "transformer", "--transformer-size", "250"],
-                       "--transformer-size 250: the transformer's d_model must be a multiple of its 4 heads"),
-                      (["--decoder", "transformer", "--size", "510"],
-                       "--size 510: the transformer's d_model must be a multiple of its 4 heads")):
+                       "--transformer-heads 4: must divide --transformer-size 250"),
+                      (["--decoder", "transformer", "--size", "510"], "--transformer-heads 4: must divide --size 510"),
+                      (["--decoder", "transformer", "--positions", "50"],
+                       "the transformer decoder needs a square grid (its position embeddings are rows + columns); "
+                       "--positions 50")):
         with pytest.raises(SystemExit) as e:
             run_cli(main, ["bench", *argv])
         assert e.value.code == 2 and err in capsys.readouterr().err
